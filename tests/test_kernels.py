@@ -1,0 +1,138 @@
+"""Every fast path against the one float64 reference, on fresh random inputs; QuantLinear's chunked scales."""
+import pytest
+import torch
+
+from quant import kernels
+from quant.format import pack_rows
+from quant.linear import QuantLinear
+from quant.nf4 import NF4_TABLE
+
+
+def random_layer(bits, N, K, G, act_order=False, codebook=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (K, N), generator=g).to(torch.uint8)
+    n_groups = K // G
+    zeros = torch.randint(0, 2**bits, (n_groups, N), generator=g).to(torch.int16)
+    if codebook is not None:
+        zeros.zero_()
+    scales = torch.rand(n_groups, N, generator=g) * 0.01 + 1e-3
+    g_idx = torch.arange(K, dtype=torch.int32) // G
+    if act_order:
+        g_idx = g_idx[torch.randperm(K, generator=g)]
+    return pack_rows(q, bits), zeros, scales, g_idx
+
+
+def naive_reference(qweight, zeros, scales, g_idx, bits, codebook=None):
+    """Element by element, straight from the format description, for a second opinion on dequant_reference."""
+    per = 32 // bits
+    K, N = qweight.shape[0] * per, qweight.shape[1]
+    w = torch.zeros(N, K, dtype=torch.float64)
+    for k in range(K):
+        q = (qweight[k // per].long() >> (bits * (k % per))) & (2**bits - 1)
+        v = q.double() if codebook is None else codebook.double()[q]
+        g = int(g_idx[k])
+        w[:, k] = scales[g].double() * (v - zeros[g].double())
+    return w
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_reference_matches_naive_loop(bits, act_order):
+    qw, z, s, gi = random_layer(bits, 16, 64, 32, act_order, seed=bits)
+    torch.testing.assert_close(kernels.dequant_reference(qw, z, s, gi, bits), naive_reference(qw, z, s, gi, bits),
+                               rtol=0, atol=0)
+
+
+def test_reference_with_codebook_matches_naive_loop():
+    qw, z, s, gi = random_layer(4, 16, 64, 32, codebook=NF4_TABLE)
+    torch.testing.assert_close(kernels.dequant_reference(qw, z, s, gi, 4, NF4_TABLE),
+                               naive_reference(qw, z, s, gi, 4, NF4_TABLE), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("G", [32, 128, 256])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_torch_dequant_is_exact_in_fp32(bits, G, act_order):
+    """s*(q-z) is one fp32 multiply of exact operands: correctly rounded, so equal to the float64 value rounded."""
+    qw, z, s, gi = random_layer(bits, 48, 256, G, act_order, seed=G + bits)
+    ref = kernels.dequant_reference(qw, z, s, gi, bits)
+    got = kernels.dequant(qw, z, s, gi if act_order else None, bits, dtype=torch.float32)
+    assert torch.equal(got, ref.float())
+
+
+def test_torch_dequant_bf16_within_rounding():
+    qw, z, s, gi = random_layer(4, 48, 256, 64)
+    ref = kernels.dequant_reference(qw, z, s, gi, 4)
+    got = kernels.dequant(qw, z, s, None, 4, dtype=torch.bfloat16).double()
+    # bf16 keeps 8 significant bits: relative error <= 2^-8 per element (two roundings: scale and product)
+    assert ((got - ref).abs() <= ref.abs() * 2**-7 + 1e-12).all()
+
+
+@pytest.mark.parametrize("G", [32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4pack_matches_reference(G, dtype):
+    qw, z, s, gi = random_layer(4, 64, 512, G, seed=G)
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(G))
+    ref = x.double() @ kernels.dequant_reference(qw, z, s, gi, 4).t()
+    got = kernels.int4pack_linear(x.to(dtype), kernels.int4pack_weight(qw), z, s, G).double()
+    # fp32: accumulation order only (K=512 terms of |x*w| ~ 1e-2) -> 1e-4; bf16: inputs and output rounded to bf16
+    tol = 1e-4 if dtype == torch.float32 else 3e-2 * ref.abs().max().item()
+    assert (got - ref).abs().max().item() < tol
+
+
+def test_quantlinear_backends_agree_with_reference():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64, bias=True)
+    layer = QuantLinear.from_linear(lin, 4, 64, sym=False)
+    x = torch.randn(3, 7, 256)
+    ref = x.double() @ layer.dequantize(dtype=torch.float64).t() + layer.bias.double()
+    for backend, dtype, tol in [("torch", torch.float32, 1e-5), ("int4pack", torch.float32, 1e-4),
+                                ("auto", torch.bfloat16, 5e-2), ("torch", torch.bfloat16, 5e-2)]:
+        layer.backend = backend
+        y = layer(x.to(dtype))
+        assert y.dtype == dtype and y.shape == (3, 7, 64)
+        assert (y.double() - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item()), backend
+    layer.backend = "auto"
+    assert layer.resolved_backend(torch.bfloat16) == "int4pack"  # what auto picks on CPU (README: CPU kernels)
+    assert layer.resolved_backend(torch.float32) == "torch"
+
+
+@pytest.mark.parametrize("backend", ["torch", "int4pack"])
+def test_chunk_scales_equal_separate_forwards_without_copying_codes(backend):
+    """A batch of m chunks with m scale sets equals m separate forwards, each with its own scales (bitwise)."""
+    torch.manual_seed(1)
+    layer = QuantLinear.from_linear(torch.nn.Linear(128, 32), 4, 32)
+    layer.backend = backend
+    x = torch.randn(6, 5, 128)
+    s = layer.scales
+    z = torch.randn_like(s)
+    sets = [s + 1e-3 * z, s - 1e-3 * z, s * 1.5]
+    ptr = layer.qweight.data_ptr()
+    layer.chunk_scales = sets
+    y = layer(x)
+    layer.chunk_scales = None
+    separate = []
+    for xi, si in zip(x.split(2), sets):
+        single = QuantLinear.from_linear(torch.nn.Linear(128, 32), 4, 32)
+        single.load_codes(layer.qweight, layer.zeros, si)
+        single.bias, single.backend = layer.bias, backend
+        separate.append(single(xi))
+    assert torch.equal(y, torch.cat(separate))
+    assert layer.qweight.data_ptr() == ptr and torch.equal(layer.scales, s)
+    layer.chunk_scales = sets[:2]
+    with pytest.raises(ValueError, match="equal scale chunks"):
+        layer(torch.randn(3, 128))
+
+
+def test_quantlinear_act_order_and_codebook_forward():
+    qw, z, s, gi = random_layer(4, 32, 128, 32, act_order=True, seed=3)
+    layer = QuantLinear(128, 32, 4, 32)
+    layer.load_codes(qw, z, s, gi)
+    assert layer.act_order and layer.resolved_backend(torch.bfloat16) == "torch"
+    x = torch.randn(4, 128)
+    assert torch.allclose(layer(x).double(), x.double() @ kernels.dequant_reference(qw, z, s, gi, 4).t(), atol=1e-5)
+    qw, z, s, gi = random_layer(4, 32, 128, 64, codebook=NF4_TABLE, seed=4)
+    nf4 = QuantLinear(128, 32, 4, 64, codebook=NF4_TABLE)
+    nf4.load_codes(qw, z, s)
+    ref = x.double() @ kernels.dequant_reference(qw, z, s, gi, 4, NF4_TABLE).t()
+    assert torch.allclose(nf4(x).double(), ref, atol=1e-5)
