@@ -48,8 +48,7 @@ def expand_scales(scales: torch.Tensor, g_idx, in_features: int) -> torch.Tensor
 
 def dequant(qweight, zeros, scales, g_idx, bits, codebook=None, dtype=torch.float32) -> torch.Tensor:
     """[N, K] weight in `dtype`. g_idx=None means contiguous groups (k // G)."""
-    base = codes_minus_zeros(qweight, zeros, g_idx, bits, codebook, dtype)
-    return base * expand_scales(scales.to(dtype), g_idx, base.shape[1])
+    return apply_scales(codes_minus_zeros(qweight, zeros, g_idx, bits, codebook, dtype), scales, g_idx)
 
 
 def int4pack_supported(bits: int, group_size: int, has_g_idx: bool, codebook, in_features: int) -> bool:
@@ -79,7 +78,16 @@ def int4pack_linear(x, packed, zeros, scales, group_size, bias=None) -> torch.Te
     return y if bias is None else y + bias.to(y.dtype)
 
 
+def apply_scales(base: torch.Tensor, scales: torch.Tensor, g_idx) -> torch.Tensor:
+    """base ⊙ expand(scales) -> [N, K]; contiguous groups broadcast one scale over G columns without expanding."""
+    scales = scales.to(base.dtype)
+    if g_idx is not None:
+        return base * expand_scales(scales, g_idx, base.shape[1])
+    N, K = base.shape
+    n_groups = scales.shape[0]
+    return (base.reshape(N, n_groups, K // n_groups) * scales.t().unsqueeze(-1)).reshape(N, K)
+
+
 def dequant_linear(x, base, scales, g_idx, bias=None) -> torch.Tensor:
     """x @ (base ⊙ expand(scales)).T, base = codes_minus_zeros(...) already in x's dtype."""
-    w = base * expand_scales(scales.to(base.dtype), g_idx, base.shape[1])
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return F.linear(x, apply_scales(base, scales, g_idx), None if bias is None else bias.to(x.dtype))

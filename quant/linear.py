@@ -44,11 +44,24 @@ class QuantLinear(nn.Module):
         self.register_buffer("codebook", None if codebook is None else codebook.to(torch.float32), persistent=False)
         self.chunk_scales: list[torch.Tensor] | None = None
         self.backend = "auto"
+        self.cache_base = False
         self._reset_caches()
 
     def _reset_caches(self) -> None:
         self._packed = None  # int4pack layout, built lazily
         self._trivial = None  # whether g_idx is k // G
+        self._cached_base = None  # codes - zeros in a float dtype, when cache_base is on
+
+    def _base(self, dtype: torch.dtype) -> torch.Tensor:
+        """value(q) - zero as [N, K] in `dtype`. With `cache_base` it is computed once and kept (dtype-size bytes
+        per weight instead of bits/8: a speed-for-memory trade the trainer makes only when it fits)."""
+        if self._cached_base is not None and self._cached_base.dtype == dtype:
+            return self._cached_base
+        base = kernels.codes_minus_zeros(self.qweight, self.zeros, self._g_idx_or_none(), self.bits, self.codebook,
+                                         dtype)
+        if self.cache_base:
+            self._cached_base = base.contiguous()
+        return base
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -128,8 +141,7 @@ class QuantLinear(nn.Module):
             ys = [F.linear(xi, triton_dequant(self.qweight, self.zeros, s, g_idx, self.bits, self.codebook, dtype), bias)
                   for xi, s in zip(xs, scale_sets)]
         else:
-            base = kernels.codes_minus_zeros(self.qweight, self.zeros, self._g_idx_or_none(), self.bits,
-                                             self.codebook, dtype)
+            base = self._base(dtype)
             ys = [kernels.dequant_linear(xi, base, s, self._g_idx_or_none(), self.bias) for xi, s in zip(xs, scale_sets)]
         return ys[0] if m == 1 else torch.cat(ys)
 

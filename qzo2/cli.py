@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .config import keys_help
+
 EPILOG_QUANTIZE = """examples:
   qzo2 quantize -o runs/smollm2-int4                       # the embedded SmolLM2-135M, RTN int4 g128, GPTQ v1
   qzo2 quantize path/to/hf-model -o q8 --bits 8 --group-size -1
@@ -63,13 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--trust-remote-code", action="store_true", help="allow model code from the source directory")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
-    e = sub.add_parser("eval", help="evaluate a model (perplexity on a text file)",
-                       description="Evaluate a model: perplexity on a text file (default: Hamlet, shipped offline).")
+    t = sub.add_parser("train", help="fine-tune by zeroth-order optimization (QZO scales / MeZO weights)",
+                       description="Train from a YAML recipe with key=value overrides, e.g.\n"
+                                   "  qzo2 train recipes/sentiment.yaml model=runs/smollm2-int4 steps=200",
+                       epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("recipe", nargs="?", default=None, help="YAML recipe (flat key: value mapping)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, applied after the recipe")
+
+    e = sub.add_parser("eval", help="evaluate a model or a run: task accuracy, perplexity, generations",
+                       description="Evaluate a model or a training run. With no --task/--generate: perplexity on a "
+                                   "text file (default: Hamlet, shipped offline).")
     e.add_argument("model", nargs="?", default=None,
-                   help="quantized dir, HF model dir or .gguf file; default: the embedded SmolLM2-135M")
+                   help="run dir (trained), quantized dir, HF model dir or .gguf; default: the embedded SmolLM2-135M")
+    e.add_argument("--checkpoint", default="best", help="for a run dir: best, last or a step number (default best)")
+    e.add_argument("--task", default=None, help="'sentiment' or a task .yaml: accuracy by candidate scoring")
+    e.add_argument("--data", default=None, help="jsonl of task rows (for a task .yaml)")
+    e.add_argument("--split", choices=["dev", "test"], default="test", help="sentiment split (default test)")
+    e.add_argument("--seed", type=int, default=None, help="sentiment split seed (default: the run's, else 0)")
     e.add_argument("--ppl", default=None, metavar="FILE", help="text file for perplexity (default: Hamlet)")
     e.add_argument("--seqlen", type=int, default=256)
     e.add_argument("--nseq", type=int, default=8)
+    e.add_argument("--generate", action="append", default=[], metavar="PROMPT", help="greedy generation (repeatable)")
+    e.add_argument("--max-new-tokens", type=int, default=40)
     e.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     return p
 
@@ -101,19 +118,23 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .trainer import train
+
+    cfg = load_config(args.recipe, args.overrides)
+    result = train(cfg)
+    best = f", best dev {result['best_metric']:.4f} at step {result['best_step']}" if result["best_step"] is not None else ""
+    print(f"{'interrupted' if result['interrupted'] else 'finished'} at step {result['step']} "
+          f"({result['trained']:,} trained values, {result['skipped']} skipped steps){best}; run: {result['run']}")
+    return 130 if result["interrupted"] else 0
+
+
 def cmd_eval(args) -> int:
-    import torch
+    from .evaluate import evaluate_cli
 
-    from .evaluate import perplexity
-    from .model import default_text_path, load_model
-
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model, tok = load_model(args.model, dtype=dtype)
-    path = Path(args.ppl) if args.ppl else default_text_path()
-    if not path.is_file():
-        raise ValueError(f"text file {path} does not exist")
-    ppl = perplexity(model, tok, path.read_text(encoding="utf-8"), seqlen=args.seqlen, nseq=args.nseq)
-    print(f"perplexity {ppl:.2f} ({args.nseq}x{args.seqlen} tokens of {path.name})")
+    for line in evaluate_cli(args):
+        print(line)
     return 0
 
 
@@ -122,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a bad argument already reported in one line
         return int(e.code or 0)
-    handler = {"quantize": cmd_quantize, "eval": cmd_eval}[args.verb]
+    handler = {"quantize": cmd_quantize, "train": cmd_train, "eval": cmd_eval}[args.verb]
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # CheckpointError is a ValueError
+    except (ValueError, FileNotFoundError, ImportError) as e:  # Checkpoint/Config/Data/TrainingError are ValueErrors
         print(f"qzo2 {args.verb}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,3 +23,71 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 256, nseq: int = 8, ba
         total += float(nll)
         count += batch[:, 1:].numel()
     return math.exp(total / count)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
+    """Greedy continuation (chat template applied when the tokenizer has one)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = prompt
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None))
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def load_for_eval(path: str | None, checkpoint: str = "best", dtype=torch.float32):
+    """A run dir (its base model + trained tensors of `checkpoint`) or any model -> (model, tokenizer, run config)."""
+    from pathlib import Path
+
+    from .config import load_config
+    from .model import load_model
+    from .trainer import RunDir, load_for_training, load_trained
+
+    if path and (Path(path) / "config.yaml").exists() and (Path(path) / "checkpoints").is_dir():
+        cfg = load_config(str(Path(path) / "config.yaml"))
+        cfg.dtype = "bf16" if dtype == torch.bfloat16 else "fp32"
+        model, tokenizer, targets = load_for_training(cfg)
+        load_trained(RunDir(path).checkpoint(checkpoint), targets)
+        return model, tokenizer, cfg
+    model, tokenizer = load_model(path, dtype=dtype)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, None
+
+
+def evaluate_cli(args) -> list[str]:
+    """What `qzo2 eval` prints."""
+    from . import data as D
+    from .config import TrainConfig
+    from .model import default_text_path
+    from .trainer import evaluate
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model, tokenizer, cfg = load_for_eval(args.model, args.checkpoint, dtype)
+    lines = []
+    if args.task:
+        ecfg = cfg or TrainConfig()
+        if args.task == "sentiment":
+            seed = args.seed if args.seed is not None else (cfg.seed if cfg else 0)
+            splits = D.sentiment_splits(seed, ecfg.n_train, ecfg.n_dev, ecfg.n_test)
+            items = splits[args.split]
+        else:
+            if not args.data:
+                raise ValueError(f"--task {args.task} needs --data PATH with its examples")
+            items = D.load_task_examples(D.load_task_yaml(args.task), args.data)
+        m = evaluate(model, "classification", items, tokenizer, ecfg)
+        lines.append(f"{args.task} {args.split if args.task == 'sentiment' else Path(args.data).name}: "
+                     f"accuracy {m['accuracy']:.4f} on {len(items)} examples (candidate loss {m['loss']:.4f})")
+    for prompt in args.generate:
+        lines.append(f"> {prompt}\n{generate(model, tokenizer, prompt, args.max_new_tokens)}")
+    if args.ppl or not (args.task or args.generate):
+        path = Path(args.ppl) if args.ppl else default_text_path()
+        if not path.is_file():
+            raise ValueError(f"text file {path} does not exist")
+        ppl = perplexity(model, tokenizer, path.read_text(encoding="utf-8"), seqlen=args.seqlen, nseq=args.nseq)
+        lines.append(f"perplexity {ppl:.2f} ({args.nseq}x{args.seqlen} tokens of {path.name})")
+    return lines

@@ -136,3 +136,20 @@ def test_quantlinear_act_order_and_codebook_forward():
     nf4.load_codes(qw, z, s)
     ref = x.double() @ kernels.dequant_reference(qw, z, s, gi, 4, NF4_TABLE).t()
     assert torch.allclose(nf4(x).double(), ref, atol=1e-5)
+
+
+def test_cache_base_gives_identical_outputs_and_is_reset_by_new_codes():
+    torch.manual_seed(2)
+    layer = QuantLinear.from_linear(torch.nn.Linear(128, 32), 4, 32)
+    layer.backend = "torch"
+    x = torch.randn(4, 128)
+    plain = layer(x)
+    layer.cache_base = True
+    assert torch.equal(layer(x), plain) and layer._cached_base is not None
+    assert torch.equal(layer(x), plain)  # served from the cache
+    other = QuantLinear.from_linear(torch.nn.Linear(128, 32), 4, 32)
+    layer.load_codes(other.qweight, other.zeros, other.scales)
+    layer.bias = other.bias
+    assert layer._cached_base is None
+    other.backend = "torch"
+    assert torch.equal(layer(x), other(x))

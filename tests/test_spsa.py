@@ -1,0 +1,136 @@
+"""The estimator: batched dual forward == separate forwards, z from counters, SPSA points along the gradient, DDC."""
+import math
+
+import pytest
+import torch
+
+from conftest import FAMILIES, build_model, input_ids
+from quant.checkpoint import atomic_dir, load_quantized, open_source, quantize
+from quant.format import QuantConfig
+from qzo2 import spsa
+
+
+def quantized_model(family, make_model_dir, tmp_path, backend="torch"):
+    src, model = make_model_dir(family)
+    dst = tmp_path / f"{family}-q"
+    with atomic_dir(dst) as tmp:
+        quantize(open_source(src), tmp, QuantConfig(bits=4, group_size=32), progress=False)
+    return load_quantized(dst, backend=backend), model.config.vocab_size
+
+
+def separate_logits(model, targets, ids, seed, eps, n_pairs):
+    """Reference: for each chunk, write θ ± εz_j into the model in place, run the plain forward, restore."""
+    outs = []
+    for j in range(n_pairs):
+        for sign in (1, -1):
+            saved = [t.tensor.clone() for t in targets]
+            with torch.no_grad():
+                for t in targets:
+                    z = spsa.z_for(t.tensor.shape, seed, t.index, j)
+                    t.tensor.copy_((t.tensor.float() + sign * eps * z).to(t.tensor.dtype))
+                outs.append(model(ids).logits)
+                for t, s in zip(targets, saved):
+                    t.tensor.copy_(s)
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("n_pairs", [1, 2])
+def test_qzo_dual_forward_equals_separate_forwards(family, n_pairs, make_model_dir, tmp_path):
+    model, vocab = quantized_model(family, make_model_dir, tmp_path)
+    targets = spsa.qzo_targets(model)
+    ids = input_ids(batch=2, seq=10, vocab=vocab)
+    seed, eps = 1234, 1e-2
+    with torch.no_grad(), spsa.dual_forward(targets, seed, eps, n_pairs):
+        batched = model(ids.repeat(2 * n_pairs, 1)).logits
+    separate = separate_logits(model, targets, ids, seed, eps, n_pairs)
+    # QuantLinear runs each chunk alone (same shapes as the separate run); the shared layers (attention, norms,
+    # lm_head) see 2k·B rows instead of B, which may change the GEMM's blocking: fp32 rounding only.
+    torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(batched[:2], batched[2:4])  # the perturbation really changes the output
+    assert all(m.chunk_scales is None for m in model.modules() if hasattr(m, "chunk_scales"))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("kinds", [("linear",), ("linear", "norm", "embedding")])
+def test_mezo_dual_forward_equals_separate_forwards(family, kinds):
+    model = build_model(family)
+    targets = spsa.mezo_targets(model, kinds)
+    assert any(t.path.endswith("bias") for t in targets) == (family == "opt")
+    ids = input_ids(batch=2, seq=10, vocab=300)
+    seed, eps = 99, 1e-3
+    with torch.no_grad(), spsa.dual_forward(targets, seed, eps, 1):
+        batched = model(ids.repeat(2, 1)).logits
+    separate = separate_logits(model, targets, ids, seed, eps, 1)
+    torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-5)
+    assert all("forward" not in vars(m) for m in model.modules())  # patches removed
+
+
+def test_z_is_a_function_of_seed_index_pair_only():
+    a = spsa.z_for((3, 5), 7, 2, 0)
+    spsa.z_for((100,), 7, 1, 0)  # other draws in between change nothing
+    torch.manual_seed(123)  # nor does the global RNG
+    assert torch.equal(a, spsa.z_for((3, 5), 7, 2, 0))
+    assert not torch.equal(a, spsa.z_for((3, 5), 7, 3, 0))
+    assert not torch.equal(a, spsa.z_for((3, 5), 7, 2, 1))
+    assert not torch.equal(a, spsa.z_for((3, 5), 8, 2, 0))
+    assert spsa.mix_seed(1, 2) != spsa.mix_seed(2, 1) and 0 <= spsa.mix_seed(2**70, -5) < 2**63
+
+
+def test_z_same_in_any_generation_order():
+    shapes = [(4, 8), (16,), (2, 3, 5)]
+    forward = [spsa.z_for(s, 11, i, 0) for i, s in enumerate(shapes)]
+    backward = [spsa.z_for(s, 11, i, 0) for i, s in reversed(list(enumerate(shapes)))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(forward, backward))
+
+
+def test_spsa_mean_points_along_true_gradient():
+    """On a small differentiable problem (a float64 quadratic through a dequantized weight), the mean SPSA estimate
+    over many seeds has high cosine similarity with the autograd gradient w.r.t. the scales."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 8, dtype=torch.float64)
+    from quant.linear import QuantLinear
+
+    q = QuantLinear.from_linear(layer.float(), 4, 16)
+    x, y = torch.randn(64, 32), torch.randn(64, 8)
+
+    def loss_of(scales):
+        w = q.dequantize(scales.float(), dtype=torch.float64) if not scales.requires_grad else \
+            (q.dequantize(torch.ones_like(q.scales), dtype=torch.float64) *
+             scales.t().repeat_interleave(16, dim=1))
+        return ((x.double() @ w.t() - y.double()) ** 2).mean()
+
+    s = q.scales.double().clone().requires_grad_(True)
+    loss_of(s).backward()
+    true = s.grad.flatten()
+    target = spsa.Target(0, "scales", q, "scales")
+    est = torch.zeros_like(true)
+    n, eps = 400, 1e-4
+    for seed in range(n):
+        with torch.no_grad():
+            (sp, sm) = spsa.perturbed(target, seed, eps, 1)
+            d = (loss_of(sp.double()) - loss_of(sm.double())) / (2 * eps)
+        est += d * spsa.z_for(q.scales.shape, seed, 0, 0).double().flatten()
+    cos = torch.nn.functional.cosine_similarity(est / n, true, dim=0).item()
+    # a random direction in 2*8=16... dims: 16 scales -> chance level ~ 1/sqrt(16) = 0.25
+    assert cos > 0.9, cos
+
+
+def test_projected_gradient_and_update():
+    losses = torch.tensor([2.0, 1.0, 0.5, 0.7])
+    d = spsa.projected_gradients(losses, eps=0.5)
+    assert d.tolist() == pytest.approx([1.0, -0.2])
+    p = torch.nn.Parameter(torch.ones(3, 4), requires_grad=False)
+    m = torch.nn.Module()
+    m.w = p
+    t = spsa.Target(5, "w", m, "w")
+    before = p.clone()
+    spsa.apply_update([t], seed=3, coeffs=[0.1, -0.05])
+    z0, z1 = spsa.z_for((3, 4), 3, 5, 0), spsa.z_for((3, 4), 3, 5, 1)
+    assert torch.allclose(p, before - 0.1 * z0 + 0.05 * z1)
+    spsa.apply_update([t], seed=3, coeffs=[100.0], floor=1e-7)
+    assert p.min() >= 1e-7
+    q = torch.ones(2)
+    m.v = torch.nn.Parameter(q.clone(), requires_grad=False)
+    spsa.apply_update([spsa.Target(0, "v", m, "v")], seed=1, coeffs=[0.0], weight_decay=0.1, lr=0.5)
+    assert torch.allclose(m.v, torch.full((2,), 1 - 0.05))

@@ -1,0 +1,208 @@
+"""qzo2 train end to end on tiny models: loss falls (QZO and MeZO), resume is bit-identical, NaN steps are skipped,
+DDC clips, schedules, Ctrl-C saves, run-dir contents, eval of a run."""
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TEXT
+from quant.checkpoint import atomic_dir, open_source, quantize
+from quant.format import QuantConfig
+from qzo2 import trainer
+from qzo2.config import ConfigError, TrainConfig, load_config
+
+
+@pytest.fixture
+def tiny(make_model_dir, tmp_path):
+    """(quantized dir, unquantized dir, train jsonl) for a tiny Llama."""
+    src, model = make_model_dir("llama")
+    q = tmp_path / "q"
+    with atomic_dir(q) as tmp:
+        quantize(open_source(src), tmp, QuantConfig(bits=4, group_size=32), progress=False)
+    words = TEXT.split()
+    rows = [{"prompt": " ".join(words[i:i + 4]), "completion": " " + " ".join(words[i + 4:i + 8])} for i in range(0, 32, 8)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return q, src, data
+
+
+def config(tmp_path, model, data, **kw):
+    base = dict(model=str(model), task="", train_file=str(data), dev_file=str(data), steps=40, batch_size=4, lr=1e-3,
+                eps=1e-3, max_length=32, eval_every=20, save_every=10, log_every=5, output_dir=str(tmp_path / "run"),
+                progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def dev_losses(run):
+    return [r["dev_loss"] for r in trainer.RunDir(run).read_metrics() if "dev_loss" in r]
+
+
+def test_qzo_loss_falls_memorizing_tiny_data(tiny, tmp_path):
+    q, _, data = tiny
+    cfg = config(tmp_path, q, data, steps=150, lr=2e-4, eps=1e-3, n_pairs=4, eval_every=75, clip=0)
+    result = trainer.train(cfg)
+    losses = dev_losses(cfg.output_dir)
+    assert len(losses) == 3 and result["step"] == 150
+    assert losses[-1] < losses[0] - 0.05, losses
+    run = trainer.RunDir(cfg.output_dir)
+    assert (run.path / "metrics.png").stat().st_size > 1000 and (run.path / "config.yaml").exists()
+    assert (run.path / "best" / "trained.safetensors").exists()
+    tensors = load_file(str(run.checkpoint("last") / "trained.safetensors"))
+    assert all(k.endswith(".scales") and v.dtype == torch.float32 for k, v in tensors.items())
+    assert sum(v.numel() for v in tensors.values()) == result["trained"]
+
+
+def test_mezo_loss_falls_memorizing_tiny_data(tiny, tmp_path):
+    _, src, data = tiny
+    cfg = config(tmp_path, src, data, method="mezo", steps=150, lr=2e-4, eps=1e-3, n_pairs=4, eval_every=75, clip=0)
+    trainer.train(cfg)
+    losses = dev_losses(cfg.output_dir)
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_resume_is_bit_identical(tiny, tmp_path):
+    q, _, data = tiny
+    full = config(tmp_path / "a", q, data, steps=12, save_every=5, eval_every=0, n_pairs=2)
+    trainer.train(full)
+    part = config(tmp_path / "b", q, data, steps=7, save_every=5, eval_every=0, n_pairs=2)
+    trainer.train(part)  # stops after step 7 (checkpoints at 5 and 7)
+    resumed = config(tmp_path / "b", q, data, steps=12, save_every=5, eval_every=0, n_pairs=2)
+    trainer.train(resumed)
+    a = load_file(str(trainer.RunDir(full.output_dir).checkpoint("last") / "trained.safetensors"))
+    b = load_file(str(trainer.RunDir(resumed.output_dir).checkpoint("last") / "trained.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps_logged = [r["step"] for r in trainer.RunDir(resumed.output_dir).read_metrics() if "loss" in r]
+    assert steps_logged == sorted(set(steps_logged))  # no duplicated records after the resume
+    assert trainer.RunDir(resumed.output_dir).steps() == [10, 12]  # keep_last=2
+
+
+def test_resume_refuses_a_different_run(tiny, tmp_path):
+    q, _, data = tiny
+    trainer.train(config(tmp_path, q, data, steps=2, eval_every=0))
+    with pytest.raises(trainer.TrainingError, match="different seed"):
+        trainer.train(config(tmp_path, q, data, steps=4, eval_every=0, seed=5))
+    trainer.train(config(tmp_path, q, data, steps=3, eval_every=0, seed=5, overwrite=True))
+
+
+def test_nan_steps_are_skipped_then_training_stops(tiny, tmp_path, monkeypatch):
+    q, _, data = tiny
+    real = trainer.chunk_losses
+    calls = {"n": 0}
+
+    def flaky(model, task, batch, chunks):
+        calls["n"] += 1
+        losses = real(model, task, batch, chunks)
+        return losses * float("nan") if calls["n"] in (2, 3) or calls["n"] >= 6 else losses
+
+    monkeypatch.setattr(trainer, "chunk_losses", flaky)
+    cfg = config(tmp_path, q, data, steps=20, eval_every=0, save_every=1, max_skips=3, log_every=1)
+    before = None
+    with pytest.raises(trainer.TrainingError, match="3 consecutive non-finite"):
+        trainer.train(cfg)
+    run = trainer.RunDir(cfg.output_dir)
+    records = run.read_metrics()
+    assert [r["step"] for r in records if r.get("skipped") is True] == [2, 3, 6, 7, 8]
+    last = run.checkpoint("last")
+    state = json.loads((last / "state.json").read_text())
+    assert state["step"] == 5 and state["skipped"] == 2  # the last good checkpoint is intact
+    tensors = load_file(str(last / "trained.safetensors"))
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+
+
+def test_ddc_clips_the_update(tiny, tmp_path, monkeypatch):
+    """With C tiny, every step is clipped and moves each scale by exactly lr*C*|z| (floor aside)."""
+    q, _, data = tiny
+    cfg = config(tmp_path, q, data, steps=1, eval_every=0, clip=1e-6, lr=1.0, scale_floor=-1e9)
+    model, tok, targets = trainer.load_for_training(cfg)
+    before = {t.path: t.tensor.clone() for t in targets}
+    trainer.train(cfg)
+    after = load_file(str(trainer.RunDir(cfg.output_dir).checkpoint("last") / "trained.safetensors"))
+    rec = [r for r in trainer.RunDir(cfg.output_dir).read_metrics() if "clip_rate" in r][0]
+    assert rec["clip_rate"] == 1.0 and rec["d"] > 1e-6
+    from qzo2 import spsa
+
+    seed = spsa.step_seed(cfg.seed, 0)
+    t = targets[0]
+    z = spsa.z_for(t.tensor.shape, seed, t.index, 0)
+    delta = after[t.path] - before[t.path]
+    torch.testing.assert_close(delta.abs(), (1e-6 * z).abs(), rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize("schedule,expect", [
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),  # warmup (t+1)/W, then (T - t)/(T - W) as HF's linear schedule
+    ("cosine", [0.5, 1.0, 1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2]),
+])
+def test_lr_schedules(schedule, expect):
+    cfg = TrainConfig(lr=1.0, steps=6, warmup_steps=2, lr_schedule=schedule, task="sentiment")
+    assert [trainer.lr_at(cfg, s) for s in range(6)] == pytest.approx(expect)
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tiny, tmp_path, monkeypatch):
+    q, _, data = tiny
+    real = trainer.chunk_losses
+    calls = {"n": 0}
+
+    def interrupting(*a):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; the handler lets the step finish
+        return real(*a)
+
+    monkeypatch.setattr(trainer, "chunk_losses", interrupting)
+    cfg = config(tmp_path, q, data, steps=50, eval_every=0, save_every=100)
+    result = trainer.train(cfg)
+    assert result["interrupted"] and result["step"] == 4
+    assert trainer.RunDir(cfg.output_dir).steps() == [0, 4]  # step 0: the dev baseline (best so far)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_qzo_refuses_unquantized_and_mezo_refuses_quantized(tiny, tmp_path):
+    q, src, data = tiny
+    with pytest.raises(trainer.TrainingError, match="qzo2 quantize"):
+        trainer.train(config(tmp_path, src, data))
+    with pytest.raises(trainer.TrainingError, match="method=qzo"):
+        trainer.train(config(tmp_path, q, data, method="mezo"))
+
+
+def test_classification_task_and_eval_of_a_run(tiny, tmp_path, capsys):
+    q, _, _ = tiny
+    task = tmp_path / "task.yaml"
+    task.write_text('name: fox\ntemplate: "{sentence} It was"\ncandidates: [" bad", " good"]\nlabel_field: label\n')
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"sentence": w, "label": i % 2}) + "\n" for i, w in enumerate(TEXT.split()[:24])))
+    cfg = config(tmp_path, q, rows, task=str(task), steps=6, eval_every=3, objective="classification")
+    result = trainer.train(cfg)
+    assert result["best_step"] in (0, 3, 6)
+    records = trainer.RunDir(cfg.output_dir).read_metrics()
+    assert [r["step"] for r in records if "dev_accuracy" in r] == [0, 3, 6]
+    from qzo2.cli import main
+
+    assert main(["eval", cfg.output_dir, "--task", str(task), "--data", str(rows), "--checkpoint", "last"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    acc = float(line.split("accuracy")[1].split()[0])
+    last = [r for r in records if "dev_accuracy" in r][-1]["dev_accuracy"]
+    assert acc == pytest.approx(last, abs=5e-5)  # printed with 4 decimals
+
+
+def test_config_overrides_and_errors(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps: 5\nlr: 1.0e-5\ntask: sentiment\n")
+    cfg = load_config(str(recipe), ["lr=2e-6", "n_pairs=3", "progress=false", "output_dir=runs/x"])
+    assert (cfg.steps, cfg.lr, cfg.n_pairs, cfg.progress, cfg.output_dir) == (5, 2e-6, 3, False, "runs/x")
+    with pytest.raises(ConfigError, match="did you mean steps"):
+        load_config(str(recipe), ["step=3"])
+    with pytest.raises(ConfigError, match="expects int"):
+        load_config(str(recipe), ["steps=many"])
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        load_config(str(recipe), ["lr_schedule=exp"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    recipe.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(recipe))
