@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -138,12 +139,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a bad argument already reported in one line
         return int(e.code or 0)
     handler = {"quantize": cmd_quantize, "train": cmd_train, "eval": cmd_eval}[args.verb]
+    signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C, so temporary directories are removed
     try:
         return handler(args)
     except (ValueError, FileNotFoundError, ImportError) as e:  # Checkpoint/Config/Data/TrainingError are ValueErrors

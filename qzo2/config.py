@@ -26,6 +26,7 @@ class TrainConfig:
     dtype: str = _f("fp32", "activation and non-quantized weight dtype", ("fp32", "bf16"))
     cache_base: str = _f("auto", "qzo on CPU: keep codes-zeros unpacked in fp32 (4 B/weight) to skip unpacking every "
                                  "forward; auto = when it takes < 1/4 of RAM", ("auto", "on", "off"))
+    trainable: str = _f("", "regex on tensor names: train only matching ones (e.g. 'layers\\.(2[4-9])\\.'); '' = all")
     mezo_params: str = _f("linear", "mezo: comma list of module kinds to train: linear, norm, embedding")
     # data
     task: str = _f("sentiment", "'sentiment' (built-in Rotten Tomatoes), a task .yaml, or '' for text data")

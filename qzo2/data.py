@@ -486,8 +486,13 @@ def chatterbot_rows(language: str = "english") -> list[dict]:
 # candidate scoring
 
 
-def encode_candidates(examples: list[ClassificationExample], tokenizer, max_length: int) -> dict:
+def encode_candidates(examples: list[ClassificationExample], tokenizer, max_length: int,
+                      share_prompt: bool = True) -> dict:
     """Left-padded batch of every (example, candidate) pair, row b*C + c.
+
+    When every candidate is a single token (" positive"/" negative") and `share_prompt`, one row per example holds
+    only the prompt and `cand_ids` [B, C] the candidate tokens: the last position's logits score all of them, the
+    same numbers as the per-candidate rows at 1/C of the compute.
 
     Returns input_ids, attention_mask, position_ids (cumsum(mask) - 1, clamped at 0), cand_mask [B*C, T] (1 on
     candidate tokens), labels [B] and n_last = longest candidate + 1: with left padding every row ends at T-1, so
@@ -512,6 +517,10 @@ def encode_candidates(examples: list[ClassificationExample], tokenizer, max_leng
         for c in cands:
             seqs.append(prefix + body + c)
             cand_lens.append(len(c))
+    cand_ids = None
+    if share_prompt and all(n == 1 for n in cand_lens):
+        cand_ids = torch.tensor([s[-1] for s in seqs]).view(len(examples), C)
+        seqs, cand_lens = [s[:-1] for s in seqs[::C]], [0] * len(examples)
     T = max(map(len, seqs))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     ids = torch.full((len(seqs), T), pad, dtype=torch.long)
@@ -520,14 +529,22 @@ def encode_candidates(examples: list[ClassificationExample], tokenizer, max_leng
     for i, (s, n) in enumerate(zip(seqs, cand_lens)):
         ids[i, T - len(s):] = torch.tensor(s)
         mask[i, T - len(s):] = 1
-        cand_mask[i, T - n:] = 1
-    return dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                cand_mask=cand_mask, labels=torch.tensor([e.label for e in examples]), n_last=max(cand_lens) + 1)
+        if n:
+            cand_mask[i, T - n:] = 1
+    batch = dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                 cand_mask=cand_mask, labels=torch.tensor([e.label for e in examples]), n_last=max(cand_lens) + 1)
+    if cand_ids is not None:
+        batch["cand_ids"] = cand_ids
+    return batch
 
 
 def candidate_logprobs(logits_last: torch.Tensor, batch: dict) -> torch.Tensor:
     """[B, C] mean log-prob of each candidate's tokens, from the logits of the last n_last positions
     (more positions are fine: only the last n_last are read). Logit t predicts token t+1."""
+    if "cand_ids" in batch:  # shared-prompt rows: the last position predicts every single-token candidate
+        logp = torch.log_softmax(logits_last[:, -1].float(), -1)
+        rows = logp.shape[0] // batch["cand_ids"].shape[0]  # a stacked (2k-chunk) batch repeats the examples
+        return logp.gather(-1, batch["cand_ids"].repeat(rows, 1).to(logp.device))
     n = batch["n_last"]
     logits = logits_last[:, -n:-1].float()
     targets = batch["input_ids"][:, -n + 1:].to(logits.device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import signal
 import time
@@ -245,6 +246,10 @@ def load_for_training(cfg: TrainConfig):
         _set_cache_base(cfg, [t.module for t in targets])
     else:
         targets = spsa.mezo_targets(model, tuple(k.strip() for k in cfg.mezo_params.split(",") if k.strip()))
+    if cfg.trainable:  # indices stay those of the full list, so z does not depend on the filter
+        targets = [t for t in targets if re.search(cfg.trainable, t.path)]
+        if not targets:
+            raise TrainingError(f"trainable={cfg.trainable!r} matches no trainable tensor")
     return model, tokenizer, targets
 
 

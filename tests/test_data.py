@@ -11,7 +11,7 @@ import torch
 
 from conftest import build_model
 from qzo2 import data as D
-from qzo2.data import DataError
+from qzo2.data import ClassificationExample, DataError, candidate_logprobs, encode_candidates
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
@@ -415,3 +415,24 @@ def test_candidate_logprobs_ignore_nan_in_padding(tokenizer):
     clean = D.candidate_logprobs(logits, b)
     logits[b["cand_mask"][:, -b["n_last"] + 1:].eq(0).nonzero(as_tuple=True)] = float("nan")
     torch.testing.assert_close(D.candidate_logprobs(logits, b), clean)
+
+
+def test_shared_prompt_scores_equal_per_candidate_rows(tokenizer):
+    """Single-token candidates: one prompt row per example gives the same scores as one row per candidate."""
+    from conftest import build_model
+
+    words = [w for w in (" the", " fox", " dog", " word", " a") if len(tokenizer(w, add_special_tokens=False).input_ids) == 1]
+    assert len(words) >= 2
+    examples = [ClassificationExample(p, words[:2], i % 2)
+                for i, p in enumerate(["the quick brown", "a lazy", "reads every word of this small corpus"])]
+    model = build_model("llama", vocab_size=len(tokenizer) + 20)
+    shared = encode_candidates(examples, tokenizer, 32)
+    rows = encode_candidates(examples, tokenizer, 32, share_prompt=False)
+    assert "cand_ids" in shared and shared["input_ids"].shape[0] == 3 and rows["input_ids"].shape[0] == 6
+    with torch.no_grad():
+        def scores(b):
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
+                        logits_to_keep=b["n_last"])
+            return candidate_logprobs(out.logits, b)
+
+        torch.testing.assert_close(scores(shared), scores(rows), rtol=1e-5, atol=1e-5)

@@ -206,3 +206,25 @@ def test_config_overrides_and_errors(tmp_path):
     recipe.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(str(recipe))
+
+
+def test_trainable_regex_limits_what_changes(tiny, tmp_path):
+    q, _, data = tiny
+    cfg = config(tmp_path, q, data, steps=2, eval_every=0, trainable=r"layers\.1\.mlp")
+    model, _, targets = trainer.load_for_training(cfg)
+    assert sorted(t.path for t in targets) == [f"model.layers.1.mlp.{p}.scales" for p in ("down_proj", "gate_proj",
+                                                                                         "up_proj")]
+    trainer.train(cfg)
+    saved = load_file(str(trainer.RunDir(cfg.output_dir).checkpoint("last") / "trained.safetensors"))
+    assert set(saved) == {t.path for t in targets}
+    with pytest.raises(trainer.TrainingError, match="matches no"):
+        trainer.load_for_training(config(tmp_path, q, data, trainable="nothing-like-this"))
+
+
+def test_train_help_lists_every_key(capsys):
+    from qzo2.cli import main
+    from qzo2.config import FIELDS
+
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {k} " in out for k in FIELDS)
