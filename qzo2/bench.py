@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -80,7 +81,7 @@ def write_random_checkpoint(shape: str, out_dir, dtype: torch.dtype = torch.bflo
     shards: list[list[tuple[str, tuple[int, ...], bool]]] = [[]]  # plan first, so file names know the count
     size = 0
     for spec in tensors:
-        nbytes = esize * _numel(spec[1])
+        nbytes = esize * math.prod(spec[1])
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -111,11 +112,42 @@ def write_random_checkpoint(shape: str, out_dir, dtype: torch.dtype = torch.bflo
     return total_params
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+def bench_kernels(rows: int = 1536, repeats: int = 5, shapes=((576, 576), (1536, 576), (576, 1536))) -> list[dict]:
+    """Median ms of one [rows, K] x [K, N] product per CPU path (int4 g64 codes): what `QuantLinear`'s `auto`
+    backend choice rests on. Paths: dense F.linear (no quantization, the floor), dequant + F.linear (torch
+    backend, with and without the cached codes-minus-zeros), and the int4pack kernel, in fp32 and bf16.
+    Default shapes: SmolLM2-135M's (hidden 576, MLP 1536)."""
+    from quant import kernels
+    from quant.linear import QuantLinear
+
+    def timed(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * sorted(times)[len(times) // 2]
+
+    out = []
+    torch.manual_seed(0)
+    for n, k in shapes:
+        layer = QuantLinear.from_linear(torch.nn.Linear(k, n, bias=False), 4, 64)
+        w = layer.dequantize()
+        packed = kernels.int4pack_weight(layer.qweight)
+        for dtype in (torch.float32, torch.bfloat16):
+            x, wd = torch.randn(rows, k, dtype=dtype), w.to(dtype)
+            base = kernels.codes_minus_zeros(layer.qweight, layer.zeros, None, 4, dtype=dtype)
+            rec = {"N": n, "K": k, "rows": rows, "dtype": str(dtype).replace("torch.", ""),
+                   "dense_ms": timed(lambda: torch.nn.functional.linear(x, wd)),
+                   "dequant_ms": timed(lambda: kernels.dequant_linear(
+                       x, kernels.codes_minus_zeros(layer.qweight, layer.zeros, None, 4, dtype=dtype),
+                       layer.scales, None)),
+                   "dequant_cached_ms": timed(lambda: kernels.dequant_linear(x, base, layer.scales, None)),
+                   "int4pack_ms": timed(lambda: kernels.int4pack_linear(x, packed, layer.zeros, layer.scales, 64))}
+            out.append(rec)
+            print(json.dumps({k_: (round(v, 2) if isinstance(v, float) else v) for k_, v in rec.items()}), flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     r.add_argument("--max-shard-size-gb", type=float, default=2.0, help="safetensors shard size in GiB (default 2)")
     r.add_argument("--seed", type=int, default=0)
+    kb = sub.add_parser("kernels", help="CPU quantized-matmul paths, median ms per product (JSON lines)")
+    kb.add_argument("--rows", type=int, default=1536, help="activation rows (tokens) per product")
+    kb.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
+    if args.verb == "kernels":
+        bench_kernels(args.rows, args.repeats)
+        return 0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     t0 = time.perf_counter()
     n = write_random_checkpoint(args.shape, args.output, dtype, int(args.max_shard_size_gb * (1 << 30)), args.seed)

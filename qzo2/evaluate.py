@@ -1,4 +1,4 @@
-"""Evaluation: perplexity on a text file (more metrics arrive with `qzo2 train`)."""
+"""Evaluation: perplexity on a text file, greedy generations, and `qzo2 eval` (task accuracy via trainer.evaluate)."""
 from __future__ import annotations
 
 import math

@@ -357,7 +357,9 @@ def train(cfg: TrainConfig) -> dict:
                 window = {"loss": 0.0, "d": 0.0, "n": 0, "clipped": 0, "tokens": 0, "t0": time.perf_counter()}
             evaluate_now = task.dev and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps)
             if evaluate_now:
+                t_eval = time.perf_counter()
                 m = evaluate(model, dev_kind, task.dev, tokenizer, cfg)
+                window["t0"] += time.perf_counter() - t_eval  # tokens/s counts training time only
                 run.log({"step": step + 1, **{f"dev_{k_}": v for k_, v in m.items()}})
                 bar.write(f"step {step + 1}: " + ", ".join(f"dev {k_} {v:.4f}" for k_, v in m.items()))
                 if state["best_metric"] is None or dev_metric(m) > state["best_metric"]:

@@ -168,3 +168,15 @@ def test_eval_perplexity(make_model_dir, tmp_path, capsys):
     ppl = float([line for line in out.splitlines() if line.startswith("perplexity ")][0].split()[1])
     assert 1 < ppl < 10_000  # random model over a ~320-token vocab: near-uniform
     run_bad(capsys, ["eval", str(dst), "--ppl", str(tmp_path / "missing.txt")], "does not exist")
+
+
+def test_gptq_without_the_extra_names_it(make_model_dir, tmp_path, capsys, monkeypatch):
+    import sys
+
+    src, _ = make_model_dir("llama")
+    monkeypatch.setitem(sys.modules, "gptqmodel", None)  # as if the 'gptq' extra were not installed
+    calib = tmp_path / "c.txt"
+    calib.write_text("some calibration text " * 50)
+    run_bad(capsys, ["quantize", str(src), "-o", str(tmp_path / "o"), "--method", "gptq", "--calib", str(calib)],
+            "pip install 'qzo2[gptq]'")
+    assert not (tmp_path / "o").exists()

@@ -228,3 +228,19 @@ def test_train_help_lists_every_key(capsys):
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     assert all(f"  {k} " in out for k in FIELDS)
+
+
+def test_eval_generate_and_ppl_of_a_run(tiny, tmp_path, capsys):
+    q, _, data = tiny
+    cfg = config(tmp_path, q, data, steps=2, eval_every=0)
+    trainer.train(cfg)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    from qzo2.cli import main
+
+    assert main(["eval", cfg.output_dir, "--checkpoint", "last", "--generate", "the quick brown",
+                 "--max-new-tokens", "5", "--ppl", str(text), "--seqlen", "16", "--nseq", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "> the quick brown" in out and "perplexity" in out
+    assert main(["eval", cfg.output_dir, "--checkpoint", "7"]) == 2  # no such checkpoint: one error line
+    assert "no checkpoint at step 7" in capsys.readouterr().err
