@@ -475,6 +475,8 @@ def chatterbot_rows(language: str = "english") -> list[dict]:
     for path in sorted(root.glob("*.yml")):
         loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         for conv in (loaded or {}).get("conversations", []):
+            if not isinstance(conv, list):  # a few entries are bare strings, not [question, answer, ...]
+                continue
             turns = [str(t) for t in conv][: len(conv) // 2 * 2]
             if turns:
                 rows.append(dict(messages=[dict(role=("user", "assistant")[i % 2], content=t)

@@ -72,11 +72,14 @@ MEZO_KINDS = ("linear", "norm", "embedding")
 
 
 def mezo_targets(model: nn.Module, kinds: tuple[str, ...] = ("linear",)) -> list[Target]:
-    """Weights (and biases) of the chosen module kinds; lm_head is skipped when it is tied to the embeddings."""
+    """Weights (and biases) of the chosen module kinds, each tensor once; a tied lm_head counts as the embedding."""
     bad = set(kinds) - set(MEZO_KINDS)
     if bad:
         raise ValueError(f"unknown MeZO parameter kind(s) {sorted(bad)}; choose from {MEZO_KINDS}")
-    seen, out = set(), []
+    # a tied lm_head is the embedding matrix: train it only when embeddings are asked for
+    seen = set() if "embedding" in kinds else {m.weight.data_ptr() for m in model.modules()
+                                                if isinstance(m, nn.Embedding)}
+    out = []
     for n, m in model.named_modules():
         kind = ("linear" if isinstance(m, nn.Linear) else "embedding" if isinstance(m, nn.Embedding)
                 else "norm" if "norm" in type(m).__name__.lower() else None)

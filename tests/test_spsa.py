@@ -134,3 +134,13 @@ def test_projected_gradient_and_update():
     m.v = torch.nn.Parameter(q.clone(), requires_grad=False)
     spsa.apply_update([spsa.Target(0, "v", m, "v")], seed=1, coeffs=[0.0], weight_decay=0.1, lr=0.5)
     assert torch.allclose(m.v, torch.full((2,), 1 - 0.05))
+
+
+def test_mezo_targets_treat_a_tied_lm_head_as_the_embedding():
+    model = build_model("llama", tie_word_embeddings=True)
+    linear = {t.path for t in spsa.mezo_targets(model, ("linear",))}
+    assert "lm_head.weight" not in linear and len(linear) == 14
+    everything = [t.path for t in spsa.mezo_targets(model, ("linear", "embedding"))]
+    assert "model.embed_tokens.weight" in everything and "lm_head.weight" not in everything
+    untied = {t.path for t in spsa.mezo_targets(build_model("llama"), ("linear",))}
+    assert "lm_head.weight" in untied
