@@ -67,6 +67,11 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._reset_caches()
 
+    def _apply(self, fn, *args, **kwargs):  # .to(device) / .cuda(): derived layouts are rebuilt where the codes are
+        out = super()._apply(fn, *args, **kwargs)
+        self._reset_caches()
+        return out
+
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, sym: bool = True):

@@ -293,16 +293,16 @@ def train(cfg: TrainConfig) -> dict:
 
     state = {"step": 0, "skipped": 0, "consecutive_skips": 0, "clipped": 0, "best_step": None, "best_metric": None,
              "trained": trained_count(targets), "method": cfg.method}
+    dev_kind = "classification" if cfg.task else "lm"  # tasks are selected by accuracy even when trained as LM
     if resumed_from is not None:
         state = load_trained(run.checkpoint("last"), targets)
         run.truncate_metrics(state["step"])
     elif task.dev:
-        first = evaluate(model, "classification" if cfg.task else "lm", task.dev, tokenizer, cfg)
+        first = evaluate(model, dev_kind, task.dev, tokenizer, cfg)
         run.log({"step": 0, **{f"dev_{k}": v for k, v in first.items()}})
         state.update(best_step=0, best_metric=dev_metric(first))
         save_checkpoint(run, targets, state, cfg.keep_last)
         _copy_best(run)
-    dev_kind = "classification" if cfg.task else "lm"
     k = cfg.n_pairs
     interrupted = False
 
