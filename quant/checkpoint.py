@@ -134,7 +134,8 @@ def gguf_source(path: Path) -> Source:
         tokenizer.save_pretrained(str(dst))
         model.generation_config.save_pretrained(str(dst))
 
-    return Source(config, list(state), state.__getitem__, path, save_tokenizer, extra={"model": model})
+    return Source(config, list(state), state.__getitem__, path, save_tokenizer,
+                  extra={"model": model, "tokenizer": tokenizer})
 
 
 def open_source(src: str | os.PathLike, trust_remote_code: bool = False) -> Source:

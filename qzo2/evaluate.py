@@ -41,8 +41,6 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
 
 def load_for_eval(path: str | None, checkpoint: str = "best", dtype=torch.float32):
     """A run dir (its base model + trained tensors of `checkpoint`) or any model -> (model, tokenizer, run config)."""
-    from pathlib import Path
-
     from .config import load_config
     from .model import load_model
     from .trainer import RunDir, load_for_training, load_trained
@@ -54,8 +52,6 @@ def load_for_eval(path: str | None, checkpoint: str = "best", dtype=torch.float3
         load_trained(RunDir(path).checkpoint(checkpoint), targets)
         return model, tokenizer, cfg
     model, tokenizer = load_model(path, dtype=dtype)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, None
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from quant.checkpoint import load_config, load_quantized, open_source
+from quant.checkpoint import load_quantized, open_source
 
 from .data import package_dir
 
@@ -33,17 +33,21 @@ def is_quantized_dir(path: Path) -> bool:
 
 
 def load_model(src: str | None, dtype: torch.dtype = torch.float32, backend: str = "auto"):
-    """Any model qzo2 accepts -> (HF causal LM in eval mode, tokenizer). Quantized dirs get QuantLinear layers."""
+    """Any model qzo2 accepts -> (HF causal LM in eval mode, tokenizer with a pad token: EOS if it had none).
+    Quantized dirs get QuantLinear layers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(resolve_source(src))
     if is_quantized_dir(path):
         model = load_quantized(path, dtype=dtype, backend=backend)
-        return model, AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    if path.is_file():  # .gguf: open_source dequantizes it into an in-memory model
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    elif path.is_file():  # .gguf: open_source dequantizes it into an in-memory model and reads its tokenizer
         source = open_source(path)
-        return source.extra["model"].to(dtype).eval(), AutoTokenizer.from_pretrained(str(path.parent),
-                                                                                      gguf_file=path.name)
-    open_source(path)  # validates: config.json, safetensors only
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-    return model.eval(), AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model, tokenizer = source.extra["model"].to(dtype), source.extra["tokenizer"]
+    else:
+        open_source(path)  # validates: config.json, safetensors only
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer

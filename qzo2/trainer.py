@@ -119,9 +119,13 @@ def chunk_losses(model, task: Task, batch: dict, chunks: int) -> torch.Tensor:
     return torch.stack([D.classification_loss(s, labels[: s.shape[0]]).double() for s in scores.chunk(chunks)])
 
 
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def encode(task: Task, items: list, tokenizer, cfg: TrainConfig) -> dict:
     if task.kind == "lm":
-        return D.collate_lm(items, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        return D.collate_lm(items, pad_id(tokenizer))
     return D.encode_candidates(items, tokenizer, cfg.max_length)
 
 
@@ -139,9 +143,8 @@ def evaluate(model, task_kind: str, items: list, tokenizer, cfg: TrainConfig) ->
             loss += float(D.classification_loss(scores, batch["labels"])) * len(batch["labels"])
         return {"accuracy": correct / len(items), "loss": loss / len(items)}
     total, count = 0.0, 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for i in range(0, len(items), cfg.eval_batch_size):
-        batch = D.collate_lm(items[i:i + cfg.eval_batch_size], pad)
+        batch = D.collate_lm(items[i:i + cfg.eval_batch_size], pad_id(tokenizer))
         n = int((batch["labels"][:, 1:] != D.IGNORE).sum())
         total += float(lm_chunk_losses(model, batch, 1)[0]) * n
         count += n
@@ -239,8 +242,6 @@ def load_for_training(cfg: TrainConfig):
     model.eval()  # dropout off: every ZO forward is deterministic
     for p in model.parameters():
         p.requires_grad_(False)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if cfg.method == "qzo":
         targets = spsa.qzo_targets(model)
         _set_cache_base(cfg, [t.module for t in targets])
