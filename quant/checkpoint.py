@@ -80,7 +80,7 @@ def _open_safetensors(files: list[Path]) -> tuple[list[str], dict[str, Path]]:
     return list(where), where
 
 
-def _read_tensor(where: dict[str, Path], name: str) -> torch.Tensor:
+def read_tensor(where: dict[str, Path], name: str) -> torch.Tensor:
     try:
         with safe_open(str(where[name]), framework="pt") as h:
             return h.get_tensor(name)
@@ -108,7 +108,7 @@ def hf_dir_source(path: Path, trust_remote_code: bool = False) -> Source:
             if (path / f).exists():
                 shutil.copy2(path / f, dst / f)
 
-    return Source(config, names, lambda n: _read_tensor(where, n), path, save_tokenizer)
+    return Source(config, names, lambda n: read_tensor(where, n), path, save_tokenizer)
 
 
 def gguf_source(path: Path) -> Source:
@@ -449,7 +449,7 @@ def quantize_source(
 
 
 # ---- loading --------------------------------------------------------------------------------------------------------
-def _checkpoint_tensors(path: Path) -> tuple[list[str], dict[str, Path]]:
+def checkpoint_tensors(path: Path) -> tuple[list[str], dict[str, Path]]:
     return _open_safetensors(_safetensors_files(path))
 
 
@@ -471,15 +471,8 @@ def load_quantized(
         raise CheckpointError(f"{path} is not a quantized checkpoint (config.json has no quantization_config)")
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     del config.quantization_config
-    names, where = _checkpoint_tensors(path)
-    if qc.get("quant_method") == "bitsandbytes":
-        suffix, read_layer = ".weight.quant_state.bitsandbytes__nf4", _nf4_layer_reader(where)
-    else:
-        try:
-            cfg = QuantConfig.from_dict(qc)
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: unsupported quantization_config: {e}") from None
-        suffix, read_layer = ".qweight", _gptq_layer_reader(where, cfg)
+    names, where = checkpoint_tensors(path)
+    suffix, read_layer = quantized_layer_reader(path, where, qc)
     model = empty_model(config, trust_remote_code)
     quantized = sorted(n[: -len(suffix)] for n in names if n.endswith(suffix))
     for mod in quantized:
@@ -490,7 +483,7 @@ def load_quantized(
         layer = read_layer(mod, old)
         if old.bias is not None:
             b = where.get(f"{mod}.bias")
-            layer.bias = _read_tensor(where, f"{mod}.bias").to(dtype) if b else torch.zeros(old.out_features, dtype=dtype)
+            layer.bias = read_tensor(where, f"{mod}.bias").to(dtype) if b else torch.zeros(old.out_features, dtype=dtype)
         layer.backend = backend
         setattr(model.get_submodule(parent_name), child, layer)
     qset = set(quantized)
@@ -499,7 +492,7 @@ def load_quantized(
         owner = n.rpartition(".")[0]
         if owner in qset or (n.rsplit(".weight.", 1)[0] in qset):  # codes, zeros, scales, bnb state, bias
             continue
-        t = _read_tensor(where, n)
+        t = read_tensor(where, n)
         state[n] = t.to(dtype) if t.is_floating_point() else t
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -511,15 +504,27 @@ def load_quantized(
     return model.eval()
 
 
+def quantized_layer_reader(path: Path, where: dict[str, Path], qc: dict):
+    """(suffix that marks a quantized module's tensors, read(module name, its nn.Linear) -> QuantLinear) for a
+    checkpoint's quantization_config: GPTQ v1/v2 or bitsandbytes NF4."""
+    if qc.get("quant_method") == "bitsandbytes":
+        return ".weight.quant_state.bitsandbytes__nf4", _nf4_layer_reader(where)
+    try:
+        cfg = QuantConfig.from_dict(qc)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: unsupported quantization_config: {e}") from None
+    return ".qweight", _gptq_layer_reader(where, cfg)
+
+
 def _gptq_layer_reader(where: dict[str, Path], cfg: QuantConfig):
     def read(mod: str, old: nn.Linear) -> QuantLinear:
         layer = QuantLinear(old.in_features, old.out_features, cfg.bits, cfg.group_size, bias=old.bias is not None)
         g_name = f"{mod}.g_idx"
         layer.load_codes(
-            _read_tensor(where, f"{mod}.qweight"),
-            unpack_zeros(_read_tensor(where, f"{mod}.qzeros"), cfg.bits, cfg.checkpoint_format),
-            _read_tensor(where, f"{mod}.scales").to(torch.float32),
-            _read_tensor(where, g_name) if g_name in where else None,
+            read_tensor(where, f"{mod}.qweight"),
+            unpack_zeros(read_tensor(where, f"{mod}.qzeros"), cfg.bits, cfg.checkpoint_format),
+            read_tensor(where, f"{mod}.scales").to(torch.float32),
+            read_tensor(where, g_name) if g_name in where else None,
         )
         return layer
 
@@ -532,7 +537,7 @@ def _nf4_layer_reader(where: dict[str, Path]):
 
     def read(mod: str, old: nn.Linear) -> QuantLinear:
         keys = [f"{mod}.weight{s}" for s in ("", ".absmax", ".quant_map", f".{QUANT_STATE_KEY}", ".nested_absmax")]
-        codes, absmax, blocksize, _ = nf4_from_tensors(mod, {k: _read_tensor(where, k) for k in keys if k in where})
+        codes, absmax, blocksize, _ = nf4_from_tensors(mod, {k: read_tensor(where, k) for k in keys if k in where})
         layer = QuantLinear(old.in_features, old.out_features, 4, blocksize, bias=old.bias is not None,
                             codebook=NF4_TABLE)
         n_groups = old.in_features // blocksize
@@ -579,14 +584,14 @@ def gptqmodel_codes(source: Source, work: Path, cfg: QuantConfig, calib: Path, n
                             desc_act=cfg.desc_act, calib_texts=[text], nsamples=nsamples, seqlen=seqlen,
                             damp_percent=cfg.damp_percent)
     gcfg = QuantConfig.from_dict(json.loads((work / "gptq" / "quantize_config.json").read_text()))
-    _, where = _checkpoint_tensors(work / "gptq")
+    _, where = checkpoint_tensors(work / "gptq")
 
     def read(mod: str, weight: torch.Tensor):
-        zeros = unpack_zeros(_read_tensor(where, f"{mod}.qzeros"), gcfg.bits, gcfg.checkpoint_format)
+        zeros = unpack_zeros(read_tensor(where, f"{mod}.qzeros"), gcfg.bits, gcfg.checkpoint_format)
         g_name = f"{mod}.g_idx"
-        g_idx = _read_tensor(where, g_name) if g_name in where else default_g_idx(weight.shape[1], cfg.group_size)
-        return (_read_tensor(where, f"{mod}.qweight"), pack_zeros(zeros, cfg.bits, cfg.checkpoint_format),
-                _read_tensor(where, f"{mod}.scales").to(torch.float16), g_idx.to(torch.int32))
+        g_idx = read_tensor(where, g_name) if g_name in where else default_g_idx(weight.shape[1], cfg.group_size)
+        return (read_tensor(where, f"{mod}.qweight"), pack_zeros(zeros, cfg.bits, cfg.checkpoint_format),
+                read_tensor(where, f"{mod}.scales").to(torch.float16), g_idx.to(torch.int32))
 
     return read
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import warnings
 import sys
 from pathlib import Path
 
@@ -16,6 +17,14 @@ EPILOG_QUANTIZE = """examples:
 
 The output is a standard GPTQ checkpoint (qweight/qzeros/scales/g_idx in safetensors, quantize_config.json) that
 transformers + optimum + gptqmodel load, and that `qzo2 train` fine-tunes by training the scales."""
+
+
+EPILOG_EXPORT = """examples:
+  qzo2 export runs/sentiment-qzo -o runs/sentiment-gptq                  # GPTQ, only the scales changed
+  qzo2 export runs/sentiment-qzo -o runs/sentiment-hf --format hf --dtype bf16
+  qzo2 export runs/sentiment-mezo -o runs/mezo-hf --format hf            # a MeZO run: merged weights
+
+Both load with AutoModelForCausalLM.from_pretrained (gptq needs optimum + gptqmodel) and with `qzo2 eval`."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("recipe", nargs="?", default=None, help="YAML recipe (flat key: value mapping)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, applied after the recipe")
+
+    x = sub.add_parser("export", help="write a run as a servable checkpoint: GPTQ with trained scales, or merged HF",
+                       description="Export a training run (or a quantized model) as a checkpoint to serve.",
+                       epilog=EPILOG_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("run", help="run directory of `qzo2 train` (or a quantized model directory, for --format hf)")
+    x.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --overwrite)")
+    x.add_argument("--format", choices=["gptq", "gptq_v2", "hf"], default="gptq",
+                   help="gptq: the base GPTQ checkpoint with trained scales (default); gptq_v2: same, true zero "
+                        "points; hf: dequantized, merged plain checkpoint")
+    x.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weights of an hf export")
+    x.add_argument("--checkpoint", default="auto",
+                   help="best, last or a step number (default: best if the run evaluated, else last)")
+    x.add_argument("--max-shard-size", type=_size, default="4GB", help="safetensors shard size (default 4GB)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     e = sub.add_parser("eval", help="evaluate a model or a run: task accuracy, perplexity, generations",
                        description="Evaluate a model or a training run. With no --task/--generate: perplexity on a "
@@ -131,6 +154,20 @@ def cmd_train(args) -> int:
     return 130 if result["interrupted"] else 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the clamp warning is printed below as one line
+        report = export(args.run, args.output, args.format, args.dtype, args.checkpoint, args.overwrite,
+                        args.max_shard_size)
+    if report.clamped:
+        print(f"qzo2 export: warning: {report.clamped} trained scales were outside the checkpoint dtype's range "
+              f"and were clamped", file=sys.stderr)
+    print(report.summary())
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .evaluate import evaluate_cli
 
@@ -148,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a bad argument already reported in one line
         return int(e.code or 0)
-    handler = {"quantize": cmd_quantize, "train": cmd_train, "eval": cmd_eval}[args.verb]
+    handler = {"quantize": cmd_quantize, "train": cmd_train, "export": cmd_export, "eval": cmd_eval}[args.verb]
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C, so temporary directories are removed
     try:
         return handler(args)

@@ -1,0 +1,282 @@
+"""`qzo2 export`: a run's trained tensors written out as a checkpoint people can serve.
+
+  gptq / gptq_v2  the source GPTQ checkpoint with only `scales` replaced by the trained ones (in the source's scale
+                  dtype, fp16 for every GPTQ loader, clamped into its range). qweight, g_idx and every other tensor
+                  are copied byte for byte; qzeros too, unless the export changes v1 <-> v2 (then only re-encoded).
+  hf              every quantized Linear dequantized with its trained scales (W = Δ·(q − z)) into a plain
+                  `weight`, all floats cast to --dtype: a checkpoint stock transformers loads with no quantization
+                  package. For a MeZO run, the base weights with the trained ones swapped in.
+
+Both stream one tensor at a time from the source's safetensors into shards, so memory stays near one shard plus one
+layer whatever the model size, and both write into a temporary directory renamed into place at the end.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from quant.checkpoint import (
+    TOKENIZER_FILES, CheckpointError, ShardWriter, atomic_dir, checkpoint_tensors, empty_model, load_config,
+    open_source, quantized_layer_reader, read_tensor, write_json,
+)
+from quant.format import convert_qzeros
+
+from .model import is_quantized_dir, resolve_source
+
+FORMATS = ("gptq", "gptq_v2", "hf")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+@dataclass
+class Trained:
+    """What to export: the base model and the tensors a run trained (empty for a plain model directory)."""
+
+    base: str
+    tensors: dict[str, torch.Tensor]
+    run: dict = field(default_factory=dict)  # method, step, task, metrics ... for the model card; {} if no run
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    fmt: str
+    replaced: int = 0  # tensors that differ from the source because training changed them
+    dequantized: int = 0  # quantized Linears merged into plain weights (hf)
+    copied: int = 0  # tensors written unchanged (byte-identical for gptq)
+    clamped: int = 0  # trained scales pulled into the checkpoint dtype's range
+    bytes: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{self.replaced} trained tensors"]
+        if self.dequantized:
+            parts.append(f"{self.dequantized} Linears dequantized")
+        parts.append(f"{self.copied} tensors copied")
+        if self.clamped:
+            parts.append(f"{self.clamped} scales clamped")
+        return f"exported {self.fmt} checkpoint to {self.out} ({', '.join(parts)}; {self.bytes / 2**20:.1f} MiB)"
+
+
+# ---- what to export -------------------------------------------------------------------------------------------------
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
+
+
+def load_run(path: str, checkpoint: str = "auto") -> Trained:
+    """A run directory -> its base model and the trained tensors of `checkpoint` (auto = best if the run has one,
+    else last; best; last; or a step number); any model
+    directory or .gguf -> itself with nothing trained (so `export --format hf` also dequantizes a plain GPTQ dir)."""
+    from .config import load_config as load_train_config
+    from .trainer import RunDir
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if not is_run_dir(p):
+        return Trained(str(p), {})
+    cfg = load_train_config(str(p / "config.yaml"))
+    run = RunDir(p)
+    if checkpoint == "auto":  # best by dev metric when the run evaluated, else the last step
+        checkpoint = "best" if (p / "best").is_dir() else "last"
+    ckpt = run.checkpoint(checkpoint)
+    state = json.loads((ckpt / "state.json").read_text())
+    metrics = [m for m in run.read_metrics() if m.get("step") == state["step"]]
+    info = dict(method=cfg.method, step=state["step"], steps=cfg.steps, checkpoint=checkpoint, task=cfg.task,
+                train_file=cfg.train_file, n_train=cfg.n_train, objective=cfg.objective, lr=cfg.lr, eps=cfg.eps,
+                batch_size=cfg.batch_size, seed=cfg.seed, base=cfg.model, trained_values=state.get("trained"),
+                dev={k: v for m in metrics for k, v in m.items() if k.startswith("dev_")})
+    return Trained(resolve_source(cfg.model), load_file(str(ckpt / "trained.safetensors")), info)
+
+
+# ---- scales -----------------------------------------------------------------------------------------------------------
+def checkpoint_scales(trained: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """fp32 trained scales -> `dtype` (the checkpoint's, fp16 for GPTQ), clamped into (0, max]: a scale above the
+    dtype's max would become inf, one below its smallest subnormal would become 0 (a dead group). Returns the
+    tensor and how many values were clamped."""
+    if not torch.isfinite(trained).all():
+        raise CheckpointError("trained scales contain NaN/inf; export a checkpoint from before the divergence")
+    info = torch.finfo(dtype)
+    lo = info.smallest_normal * info.eps if dtype in (torch.float16, torch.bfloat16) else info.tiny  # min subnormal
+    t = trained.to(torch.float32)
+    clamped = int(((t > info.max) | (t < lo)).sum())
+    return t.clamp(lo, info.max).to(dtype), clamped
+
+
+# ---- writers ------------------------------------------------------------------------------------------------------------
+def _quant_config(base: Path) -> dict:
+    d = json.loads((base / "config.json").read_text())
+    return d.get("quantization_config") or {}
+
+
+def _copy_side_files(base: Path, dst: Path, source=None) -> None:
+    """Tokenizer and generation config (for a .gguf source, the tokenizer it carries)."""
+    if source is not None:
+        source.save_tokenizer(dst)
+        return
+    for f in TOKENIZER_FILES:
+        if (base / f).exists():
+            shutil.copy2(base / f, dst / f)
+
+
+def export_gptq(t: Trained, tmp: Path, fmt: str, max_shard_bytes: int, report: ExportReport) -> None:
+    base = Path(t.base)
+    qc = _quant_config(base)
+    if qc.get("quant_method") != "gptq":
+        kind = qc.get("quant_method") or "not quantized"
+        raise CheckpointError(f"--format {fmt} needs a GPTQ base model; {base} is {kind} (use --format hf)")
+    src_fmt = qc.get("checkpoint_format", "gptq")
+    names, where = checkpoint_tensors(base)
+    unknown = sorted(set(t.tensors) - set(names))
+    if unknown:
+        raise CheckpointError(f"trained tensor {unknown[0]} is not in the base checkpoint {base}")
+    writer = ShardWriter(tmp, max_shard_bytes)
+    for name in names:
+        tensor = read_tensor(where, name)
+        if name in t.tensors:
+            new = t.tensors[name]
+            if tuple(new.shape) != tuple(tensor.shape):
+                raise CheckpointError(f"trained {name} has shape {tuple(new.shape)}, the base {tuple(tensor.shape)}")
+            tensor, n = checkpoint_scales(new, tensor.dtype)
+            report.clamped += n
+            report.replaced += 1
+        elif name.endswith(".qzeros") and src_fmt != fmt:
+            tensor = convert_qzeros(tensor, int(qc["bits"]), src_fmt, fmt)
+            report.copied += 1
+        else:
+            report.copied += 1
+        writer.add(name, tensor)
+    writer.finish()
+    report.bytes = writer.total
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = dict(config["quantization_config"], checkpoint_format=fmt)
+    write_json(tmp / "config.json", config)
+    qfile = base / "quantize_config.json"
+    quantize_config = json.loads(qfile.read_text()) if qfile.exists() else dict(qc)
+    write_json(tmp / "quantize_config.json", dict(quantize_config, checkpoint_format=fmt))
+    _copy_side_files(base, tmp)
+
+
+def export_hf(t: Trained, tmp: Path, dtype: torch.dtype, max_shard_bytes: int, report: ExportReport) -> None:
+    base = Path(t.base)
+    writer = ShardWriter(tmp, max_shard_bytes)
+
+    def cast(x: torch.Tensor) -> torch.Tensor:
+        return x.to(dtype) if x.is_floating_point() else x
+
+    if is_quantized_dir(base):
+        config = load_config(base)
+        qc = config.quantization_config
+        qc = qc if isinstance(qc, dict) else qc.to_dict()
+        del config.quantization_config
+        names, where = checkpoint_tensors(base)
+        suffix, read_layer = quantized_layer_reader(base, where, qc)
+        quantized = {n[: -len(suffix)] for n in names if n.endswith(suffix)}
+        skeleton = empty_model(config)  # meta tensors: only the Linears' shapes are read from it
+        unknown = sorted(n for n in t.tensors if n.rpartition(".")[0] not in quantized)
+        if unknown:
+            raise CheckpointError(f"trained tensor {unknown[0]} is not a quantized layer's scales in {base}")
+        for name in names:
+            owner = name.rpartition(".")[0]
+            if name.endswith(suffix):
+                mod = name[: -len(suffix)]
+                layer = read_layer(mod, skeleton.get_submodule(mod))
+                scales = t.tensors.get(f"{mod}.scales")
+                if scales is not None:
+                    if tuple(scales.shape) != tuple(layer.scales.shape):
+                        raise CheckpointError(f"trained {mod}.scales has shape {tuple(scales.shape)}, "
+                                              f"the base {tuple(layer.scales.shape)}")
+                    report.replaced += 1
+                # the merge: W = Δ·(q − z) with the trained Δ, computed in fp32, then cast once
+                writer.add(f"{mod}.weight", layer.dequantize(scales, torch.float32).to(dtype))
+                report.dequantized += 1
+                if f"{mod}.bias" in where:
+                    writer.add(f"{mod}.bias", cast(read_tensor(where, f"{mod}.bias")))
+            elif owner in quantized or name.rsplit(".weight.", 1)[0] in quantized:
+                continue  # codes, zeros, scales, g_idx, bias (written above), bitsandbytes state
+            else:
+                writer.add(name, cast(read_tensor(where, name)))
+                report.copied += 1
+        source = None
+    else:
+        source = open_source(base)
+        config = source.config
+        unknown = sorted(set(t.tensors) - set(source.names))
+        if unknown:
+            raise CheckpointError(f"trained tensor {unknown[0]} is not in the base model {base}")
+        for name in source.names:
+            if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+                continue  # tied: transformers rebuilds it from the (possibly trained) embedding
+            if name in t.tensors:
+                writer.add(name, cast(t.tensors[name]))
+                report.replaced += 1
+            else:
+                writer.add(name, cast(source.get(name)))
+                report.copied += 1
+    writer.finish()
+    report.bytes = writer.total
+    d = config.to_dict()
+    d.pop("quantization_config", None)
+    d.pop("torch_dtype", None)
+    d["dtype"] = DTYPE_NAMES[dtype]
+    write_json(tmp / "config.json", d)
+    _copy_side_files(base, tmp, source)
+
+
+def model_card(t: Trained, fmt: str, dtype: str) -> str:
+    """README.md for the exported directory: what it is, how it was made, how to load it."""
+    r = t.run
+    kind = {"gptq": "GPTQ (v1) checkpoint", "gptq_v2": "GPTQ v2 checkpoint",
+            "hf": f"merged {dtype} Hugging Face checkpoint"}[fmt]
+    tags = ["qzo2", "zeroth-order"] + (["gptq"] if fmt != "hf" else [])
+    lines = ["---", yaml.safe_dump({"library_name": "transformers", "tags": tags}, sort_keys=False).strip(), "---",
+             "", f"# {kind} exported by qzo2", ""]
+    if r:
+        what = "quantization scales (QZO)" if r["method"] == "qzo" else "weights (MeZO)"
+        data = r["task"] or r["train_file"]
+        lines += [f"- Base model: `{r['base']}`",
+                  f"- Method: {r['method']}, trains the {what}; {r['trained_values']:,} trained values",
+                  f"- Steps: {r['step']} of {r['steps']} ({r['checkpoint']} checkpoint); batch {r['batch_size']}, "
+                  f"lr {r['lr']}, eps {r['eps']}, seed {r['seed']}",
+                  f"- Data: {data} ({r['objective']}, {r['n_train']} training examples)"]
+        if r["dev"]:
+            lines.append("- Dev metrics at this step: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(r["dev"].items())))
+    else:
+        lines.append(f"- Source: `{t.base}` (no training run: exported as is)")
+    if fmt == "hf":
+        lines += ["", "Load with `AutoModelForCausalLM.from_pretrained(path)`; no quantization package is needed."]
+    else:
+        lines += ["", "Codes, zero points and g_idx are the base checkpoint's; only `scales` changed. Load with "
+                  "transformers + optimum + gptqmodel (`AutoModelForCausalLM.from_pretrained(path)`), or any GPTQ "
+                  "runtime (vLLM, TGI, ExLlama)."]
+    return "\n".join(lines) + "\n"
+
+
+def export(path: str, out: str, fmt: str = "gptq", dtype: str = "bf16", checkpoint: str = "auto",
+           overwrite: bool = False, max_shard_bytes: int = 4 << 30) -> ExportReport:
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown export format {fmt!r}; choose from {FORMATS}")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose from {tuple(DTYPES)}")
+    t = load_run(path, checkpoint)
+    if Path(out).resolve() in (Path(path).resolve(), Path(t.base).resolve()):
+        raise CheckpointError(f"output {out} is the input; choose another directory")
+    if Path(out).exists() and not overwrite:
+        raise CheckpointError(f"output {out} already exists (pass --overwrite to replace it)")
+    report = ExportReport(Path(out), fmt)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        if fmt == "hf":
+            export_hf(t, tmp, DTYPES[dtype], max_shard_bytes, report)
+        else:
+            export_gptq(t, tmp, fmt, max_shard_bytes, report)
+        (tmp / "README.md").write_text(model_card(t, fmt, dtype))
+    if report.clamped:
+        warnings.warn(f"{report.clamped} trained scales were outside the checkpoint dtype's range and were clamped",
+                      stacklevel=2)
+    return report
