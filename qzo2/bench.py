@@ -1,6 +1,9 @@
-"""Benchmark helpers: named model shapes and random-weight checkpoints written to disk (grows into `qzo2 bench`).
+"""Benchmark helpers: named model shapes and random-weight checkpoints written to disk (grows into `qzo2 bench`),
+CPU kernel timings, and the accuracy benchmark.
 
     python -m qzo2.bench random-checkpoint --shape llama-3b -o /tmp/synth/src [--max-shard-size-gb 2]
+    python -m qzo2.bench kernels
+    python -m qzo2.bench accuracy --seed 0 [--rows fp32,rtn,gptq,qzo,mezo] [key=value ...]
 """
 from __future__ import annotations
 
@@ -150,6 +153,85 @@ def bench_kernels(rows: int = 1536, repeats: int = 5, shapes=((576, 576), (1536,
     return out
 
 
+# ---- accuracy benchmark (BENCHMARKS.md): SmolLM2 + Rotten Tomatoes, every row a separate `qzo2` process -------
+def run_measured(argv: list[str]) -> dict:
+    """Run a command; its wall time, peak RSS (its own, from wait4) and output. Raises if it fails."""
+    import os
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(argv)} failed (exit {proc.returncode}):\n{out[-2000:]}")
+    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+            "output": out}
+
+
+def _accuracy(output: str) -> float:
+    line = [ln for ln in output.splitlines() if " accuracy " in ln][-1]
+    return float(line.split(" accuracy ")[1].split()[0])
+
+
+def bench_accuracy(out: Path, seed: int, qzo_recipe: str, mezo_recipe: str, rows: list[str],
+                   overrides: list[str], gptq_nsamples: int = 128) -> list[dict]:
+    """The accuracy table: zero-shot fp32/bf16/int4 RTN/int4 GPTQ, QZO on int4 RTN, MeZO on fp32; test accuracy
+    (500 examples, the same for every seed) of each, with train steps, wall time and peak RSS. JSON lines to
+    out/results.jsonl."""
+    qzo2 = [sys.executable, "-m", "qzo2.cli"]
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+
+    def record(row: str, **kw):
+        rec = dict(row=row, seed=seed, **kw)
+        results.append(rec)
+        with open(out / "results.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), flush=True)
+
+    def quantized(method: str) -> Path:
+        path = out / f"int4-{method}"
+        if not path.exists():
+            extra = ["--nsamples", str(gptq_nsamples)] if method == "gptq" else []
+            m = run_measured(qzo2 + ["quantize", "-o", str(path), "--method", method, "-q", *extra])
+            record(f"quantize {method}", wall_s=m["wall_s"], peak_rss_gib=m["peak_rss_gib"], options=extra)
+        return path
+
+    def zero_shot(row: str, model: str, *extra: str):
+        m = run_measured(qzo2 + ["eval", model, "--task", "sentiment", "--seed", str(seed), *extra])
+        record(row, steps=0, test_accuracy=_accuracy(m["output"]), eval_wall_s=m["wall_s"],
+               eval_peak_rss_gib=m["peak_rss_gib"])
+
+    def trained(row: str, recipe: str, model: str, fmt: str):
+        run = out / f"{row.split()[0].lower()}-seed{seed}"
+        t = run_measured(qzo2 + ["train", recipe, f"model={model}", f"seed={seed}", f"output_dir={run}",
+                                 "overwrite=true", "progress=false", *overrides])
+        exported = Path(f"{run}-{fmt}")
+        run_measured(qzo2 + ["export", str(run), "-o", str(exported), "--format", fmt, "--overwrite"]
+                     + (["--dtype", "fp32"] if fmt == "hf" else []))
+        e = run_measured(qzo2 + ["eval", str(exported), "--task", "sentiment", "--seed", str(seed)])
+        best = json.loads((run / "best" / "state.json").read_text()) if (run / "best").is_dir() else {}
+        steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+        record(row, steps=max(steps), best_step=best.get("step"), test_accuracy=_accuracy(e["output"]),
+               train_wall_s=t["wall_s"], train_peak_rss_gib=t["peak_rss_gib"], eval_wall_s=e["wall_s"],
+               exported=str(exported))
+
+    jobs = {"fp32": lambda: zero_shot("zero-shot fp32", "default"),
+            "bf16": lambda: zero_shot("zero-shot bf16", "default", "--dtype", "bf16"),
+            "rtn": lambda: zero_shot("zero-shot int4 RTN", str(quantized("rtn"))),
+            "gptq": lambda: zero_shot("zero-shot int4 GPTQ", str(quantized("gptq"))),
+            "qzo": lambda: trained("QZO int4 RTN", qzo_recipe, str(quantized("rtn")), "gptq"),
+            "mezo": lambda: trained("MeZO fp32", mezo_recipe, "default", "hf")}
+    unknown = [r for r in rows if r not in jobs]
+    if unknown:
+        raise ValueError(f"unknown row {unknown[0]!r}; choose from {list(jobs)}")
+    for row in rows:  # in the order given
+        jobs[row]()
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m qzo2.bench", description="qzo2 benchmark helpers")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -162,7 +244,20 @@ def main(argv: list[str] | None = None) -> int:
     kb = sub.add_parser("kernels", help="CPU quantized-matmul paths, median ms per product (JSON lines)")
     kb.add_argument("--rows", type=int, default=1536, help="activation rows (tokens) per product")
     kb.add_argument("--repeats", type=int, default=5)
+    a = sub.add_parser("accuracy", help="the accuracy benchmark of BENCHMARKS.md (SmolLM2 + Rotten Tomatoes)")
+    a.add_argument("-o", "--output", default="runs/accuracy", help="work and result directory")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--rows", default="fp32,rtn,gptq,qzo,mezo",
+                   help="comma list of fp32,bf16,rtn,gptq,qzo,mezo (bf16 is slow on CPUs without bf16 GEMM)")
+    a.add_argument("--qzo-recipe", default="recipes/accuracy-qzo.yaml")
+    a.add_argument("--mezo-recipe", default="recipes/accuracy-mezo.yaml")
+    a.add_argument("--gptq-nsamples", type=int, default=128, help="GPTQ calibration sequences (512 tokens each)")
+    a.add_argument("overrides", nargs="*", help="key=value overrides for both training recipes")
     args = p.parse_args(argv)
+    if args.verb == "accuracy":
+        bench_accuracy(Path(args.output), args.seed, args.qzo_recipe, args.mezo_recipe, args.rows.split(","),
+                       args.overrides, args.gptq_nsamples)
+        return 0
     if args.verb == "kernels":
         bench_kernels(args.rows, args.repeats)
         return 0

@@ -13,6 +13,25 @@ class ConfigError(ValueError):
     pass
 
 
+def parse_size(text: str) -> int:
+    """"8GiB", "500MB", "1.5gb", "4096" -> bytes (kB/MB/GB/TB are binary units, like KiB/MiB/GiB/TiB)."""
+    units = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40,
+             "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+    t = str(text).strip().lower().replace(" ", "")
+    try:
+        for u in sorted(units, key=len, reverse=True):
+            if t.endswith(u):
+                n = float(t[: -len(u)]) * units[u]
+                break
+        else:
+            n = float(t)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size like 8GiB or 500MB") from None
+    if not 0 < n < float("inf"):
+        raise ValueError(f"{text!r} is not a positive size")
+    return int(n)
+
+
 def _f(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
@@ -26,6 +45,12 @@ class TrainConfig:
     dtype: str = _f("fp32", "activation and non-quantized weight dtype", ("fp32", "bf16"))
     cache_base: str = _f("auto", "qzo on CPU: keep codes-zeros unpacked in fp32 (4 B/weight) to skip unpacking every "
                                  "forward; auto = when it takes < 1/4 of RAM", ("auto", "on", "off"))
+    device: str = _f("auto", "where the model computes; auto = cuda when a GPU is available", ("auto", "cpu", "cuda"))
+    offload: str = _f("auto", "qzo: stream decoder blocks' codes from host memory to the device each step; auto = "
+                              "only the blocks that do not fit in gpu_memory", ("auto", "on", "off"))
+    gpu_memory: str = _f("", "device memory budget for the model, e.g. 8GiB or 500MB; '' = 90% of the GPU's free "
+                             "memory (on CPU: no budget, nothing streamed)")
+    prefetch_depth: int = _f(2, "offload: device slots uploads are prefetched into (>= 2)")
     trainable: str = _f("", "regex on tensor names: train only matching ones (e.g. 'layers\\.(2[4-9])\\.'); '' = all")
     mezo_params: str = _f("linear", "mezo: comma list of module kinds to train: linear, norm, embedding")
     # data
@@ -76,6 +101,15 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0 (got {getattr(self, name)})")
         if self.clip < 0 or self.keep_last < 0 or self.eval_every < 0 or self.warmup_steps < 0:
             raise ConfigError("clip, keep_last, eval_every and warmup_steps must be >= 0")
+        if self.prefetch_depth < 2:
+            raise ConfigError(f"prefetch_depth must be >= 2 (got {self.prefetch_depth})")
+        if self.gpu_memory:
+            try:
+                parse_size(self.gpu_memory)
+            except ValueError as e:
+                raise ConfigError(f"gpu_memory={e}") from None
+        if self.offload == "on" and self.method != "qzo":
+            raise ConfigError("offload=on streams quantized codes: it needs method=qzo")
         if not self.task and not self.train_file:
             raise ConfigError("set task (e.g. task=sentiment) or train_file=PATH.jsonl")
 

@@ -17,7 +17,9 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 256, nseq: int = 8, ba
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     windows = ids[: n * seqlen].view(n, seqlen)
     total, count = 0.0, 0
+    device = model.get_input_embeddings().weight.device
     for batch in windows.split(batch_size):
+        batch = batch.to(device)
         logits = model(input_ids=batch).logits.float()
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         total += float(nll)
@@ -34,6 +36,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
     else:
         text = prompt
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None))
+    ids = ids.to(model.get_input_embeddings().weight.device)
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -76,7 +79,8 @@ def evaluate_cli(args) -> list[str]:
                 raise ValueError(f"--task {args.task} needs --data PATH with its examples")
             items = D.load_task_examples(D.load_task_yaml(args.task), args.data)
         m = evaluate(model, "classification", items, tokenizer, ecfg)
-        lines.append(f"{args.task} {args.split if args.task == 'sentiment' else Path(args.data).name}: "
+        lines.append(f"{args.model or 'default'}: {args.task} "
+                     f"{args.split if args.task == 'sentiment' else Path(args.data).name}: "
                      f"accuracy {m['accuracy']:.4f} on {len(items)} examples (candidate loss {m['loss']:.4f})")
     for prompt in args.generate:
         lines.append(f"> {prompt}\n{generate(model, tokenizer, prompt, args.max_new_tokens)}")

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from quant.checkpoint import atomic_dir
 
 from . import data as D
-from . import spsa
+from . import engine, spsa
 from .config import TrainConfig
 from .model import is_quantized_dir, load_model, resolve_source
 
@@ -84,7 +84,8 @@ def build_task(cfg: TrainConfig, tokenizer) -> Task:
 
 def _model_inputs(model, batch: dict) -> dict:
     keys = ("input_ids", "attention_mask", "position_ids")
-    return {k: batch[k] for k in keys if k in batch}
+    device = model.get_input_embeddings().weight.device
+    return {k: batch[k].to(device) for k in keys if k in batch}
 
 
 def classification_scores(model, batch: dict) -> torch.Tensor:
@@ -99,11 +100,12 @@ def lm_chunk_losses(model, batch: dict, chunks: int, rows_per_head: int = 2) -> 
     the whole batch x vocab never exist at once."""
     hidden = model.get_decoder()(**_model_inputs(model, batch)).last_hidden_state
     head = model.get_output_embeddings()
-    labels = batch["labels"][:, 1:]
+    labels = batch["labels"][:, 1:].to(hidden.device)
     per = hidden.shape[0] // chunks
-    sums = torch.zeros(hidden.shape[0], dtype=torch.float64)
+    sums = torch.zeros(hidden.shape[0], dtype=torch.float64, device=hidden.device)
     for r in range(0, per, rows_per_head):
         rows = torch.cat([torch.arange(c * per + r, c * per + min(r + rows_per_head, per)) for c in range(chunks)])
+        rows = rows.to(hidden.device)
         logits = head(hidden[rows, :-1]).float()
         nll = F.cross_entropy(logits.transpose(1, 2), labels[rows], ignore_index=D.IGNORE, reduction="none")
         sums[rows] = nll.sum(dim=1).double()
@@ -139,7 +141,7 @@ def evaluate(model, task_kind: str, items: list, tokenizer, cfg: TrainConfig) ->
         for i in range(0, len(items), cfg.eval_batch_size):
             batch = D.encode_candidates(items[i:i + cfg.eval_batch_size], tokenizer, cfg.max_length)
             scores = classification_scores(model, batch)
-            correct += int((scores.argmax(-1) == batch["labels"]).sum())
+            correct += int((scores.argmax(-1).cpu() == batch["labels"]).sum())
             loss += float(D.classification_loss(scores, batch["labels"])) * len(batch["labels"])
         return {"accuracy": correct / len(items), "loss": loss / len(items)}
     total, count = 0.0, 0
@@ -251,7 +253,41 @@ def load_for_training(cfg: TrainConfig):
         targets = [t for t in targets if re.search(cfg.trainable, t.path)]
         if not targets:
             raise TrainingError(f"trainable={cfg.trainable!r} matches no trainable tensor")
+    place_model(cfg, model)
     return model, tokenizer, targets
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    """cfg.device -> torch.device (auto: cuda when available)."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device=cuda but no CUDA GPU is available (use device=auto or device=cpu)")
+    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                        else "cpu")
+
+
+def place_model(cfg: TrainConfig, model) -> engine.BlockStreamer | None:
+    """Move the model to its device, streaming the decoder blocks that offload/gpu_memory say do not fit
+    (engine.py) -> the streamer, also kept as `model.qzo2_streamer`, or None when everything is resident."""
+    device = pick_device(cfg)
+    streamed = engine.plan_for_model(model, engine.device_budget(cfg.gpu_memory, device), cfg.prefetch_depth,
+                                     cfg.offload)
+    streamer = engine.BlockStreamer(model, device, streamed, cfg.prefetch_depth) if streamed else None
+    if streamer is None:
+        model.to(device)
+    model.qzo2_streamer = streamer
+    return streamer
+
+
+def placement(model) -> dict:
+    """Where the model runs, for the first metrics line: device and decoder blocks streamed."""
+    streamer = getattr(model, "qzo2_streamer", None)
+    out = {"device": str(model.get_input_embeddings().weight.device)}
+    if streamer is not None:
+        out.update(streamed_blocks=streamer.stats["streamed_blocks"], blocks=streamer.stats["blocks"],
+                   prefetch_depth=streamer.depth)
+    else:
+        out.update(streamed_blocks=0)
+    return out
 
 
 def _set_cache_base(cfg: TrainConfig, layers) -> None:
@@ -286,6 +322,7 @@ def train(cfg: TrainConfig) -> dict:
             raise TrainingError(f"{run.path} was trained with a different {changed[0]}; "
                                 f"use another output_dir or overwrite=true")
     model, tokenizer, targets = load_for_training(cfg)
+    where = placement(model)
     task = build_task(cfg, tokenizer)
     if not task.train:
         raise TrainingError("no training examples")
@@ -314,6 +351,9 @@ def train(cfg: TrainConfig) -> dict:
     previous = signal.signal(signal.SIGINT, on_sigint)
     bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"{cfg.method} train", disable=not cfg.progress)
     window = {"loss": 0.0, "d": 0.0, "n": 0, "clipped": 0, "tokens": 0, "t0": time.perf_counter()}
+    if where["streamed_blocks"]:
+        bar.write(f"{where['device']}: streaming {where['streamed_blocks']} of {where['blocks']} decoder blocks "
+                  f"(prefetch depth {where['prefetch_depth']})")
     try:
         while state["step"] < cfg.steps and not interrupted:
             step = state["step"]
@@ -352,6 +392,9 @@ def train(cfg: TrainConfig) -> dict:
                 rec = {"step": step + 1, "loss": window["loss"] / window["n"], "d": window["d"] / window["n"],
                        "clip_rate": window["clipped"] / (window["n"] * k), "lr": lr,
                        "tok_s": window["tokens"] / dt, "s_per_step": dt / window["n"], "skipped": state["skipped"]}
+                if where:  # the first training line of this process says where the model ran
+                    rec.update(where)
+                    where = None
                 run.log(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", d=f"{rec['d']:.3g}", clip=f"{rec['clip_rate']:.2f}",
                                 lr=f"{lr:.2g}", tok_s=f"{rec['tok_s']:.0f}")

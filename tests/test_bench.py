@@ -30,3 +30,20 @@ def test_kernel_bench_reports_every_path():
     recs = bench_kernels(rows=8, repeats=1, shapes=((64, 128),))
     assert [r["dtype"] for r in recs] == ["float32", "bfloat16"]
     assert all(r[k] > 0 for r in recs for k in ("dense_ms", "dequant_ms", "dequant_cached_ms", "int4pack_ms"))
+
+
+def test_run_measured_reports_the_child_alone_and_accuracy_parses():
+    import sys
+
+    import pytest
+
+    from qzo2.bench import _accuracy, run_measured
+
+    # ru_maxrss is max(the forked parent's RSS, the child's own peak): allocate well above the test process
+    big = run_measured([sys.executable, "-c", "b = bytearray(700 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+                                              "print('runs/x: sentiment test: accuracy 0.6380 on 500 examples')"])
+    small = run_measured([sys.executable, "-c", "pass"])
+    assert big["peak_rss_gib"] > 0.68 and small["peak_rss_gib"] < 0.6 and big["wall_s"] >= 0
+    assert _accuracy(big["output"]) == 0.638
+    with pytest.raises(RuntimeError, match="exit 3"):
+        run_measured([sys.executable, "-c", "raise SystemExit(3)"])
