@@ -1,5 +1,7 @@
-"""Benchmark helpers: named model shapes and random-weight checkpoints written to disk (grows into `qzo2 bench`),
-CPU kernel timings, and the accuracy benchmark.
+"""Benchmark helpers: named model shapes, random-weight models built in place and random-weight checkpoints written
+to disk, the speed benchmark behind `qzo2 bench`, CPU kernel timings, and the accuracy benchmark.
+
+    qzo2 bench --shape tiny --mode forward,qzo,qzo-offload,mezo --batch 2 --seq 64 --compare
 
     python -m qzo2.bench random-checkpoint --shape llama-3b -o /tmp/synth/src [--max-shard-size-gb 2]
     python -m qzo2.bench kernels
@@ -10,11 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 # HF config kwargs (plus model_type) of well-known shapes; the weights are random, only the sizes matter.
 SHAPES: dict[str, dict] = {
@@ -32,6 +36,16 @@ SHAPES: dict[str, dict] = {
     "opt-6.7b": dict(model_type="opt", hidden_size=4096, ffn_dim=16384, num_hidden_layers=32,
                      num_attention_heads=32, vocab_size=50272, word_embed_proj_dim=4096,
                      max_position_embeddings=2048, do_layer_norm_before=True),
+    "opt-13b": dict(model_type="opt", hidden_size=5120, ffn_dim=20480, num_hidden_layers=40,
+                    num_attention_heads=40, vocab_size=50272, word_embed_proj_dim=5120,
+                    max_position_embeddings=2048, do_layer_norm_before=True),
+    "opt-175b": dict(model_type="opt", hidden_size=12288, ffn_dim=49152, num_hidden_layers=96,
+                     num_attention_heads=96, vocab_size=50272, word_embed_proj_dim=12288,
+                     max_position_embeddings=2048, do_layer_norm_before=True),
+    # a second family for CPU runs of `qzo2 bench` (OPT: learned positions, LayerNorm with biases, tied lm_head)
+    "tiny-opt": dict(model_type="opt", hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=512, word_embed_proj_dim=128, max_position_embeddings=512,
+                     do_layer_norm_before=True),
 }
 
 
@@ -230,6 +244,374 @@ def bench_accuracy(out: Path, seed: int, qzo_recipe: str, mezo_recipe: str, rows
     for row in rows:  # in the order given
         jobs[row]()
     return results
+
+# ---- speed benchmark (`qzo2 bench`, BENCHMARKS.md): random-weight models built in place, one ZO step per mode -------
+MODES = ("forward", "qzo", "qzo-offload", "mezo", "zo2")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+GB = 1 << 30  # every *_gb field is in GiB (2^30 bytes), as torch.cuda.max_memory_allocated() / 1024**3 is
+# one JSON line per mode, these keys in this order (see bench_mode); ratio_to_forward is 1.0 for forward itself
+RECORD_FIELDS = ("shape", "mode", "device", "gpu", "dtype", "batch", "seq", "steps", "warmup", "bits", "group_size",
+                 "depth", "streamed_blocks", "build_s", "step_ms", "tok_s", "torch_peak_gb", "nvml_used_gb",
+                 "h2d_gb_per_step", "d2h_gb_per_step", "host_rss_gb", "ratio_to_forward", "loss", "error")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """auto | cpu | cuda[:i] -> torch.device (auto: cuda when available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but no CUDA GPU is available (use --device auto or cpu)")
+    return dev
+
+
+def _norm_modules(model) -> set[int]:
+    return {id(m) for m in model.modules() if "norm" in type(m).__name__.lower()}
+
+
+@torch.no_grad()
+def _materialize(model, device, dtype: torch.dtype, gen: torch.Generator) -> None:
+    """Give every meta parameter real storage on `device`, initialized in place: N(0, 0.02), norm weights 1,
+    biases 0. A parameter shared by several modules (a tied lm_head) gets one tensor. Buffers are left alone:
+    `to_empty()` would also replace the real, non-persistent ones (rotary inv_freq) by uninitialized memory."""
+    norms, done = _norm_modules(model), {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            if id(p) not in done:
+                t = torch.empty(p.shape, dtype=dtype if p.is_floating_point() else p.dtype, device=device)
+                if id(module) in norms and name == "weight":
+                    t.fill_(1.0)
+                elif name == "bias":
+                    t.zero_()
+                else:
+                    t.normal_(0.0, 0.02, generator=gen)
+                done[id(p)] = nn.Parameter(t, requires_grad=False)
+            module._parameters[name] = done[id(p)]
+
+
+def random_quant_linear(linear: nn.Module, bits: int, group_size: int, device, gen: torch.Generator,
+                        codes_device=None):
+    """A QuantLinear of `linear`'s shape with random codes made directly (no dense weight is quantized): every bit
+    field of a uniform random int32 word is a uniform code in [0, 2^bits), so qweight is drawn as random words;
+    zeros 2^(bits-1), scales ~ U(0.5, 1.5)·0.02/2^(bits-1). Codes and zeros are drawn on `device` (where `gen`
+    lives) and kept on `codes_device` (default `device`; the host for blocks that will be streamed)."""
+    from quant.linear import QuantLinear
+
+    k, n = linear.in_features, linear.out_features
+    layer = QuantLinear(k, n, bits, group_size, bias=linear.bias is not None, device=device)
+    groups = layer.scales.shape[0]
+    qweight = torch.randint(-2**31, 2**31, (k * bits // 32, n), dtype=torch.int32, device=device, generator=gen)
+    zeros = torch.full((groups, n), 2 ** (bits - 1), dtype=torch.int16, device=device)
+    scales = torch.empty(groups, n, dtype=torch.float32, device=device).uniform_(0.5, 1.5, generator=gen)
+    layer.load_codes(qweight, zeros, scales * (0.02 / 2 ** (bits - 1)))
+    if codes_device is not None and torch.device(codes_device) != torch.device(device):
+        layer.qweight, layer.zeros = layer.qweight.to(codes_device), layer.zeros.to(codes_device)
+    return layer
+
+
+def _check_quantizable(config, bits: int, group_size: int) -> None:
+    """One clear error, before anything is built, when some decoder Linear cannot take these codes."""
+    from quant.checkpoint import empty_model, linears_to_quantize
+
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits must be 2, 4 or 8 (got {bits})")
+    if group_size != -1 and group_size < 1:
+        raise ValueError(f"group size must be -1 or >= 1 (got {group_size})")
+    for name, m in linears_to_quantize(empty_model(config)).items():
+        g = m.in_features if group_size == -1 else group_size
+        if m.in_features % g or (m.in_features * bits) % 32:
+            raise ValueError(f"{name} has {m.in_features} input features: not divisible by group size {g} "
+                             f"(or not packable into {bits}-bit words)")
+
+
+def random_model(shape: str, dtype: torch.dtype = torch.float32, device="cpu", quantized: bool = False,
+                 bits: int = 4, group_size: int = 128, codes_device=None, seed: int = 0):
+    """A causal LM of a named shape with random weights, built directly where it runs, without HF init: a meta
+    skeleton (rotary buffers stay real), parameters materialized in place on `device` (_materialize); with
+    `quantized`, every nn.Linear inside the decoder blocks becomes a QuantLinear with random codes
+    (random_quant_linear; codes on `codes_device`, e.g. "cpu" for blocks a BlockStreamer will stream). Everything
+    but those codes ends up on `device`. Eval mode, no gradients, no KV cache."""
+    from quant.checkpoint import empty_model, linears_to_quantize
+    from quant.linear import QuantLinear
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    config = make_config(shape, dtype)
+    config.use_cache = False  # training forwards: a KV cache would only cost memory
+    if quantized:
+        _check_quantizable(config, bits, group_size)
+    model = empty_model(config)
+    model.tie_weights()  # init_empty_weights leaves a tied lm_head as a separate meta tensor
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if quantized:
+        for name, linear in linears_to_quantize(model).items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child,
+                    random_quant_linear(linear, bits, group_size, device, gen, codes_device))
+    _materialize(model, device, dtype, gen)
+    placed = {id(m.qweight) for m in model.modules() if isinstance(m, QuantLinear)}
+    placed |= {id(m.zeros) for m in model.modules() if isinstance(m, QuantLinear)}
+    for module in model.modules():  # other buffers (rotary tables...) were built real on the host
+        for name, b in list(module._buffers.items()):
+            if b is not None and id(b) not in placed and b.device != device:
+                module._buffers[name] = b.to(device)
+    return model.eval()
+
+
+def random_batch(vocab_size: int, batch: int, seq: int, device, seed: int = 0) -> dict:
+    """input_ids uniform in [0, vocab), every position attended and a label (LM loss on all tokens)."""
+    ids = torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def zo_step(model, targets, batch: dict, seed: int, floor: float | None = None, eps: float | None = None,
+            lr: float | None = None, clip: float | None = None) -> torch.Tensor:
+    """One zeroth-order step as `qzo2 train` takes it (n_pairs 1, the recipe defaults for eps/lr/clip): one batched
+    forward of the batch stacked twice inside spsa.dual_forward, chunked LM losses, the projected gradient, DDC
+    clip, the in-place update. A non-finite loss skips the update, as the trainer does. -> the two losses."""
+    from . import spsa
+    from .config import FIELDS
+    from .trainer import lm_chunk_losses
+
+    eps = FIELDS["eps"].default if eps is None else eps
+    lr = FIELDS["lr"].default if lr is None else lr
+    clip = FIELDS["clip"].default if clip is None else clip
+    stacked = spsa.repeat_batch(batch, 2)
+    with torch.no_grad(), spsa.dual_forward(targets, seed, eps, 1):
+        losses = lm_chunk_losses(model, stacked, 2)
+    if torch.isfinite(losses).all():
+        d = spsa.projected_gradients(losses, eps)
+        d = d.clamp(-clip, clip) if clip else d
+        spsa.apply_update(targets, seed, [lr * float(x) for x in d], 0.0, lr, floor)
+    return losses
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_rss_gb() -> float:
+    """Current resident set size of this process (VmRSS), GiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / GB
+    return float("nan")
+
+
+def _nvml_used_gb(device: torch.device) -> float | None:
+    """Device memory in use as NVML sees it (all processes, the CUDA context included), GiB; None without NVML."""
+    if device.type != "cuda":
+        return None
+    try:
+        return torch.cuda.device_memory_used(device) / GB
+    except Exception:  # no pynvml / amdsmi, or an older torch
+        pass
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        return pynvml.nvmlDeviceGetMemoryInfo(handle).used / GB
+    except Exception:
+        return None
+
+
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        getattr(torch._C, "_host_emptyCache", lambda: None)()  # cached pinned blocks of a streamer's host buffers
+
+
+def _set_cache_base_auto(layers) -> None:
+    """`qzo2 train`'s cache_base=auto ("qzo on CPU"): keep codes-minus-zeros unpacked (4 B/weight, read by the CPU
+    torch backend) when that takes less than a quarter of host RAM."""
+    import os
+
+    need = sum(m.in_features * m.out_features * 4 for m in layers)
+    on = need < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
+    for m in layers:
+        m.cache_base = on
+
+
+def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: int, device: torch.device,
+               dtype: torch.dtype, bits: int = 4, group_size: int = 128, depth: int = 2, seed: int = 0) -> dict:
+    """Build a fresh random model for one mode, run `warmup` untimed and `steps` timed steps. -> the JSON record
+    (RECORD_FIELDS; ratio_to_forward is left to run_bench). The model dies with this call (run_bench collects it).
+    forward: two plain forwards of the batch (decoder + the same chunked LM head and loss as a ZO step: the
+    floor); qzo: quantized model resident, ZO step on the scales; qzo-offload: the same with every decoder block's
+    codes streamed by engine.BlockStreamer (h2d/d2h from its counters); mezo: dense model resident, ZO step on
+    the Linear weights. Timing is host wall time around each step, with torch.cuda.synchronize() on CUDA;
+    torch_peak_gb is reset after the model is built (weights + step activations)."""
+    from quant.checkpoint import decoder_blocks
+
+    from . import engine, spsa
+    from .config import FIELDS
+    from .trainer import lm_chunk_losses
+
+    if mode == "zo2":
+        raise ValueError("zo2 mode is not implemented yet")
+    quantized = mode in ("qzo", "qzo-offload")
+    offload = mode == "qzo-offload"
+    t0 = time.perf_counter()
+    model = random_model(shape, dtype, device, quantized, bits, group_size,
+                         codes_device="cpu" if offload else None, seed=seed)
+    streamer = None
+    if quantized:
+        targets = spsa.qzo_targets(model)
+        if device.type == "cpu":
+            _set_cache_base_auto([t.module for t in targets])
+        if offload:
+            _, blocks = decoder_blocks(model)
+            streamer = engine.BlockStreamer(model, device, set(range(len(blocks))), depth)
+    elif mode == "mezo":
+        targets = spsa.mezo_targets(model, ("linear",))
+    elif mode == "forward":
+        targets = None
+    else:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    _sync(device)
+    build_s = time.perf_counter() - t0
+    data = random_batch(model.config.vocab_size, batch, seq, device, seed)
+    floor = FIELDS["scale_floor"].default if quantized else None
+
+    def step(i: int):
+        if targets is None:  # the floor: two plain forwards (decoder + the same chunked LM head and loss)
+            with torch.no_grad():
+                lm_chunk_losses(model, data, 1)
+                return lm_chunk_losses(model, data, 1)
+        return zo_step(model, targets, data, spsa.step_seed(seed, i), floor)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, moved = [], None
+    for i in range(warmup + steps):
+        if i == warmup and streamer is not None:
+            moved = (streamer.stats["h2d_bytes"], streamer.stats["d2h_bytes"])
+        _sync(device)
+        ts = time.perf_counter()
+        losses = step(i)
+        _sync(device)
+        times.append(time.perf_counter() - ts)
+    if not torch.isfinite(losses).all():
+        raise RuntimeError(f"{mode}: the random {shape} model gave a non-finite loss")
+    step_ms = 1e3 * statistics.median(times[warmup:][steps // 2:])
+    h2d = (streamer.stats["h2d_bytes"] - moved[0]) / steps if streamer else 0
+    d2h = (streamer.stats["d2h_bytes"] - moved[1]) / steps if streamer else 0
+    return {"shape": shape, "mode": mode, "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "dtype": str(dtype).replace("torch.", ""), "batch": batch, "seq": seq, "steps": steps, "warmup": warmup,
+            "bits": bits if quantized else None, "group_size": group_size if quantized else None,
+            "depth": depth if offload else None,
+            "streamed_blocks": streamer.stats["streamed_blocks"] if streamer else 0,
+            "build_s": round(build_s, 3), "step_ms": step_ms, "tok_s": batch * seq / (step_ms / 1e3),
+            "torch_peak_gb": torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None,
+            "nvml_used_gb": _nvml_used_gb(device), "h2d_gb_per_step": h2d / GB, "d2h_gb_per_step": d2h / GB,
+            "host_rss_gb": host_rss_gb(), "ratio_to_forward": 1.0 if mode == "forward" else None,
+            "loss": float(losses.float().mean()), "error": None}
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+def format_table(records: list[dict]) -> str:
+    """The `--compare` summary: a markdown table, one row per mode."""
+    cols = [("mode", "mode"), ("step ms", "step_ms"), ("tok/s", "tok_s"), ("x forward", "ratio_to_forward"),
+            ("torch peak GB", "torch_peak_gb"), ("NVML used GB", "nvml_used_gb"), ("H2D GB/step", "h2d_gb_per_step"),
+            ("host RSS GB", "host_rss_gb")]
+    r0 = records[0] if records else {}
+    lines = [f"{r0.get('shape')}, batch {r0.get('batch')} x seq {r0.get('seq')}, {r0.get('dtype')}, "
+             f"{r0.get('gpu') or r0.get('device')}", "",
+             "| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in records:
+        cells = [r["mode"]] + ([r["error"]] + [""] * (len(cols) - 2) if r.get("error") else
+                               [_fmt(r[k]) for _, k in cols[1:]])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, steps: int = 10, warmup: int = 2,
+              bits: int = 4, group_size: int = 128, device: str = "auto", dtype: str | None = None, depth: int = 2,
+              compare: bool = False, output=None, seed: int = 0, echo=print) -> list[dict]:
+    """`qzo2 bench`: for each mode, a fresh random model, `warmup` + `steps` timed steps, one JSON line (echoed
+    and appended to `output`). `compare` puts `forward` first and ends with a markdown table. Each mode's model
+    is freed before the next is built; a CUDA out-of-memory in one mode is recorded as its `error` and the
+    others still run. -> the records."""
+    modes = [m.strip() for m in modes.split(",") if m.strip()] if isinstance(modes, str) else list(modes)
+    if not modes:
+        raise ValueError("no mode given; choose from " + ", ".join(MODES))
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+        if m == "zo2":
+            raise ValueError("zo2 mode is not implemented yet")
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"mode {next(m for m in modes if modes.count(m) > 1)!r} is given twice")
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    for name, v, low in (("batch", batch, 1), ("seq", seq, 2), ("steps", steps, 1), ("warmup", warmup, 0),
+                         ("depth", depth, 2)):
+        if v < low:
+            raise ValueError(f"{name} must be >= {low} (got {v})")
+    max_pos = SHAPES[shape].get("max_position_embeddings")
+    if max_pos and seq > max_pos:
+        raise ValueError(f"seq {seq} exceeds the {shape} shape's {max_pos} positions")
+    dev = resolve_device(device)
+    if dtype is None:
+        dtype = "bf16" if dev.type == "cuda" else "fp32"
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if any(m in ("qzo", "qzo-offload") for m in modes):
+        _check_quantizable(make_config(shape), bits, group_size)
+    if compare and "forward" in modes:
+        modes = ["forward"] + [m for m in modes if m != "forward"]
+    out = Path(output) if output else None
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+    records, floor_ms = [], None
+    for mode in modes:
+        try:
+            rec = bench_mode(mode, shape, batch, seq, steps, warmup, dev, DTYPES[dtype], bits, group_size, depth,
+                             seed)
+        except torch.OutOfMemoryError as e:
+            rec = dict.fromkeys(RECORD_FIELDS)
+            rec.update(shape=shape, mode=mode, device=str(dev), dtype=str(DTYPES[dtype]).replace("torch.", ""),
+                       batch=batch, seq=seq, steps=steps, warmup=warmup,
+                       error="out of memory: " + (str(e).splitlines() or [""])[0][:200])
+            del e
+        _free(dev)
+        if mode == "forward" and not rec["error"]:
+            floor_ms = rec["step_ms"]
+        if floor_ms and not rec["error"] and mode != "forward":
+            rec["ratio_to_forward"] = rec["step_ms"] / floor_ms
+        records.append(rec)
+        line = json.dumps(rec)
+        echo(line)
+        if out is not None:
+            with open(out, "a") as f:
+                f.write(line + "\n")
+    if compare:
+        echo(format_table(records))
+    return records
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,16 @@ EPILOG_EXPORT = """examples:
 Both load with AutoModelForCausalLM.from_pretrained (gptq needs optimum + gptqmodel) and with `qzo2 eval`."""
 
 
+EPILOG_BENCH = """examples:
+  qzo2 bench --shape tiny --mode forward,qzo,qzo-offload,mezo --batch 2 --seq 64 --compare   # CPU smoke run
+  qzo2 bench --shape llama2-7b --mode forward,qzo,qzo-offload --batch 16 --seq 256 --compare -o runs/bench.jsonl
+  qzo2 bench --shape opt-6.7b --mode qzo-offload --batch 1 --seq 2048
+
+Models are random (random codes and scales for the quantized modes), built directly on the device. One JSON line
+per mode: step_ms (median of the last half of the measured steps), tok_s (batch*seq per step), torch_peak_gb,
+nvml_used_gb, h2d_gb_per_step, d2h_gb_per_step, host_rss_gb, ratio_to_forward (GB = GiB)."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line."""
 
@@ -112,6 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--generate", action="append", default=[], metavar="PROMPT", help="greedy generation (repeatable)")
     e.add_argument("--max-new-tokens", type=int, default=40)
     e.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+
+    b = sub.add_parser("bench", help="speed benchmark: one ZO step per mode on a random model of a named shape",
+                       description="Time zeroth-order steps (and the two-forward floor) on a random-weight model "
+                                   "of a named shape; one JSON line per mode.",
+                       epilog=EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--shape", default="tiny", help="tiny, tiny-opt, llama-3b, llama2-7b, llama2-13b, llama2-70b, "
+                                                   "opt-6.7b, opt-13b, opt-175b (default tiny)")
+    b.add_argument("--mode", default="qzo",
+                   help="comma list of forward (two plain forwards: the floor), qzo (quantized, resident), "
+                        "qzo-offload (decoder blocks' codes streamed), mezo (dense weights resident) (default qzo)")
+    b.add_argument("--batch", type=int, default=1, help="rows per step (default 1)")
+    b.add_argument("--seq", type=int, default=512, help="tokens per row (default 512)")
+    b.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
+    b.add_argument("--bits", type=int, default=4, choices=[2, 4, 8], help="code bits of the quantized modes")
+    b.add_argument("--group-size", type=int, default=128, help="input channels per scale; -1 = per channel")
+    b.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    b.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="activations and dense weights (default bf16 on cuda, fp32 on cpu)")
+    b.add_argument("--depth", type=int, default=2, help="qzo-offload: prefetch depth, device slots (>= 2)")
+    b.add_argument("--compare", action="store_true", help="forward first (ratios), then a markdown table last")
+    b.add_argument("-o", "--output", default=None, help="append the JSON lines to this file")
+    b.add_argument("--seed", type=int, default=0, help="seed of the random weights, data and perturbations")
     return p
 
 
@@ -176,6 +209,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    run_bench(args.shape, args.mode, args.batch, args.seq, args.steps, args.warmup, args.bits, args.group_size,
+              args.device, args.dtype, args.depth, args.compare, args.output, args.seed,
+              echo=lambda line: print(line, flush=True))
+    return 0
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt
 
@@ -185,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a bad argument already reported in one line
         return int(e.code or 0)
-    handler = {"quantize": cmd_quantize, "train": cmd_train, "export": cmd_export, "eval": cmd_eval}[args.verb]
+    handler = {"quantize": cmd_quantize, "train": cmd_train, "export": cmd_export, "eval": cmd_eval,
+               "bench": cmd_bench}[args.verb]
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C, so temporary directories are removed
     try:
         return handler(args)

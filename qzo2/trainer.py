@@ -85,7 +85,9 @@ def build_task(cfg: TrainConfig, tokenizer) -> Task:
 def _model_inputs(model, batch: dict) -> dict:
     keys = ("input_ids", "attention_mask", "position_ids")
     device = model.get_input_embeddings().weight.device
-    return {k: batch[k].to(device) for k in keys if k in batch}
+    inputs = {k: batch[k].to(device) for k in keys if k in batch}
+    inputs["use_cache"] = False  # no KV cache: a training forward never decodes
+    return inputs
 
 
 def classification_scores(model, batch: dict) -> torch.Tensor:

@@ -1,6 +1,9 @@
-"""Benchmark helpers: random-weight checkpoints of named shapes are real HF checkpoints qzo2 can quantize."""
+"""Benchmark helpers: random-weight checkpoints of named shapes are real HF checkpoints qzo2 can quantize; `qzo2 bench`
+builds working random models in place and reports one JSON line per mode."""
 import json
+import math
 
+import pytest
 import torch
 
 from qzo2.bench import SHAPES, bench_kernels, make_config, skeleton_tensors, write_random_checkpoint
@@ -47,3 +50,132 @@ def test_run_measured_reports_the_child_alone_and_accuracy_parses():
     assert _accuracy(big["output"]) == 0.638
     with pytest.raises(RuntimeError, match="exit 3"):
         run_measured([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+# ---- `qzo2 bench`: random models built in place, one ZO step per mode ------------------------------------------------
+FIELDS = ("shape", "mode", "device", "dtype", "batch", "seq", "steps", "step_ms", "tok_s", "torch_peak_gb",
+          "nvml_used_gb", "h2d_gb_per_step", "d2h_gb_per_step", "host_rss_gb", "ratio_to_forward")
+
+
+def _streamed_bytes(shape: str) -> int:
+    """Code + zero bytes of every QuantLinear inside the decoder blocks, from the layers themselves."""
+    from quant.checkpoint import decoder_blocks
+    from quant.linear import QuantLinear
+    from qzo2.bench import random_model
+
+    _, blocks = decoder_blocks(random_model(shape, quantized=True, bits=4, group_size=128))
+    return sum(m.qweight.numel() * m.qweight.element_size() + m.zeros.numel() * m.zeros.element_size()
+               for b in blocks for m in b.modules() if isinstance(m, QuantLinear))
+
+
+def test_bench_compare_writes_a_line_per_mode_and_a_table(tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    argv = ["bench", "--shape", "tiny", "--mode", "qzo,qzo-offload,mezo,forward", "--batch", "2", "--seq", "16",
+            "--steps", "3", "--warmup", "1", "--compare", "--output", str(out)]
+    assert main(argv) == 0
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["mode"] for r in recs] == ["forward", "qzo", "qzo-offload", "mezo"]  # --compare: the floor first
+    for r in recs:
+        assert set(FIELDS) <= set(r), set(FIELDS) - set(r)
+        assert (r["shape"], r["device"], r["dtype"], r["batch"], r["seq"], r["steps"]) == ("tiny", "cpu", "float32",
+                                                                                          2, 16, 3)
+        assert r["step_ms"] > 0 and r["tok_s"] == pytest.approx(2 * 16 / (r["step_ms"] / 1e3))
+        assert r["torch_peak_gb"] is None and r["nvml_used_gb"] is None  # CPU
+        assert r["host_rss_gb"] > 0 and r["d2h_gb_per_step"] == 0 and r["error"] is None
+        assert math.isfinite(r["loss"])
+    by = {r["mode"]: r for r in recs}
+    for m in ("qzo", "qzo-offload", "mezo"):
+        assert by[m]["ratio_to_forward"] == pytest.approx(by[m]["step_ms"] / by["forward"]["step_ms"])
+    assert by["qzo"]["h2d_gb_per_step"] == 0 and by["mezo"]["h2d_gb_per_step"] == 0
+    assert by["qzo-offload"]["streamed_blocks"] == 2 and by["qzo-offload"]["depth"] == 2
+    # every decoder block's codes and zeros cross once per step (one batched dual forward), nothing else
+    assert by["qzo-offload"]["h2d_gb_per_step"] * 2**30 == pytest.approx(_streamed_bytes("tiny"), rel=1e-12)
+    assert by["qzo"]["loss"] == pytest.approx(by["qzo-offload"]["loss"], rel=1e-6)  # same model, same steps
+    stdout = capsys.readouterr().out.strip().splitlines()
+    assert [json.loads(x) for x in stdout[:4]] == recs
+    table = stdout[4:]
+    assert table[2].startswith("| mode | step ms | tok/s | x forward |") and len(table) == 4 + 4
+    assert [row.split("|")[1].strip() for row in table[4:]] == ["forward", "qzo", "qzo-offload", "mezo"]
+
+
+def test_random_quantized_model_works_and_a_qzo_step_moves_only_the_scales():
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from quant.checkpoint import decoder_blocks
+    from quant.format import unpack_rows
+    from quant.linear import QuantLinear
+    from qzo2 import spsa
+    from qzo2.bench import random_batch, random_model, zo_step
+
+    model = random_model("tiny", quantized=True, bits=4, group_size=128, seed=3)
+    _, blocks = decoder_blocks(model)
+    layers = [m for m in blocks.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 2 * 7 and not any(type(m) is torch.nn.Linear for m in blocks.modules())
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32
+    # non-persistent rotary buffers are the real ones (to_empty would have left garbage there)
+    expected = LlamaRotaryEmbedding(model.config).inv_freq
+    assert torch.equal(model.model.rotary_emb.inv_freq, expected)
+    codes = unpack_rows(layers[0].qweight, 4)
+    assert codes.shape == (128, 128) and set(codes.unique().tolist()) == set(range(16))
+    assert (layers[0].zeros == 8).all() and (layers[0].scales > 0).all()
+    assert model.model.norm.weight.eq(1).all() and 0.015 < model.model.embed_tokens.weight.std() < 0.025
+
+    batch = random_batch(model.config.vocab_size, 2, 16, "cpu")
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits
+    assert logits.shape == (2, 16, 512) and torch.isfinite(logits).all()
+
+    targets = spsa.qzo_targets(model)
+    before = {m: (m.qweight.clone(), m.zeros.clone(), m.scales.clone()) for m in layers}
+    losses = zo_step(model, targets, batch, seed=spsa.step_seed(0, 0), floor=1e-7)
+    assert torch.isfinite(losses).all() and losses[0] != losses[1]
+    for m, (q, z, s) in before.items():
+        assert torch.equal(m.qweight, q) and torch.equal(m.zeros, z)
+        changed = (m.scales != s).float().mean()
+        assert changed > 0.9, changed  # every scale moves by lr * d * z
+        assert 0 < (m.scales - s).abs().max() < 0.5 * s.abs().max()
+
+
+def test_random_dense_opt_model_ties_its_head_and_streams(tmp_path):
+    from qzo2.bench import random_model, run_bench
+
+    model = random_model("tiny-opt", torch.float32)
+    dec = model.model.decoder
+    assert model.lm_head.weight is dec.embed_tokens.weight  # tied, one tensor
+    assert dec.layers[0].self_attn_layer_norm.weight.eq(1).all()
+    assert dec.layers[0].self_attn_layer_norm.bias.eq(0).all() and dec.layers[0].fc1.bias.eq(0).all()
+    assert not any(p.is_meta for p in model.parameters())
+    lines = []
+    recs = run_bench("tiny-opt", "qzo-offload,qzo", batch=1, seq=8, steps=1, warmup=0, depth=3, echo=lines.append)
+    assert len(lines) == 2 and recs[0]["ratio_to_forward"] is None and recs[0]["depth"] == 3
+    assert recs[0]["h2d_gb_per_step"] * 2**30 == pytest.approx(_streamed_bytes("tiny-opt"), rel=1e-12)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "qzo,bogus"], "unknown mode 'bogus'"),
+    (["--mode", "zo2"], "zo2 mode is not implemented yet"),
+    (["--mode", "forward,zo2"], "zo2 mode is not implemented yet"),
+    (["--shape", "llama-1t"], "unknown shape 'llama-1t'"),
+    (["--batch", "0"], "batch must be >= 1"),
+    (["--seq", "0"], "seq must be >= 2"),
+    (["--seq", "4096"], "exceeds the tiny shape's 512 positions"),
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--depth", "1", "--mode", "qzo-offload"], "depth must be >= 2"),
+    (["--group-size", "96"], "not divisible by group size 96"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--bits", "3"], "invalid choice"),
+])
+def test_bench_rejects_bad_arguments_in_one_line(capsys, args, message, tmp_path):
+    out = tmp_path / "never.jsonl"
+    assert main(["bench", "--seq", "16", "--steps", "1", "--warmup", "0", "-o", str(out), *args]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and err[0].startswith("qzo2 bench: error:"), err
+    assert captured.out == "" and not out.exists()
+
+
+def test_opt_shapes_have_the_published_parameter_counts():
+    counts = {name: sum(torch.Size(s).numel() for _, s, _ in skeleton_tensors(make_config(name)))
+              for name in ("opt-13b", "opt-175b")}
+    assert counts["opt-13b"] == 12_853_473_280  # facebook/opt-13b
+    assert 174e9 < counts["opt-175b"] < 176e9
