@@ -436,17 +436,6 @@ def _free(device: torch.device) -> None:
         getattr(torch._C, "_host_emptyCache", lambda: None)()  # cached pinned blocks of a streamer's host buffers
 
 
-def _set_cache_base_auto(layers) -> None:
-    """`qzo2 train`'s cache_base=auto ("qzo on CPU"): keep codes-minus-zeros unpacked (4 B/weight, read by the CPU
-    torch backend) when that takes less than a quarter of host RAM."""
-    import os
-
-    need = sum(m.in_features * m.out_features * 4 for m in layers)
-    on = need < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
-    for m in layers:
-        m.cache_base = on
-
-
 def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: int, device: torch.device,
                dtype: torch.dtype, bits: int = 4, group_size: int = 128, depth: int = 2, seed: int = 0) -> dict:
     """Build a fresh random model for one mode, run `warmup` untimed and `steps` timed steps. -> the JSON record
@@ -460,7 +449,7 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
 
     from . import engine, spsa
     from .config import FIELDS
-    from .trainer import lm_chunk_losses
+    from .trainer import lm_chunk_losses, set_cache_base
 
     if mode == "zo2":
         raise ValueError("zo2 mode is not implemented yet")
@@ -473,7 +462,7 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
     if quantized:
         targets = spsa.qzo_targets(model)
         if device.type == "cpu":
-            _set_cache_base_auto([t.module for t in targets])
+            set_cache_base("auto", [t.module for t in targets])
         if offload:
             _, blocks = decoder_blocks(model)
             streamer = engine.BlockStreamer(model, device, set(range(len(blocks))), depth)

@@ -7,7 +7,7 @@ import warnings
 import sys
 from pathlib import Path
 
-from .config import keys_help
+from .config import keys_help, parse_size
 
 EPILOG_QUANTIZE = """examples:
   qzo2 quantize -o runs/smollm2-int4                       # the embedded SmolLM2-135M, RTN int4 g128, GPTQ v1
@@ -44,15 +44,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _size(text: str) -> int:
-    units = {"kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "b": 1}
-    t = text.strip().lower()
-    for u in sorted(units, key=len, reverse=True):
-        if t.endswith(u):
-            return int(float(t[: -len(u)]) * units[u])
-    return int(t)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qzo2", description="Quantization-first zeroth-order fine-tuning of LLMs.")
     sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
@@ -80,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration sequences (default 128)")
     q.add_argument("--seqlen", type=int, default=512, help="GPTQ calibration sequence length (default 512)")
     q.add_argument("--desc-act", action="store_true", help="GPTQ act-order (columns by decreasing activation)")
-    q.add_argument("--max-shard-size", type=_size, default="4GB", help="safetensors shard size (default 4GB)")
+    q.add_argument("--max-shard-size", type=parse_size, default="4GB", help="safetensors shard size (default 4GB)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument("--trust-remote-code", action="store_true", help="allow model code from the source directory")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -103,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weights of an hf export")
     x.add_argument("--checkpoint", default="auto",
                    help="best, last or a step number (default: best if the run evaluated, else last)")
-    x.add_argument("--max-shard-size", type=_size, default="4GB", help="safetensors shard size (default 4GB)")
+    x.add_argument("--max-shard-size", type=parse_size, default="4GB", help="safetensors shard size (default 4GB)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     e = sub.add_parser("eval", help="evaluate a model or a run: task accuracy, perplexity, generations",

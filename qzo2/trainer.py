@@ -248,7 +248,7 @@ def load_for_training(cfg: TrainConfig):
         p.requires_grad_(False)
     if cfg.method == "qzo":
         targets = spsa.qzo_targets(model)
-        _set_cache_base(cfg, [t.module for t in targets])
+        set_cache_base(cfg.cache_base, [t.module for t in targets])
     else:
         targets = spsa.mezo_targets(model, tuple(k.strip() for k in cfg.mezo_params.split(",") if k.strip()))
     if cfg.trainable:  # indices stay those of the full list, so z does not depend on the filter
@@ -292,12 +292,14 @@ def placement(model) -> dict:
     return out
 
 
-def _set_cache_base(cfg: TrainConfig, layers) -> None:
+def set_cache_base(mode: str, layers) -> None:
+    """cache_base on/off/auto for QuantLinears: keep codes-minus-zeros unpacked (4 B/weight) so the CPU torch
+    backend skips unpacking every forward; auto = when that takes less than a quarter of host RAM."""
     import os
 
     need = sum(m.in_features * m.out_features * 4 for m in layers)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    on = cfg.cache_base == "on" or (cfg.cache_base == "auto" and need < ram / 4)
+    on = mode == "on" or (mode == "auto" and need < ram / 4)
     for m in layers:
         m.cache_base = on
 
