@@ -54,6 +54,10 @@ def runs(tmp_path_factory, tokenizer):
             quantize(open_source(src), d, cfg, progress=False)
         out[name] = tmp / name
         out[f"run-{name}"] = _train(tmp / f"t-{name}", tmp / name, "qzo")
+    with atomic_dir(tmp / "nf4") as d:
+        quantize(open_source(src), d, QuantConfig(bits=4, group_size=32), fmt="nf4", progress=False)
+    out["nf4"] = tmp / "nf4"
+    out["run-nf4"] = _train(tmp / "t-nf4", tmp / "nf4", "qzo")
     out["run-mezo"] = _train(tmp / "t-mezo", src, "mezo")
     return out
 
@@ -147,7 +151,8 @@ def stock_logits_without_quant_packages(path, ids, tmp_path):
 
 
 @pytest.mark.parametrize("run,dtype,rtol", [("run-v1", "fp32", 1e-5), ("run-v2asym", "fp32", 1e-5),
-                                            ("run-v1", "bf16", 3e-2), ("run-mezo", "fp32", 1e-5)])
+                                            ("run-v1", "bf16", 3e-2), ("run-mezo", "fp32", 1e-5),
+                                            ("run-nf4", "fp32", 1e-5)])
 def test_hf_export_loads_with_no_quantization_package(runs, tmp_path, run, dtype, rtol):
     out = tmp_path / "hf"
     report = export(str(runs[run]), str(out), "hf", dtype=dtype, checkpoint="last")
@@ -209,6 +214,7 @@ def test_export_errors_are_one_line_and_write_nothing(runs, tmp_path, capsys):
     cases = [
         ["export", str(runs["run-v1"]), "-o", str(out)],  # exists, no --overwrite
         ["export", str(runs["run-mezo"]), "-o", str(tmp_path / "a")],  # gptq from an unquantized base
+        ["export", str(runs["run-nf4"]), "-o", str(tmp_path / "d")],  # gptq from an NF4 base
         ["export", str(runs["run-v1"]), "-o", str(tmp_path / "b"), "--checkpoint", "7"],  # no such step
         ["export", str(tmp_path / "missing"), "-o", str(tmp_path / "c")],
         ["export", str(runs["run-v1"]), "-o", str(runs["run-v1"]), "--overwrite"],  # onto its own input
@@ -217,7 +223,7 @@ def test_export_errors_are_one_line_and_write_nothing(runs, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "error:" in err[0], err
-    assert (out / "keep.txt").read_text() == "mine" and not any((tmp_path / n).exists() for n in "abc")
+    assert (out / "keep.txt").read_text() == "mine" and not any((tmp_path / n).exists() for n in "abcd")
     assert (runs["run-v1"] / "config.yaml").exists()
 
 
