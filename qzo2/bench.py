@@ -190,7 +190,7 @@ def _accuracy(output: str) -> float:
 
 
 def bench_accuracy(out: Path, seed: int, qzo_recipe: str, mezo_recipe: str, rows: list[str],
-                   overrides: list[str], gptq_nsamples: int = 128) -> list[dict]:
+                   overrides: list[str], gptq_nsamples: int = 128, tag: str = "") -> list[dict]:
     """The accuracy table: zero-shot fp32/bf16/int4 RTN/int4 GPTQ, QZO on int4 RTN, MeZO on fp32; test accuracy
     (500 examples, the same for every seed) of each, with train steps, wall time and peak RSS. JSON lines to
     out/results.jsonl."""
@@ -199,7 +199,7 @@ def bench_accuracy(out: Path, seed: int, qzo_recipe: str, mezo_recipe: str, rows
     results = []
 
     def record(row: str, **kw):
-        rec = dict(row=row, seed=seed, **kw)
+        rec = dict(row=row + (f" ({tag.strip('-')})" if tag else ""), seed=seed, **kw)
         results.append(rec)
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -219,7 +219,7 @@ def bench_accuracy(out: Path, seed: int, qzo_recipe: str, mezo_recipe: str, rows
                eval_peak_rss_gib=m["peak_rss_gib"])
 
     def trained(row: str, recipe: str, model: str, fmt: str):
-        run = out / f"{row.split()[0].lower()}-seed{seed}"
+        run = out / f"{row.split()[0].lower()}{tag}-seed{seed}"
         t = run_measured(qzo2 + ["train", recipe, f"model={model}", f"seed={seed}", f"output_dir={run}",
                                  "overwrite=true", "progress=false", *overrides])
         exported = Path(f"{run}-{fmt}")
@@ -623,11 +623,12 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--qzo-recipe", default="recipes/accuracy-qzo.yaml")
     a.add_argument("--mezo-recipe", default="recipes/accuracy-mezo.yaml")
     a.add_argument("--gptq-nsamples", type=int, default=128, help="GPTQ calibration sequences (512 tokens each)")
+    a.add_argument("--tag", default="", help="suffix of the trained runs' directories and rows, e.g. -600steps")
     a.add_argument("overrides", nargs="*", help="key=value overrides for both training recipes")
     args = p.parse_args(argv)
     if args.verb == "accuracy":
         bench_accuracy(Path(args.output), args.seed, args.qzo_recipe, args.mezo_recipe, args.rows.split(","),
-                       args.overrides, args.gptq_nsamples)
+                       args.overrides, args.gptq_nsamples, args.tag)
         return 0
     if args.verb == "kernels":
         bench_kernels(args.rows, args.repeats)

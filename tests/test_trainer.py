@@ -155,11 +155,12 @@ def test_ctrl_c_saves_and_exits_cleanly(tiny, tmp_path, monkeypatch):
         return real(*a)
 
     monkeypatch.setattr(trainer, "chunk_losses", interrupting)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under `nohup ... &`
     cfg = config(tmp_path, q, data, steps=50, eval_every=0, save_every=100)
     result = trainer.train(cfg)
     assert result["interrupted"] and result["step"] == 4
     assert trainer.RunDir(cfg.output_dir).steps() == [0, 4]  # step 0: the dev baseline (best so far)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the trainer put the previous handler back
 
 
 def test_qzo_refuses_unquantized_and_mezo_refuses_quantized(tiny, tmp_path):
