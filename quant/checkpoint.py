@@ -103,12 +103,14 @@ def hf_dir_source(path: Path, trust_remote_code: bool = False) -> Source:
     config = load_config(path, trust_remote_code)
     names, where = _open_safetensors(_safetensors_files(path))
 
-    def save_tokenizer(dst: Path) -> None:
-        for f in TOKENIZER_FILES:
-            if (path / f).exists():
-                shutil.copy2(path / f, dst / f)
+    return Source(config, names, lambda n: read_tensor(where, n), path, lambda dst: copy_tokenizer_files(path, dst))
 
-    return Source(config, names, lambda n: read_tensor(where, n), path, save_tokenizer)
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Tokenizer files, chat template and generation config of a model directory, those it has."""
+    for f in TOKENIZER_FILES:
+        if (src / f).exists():
+            shutil.copy2(src / f, dst / f)
 
 
 def gguf_source(path: Path) -> Source:
@@ -466,11 +468,7 @@ def load_quantized(
     """
     path = Path(path)
     config = load_config(path, trust_remote_code)
-    qc = getattr(config, "quantization_config", None)
-    if qc is None:
-        raise CheckpointError(f"{path} is not a quantized checkpoint (config.json has no quantization_config)")
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    del config.quantization_config
+    qc = pop_quantization_config(config, path)
     names, where = checkpoint_tensors(path)
     suffix, read_layer = quantized_layer_reader(path, where, qc)
     model = empty_model(config, trust_remote_code)
@@ -489,8 +487,7 @@ def load_quantized(
     qset = set(quantized)
     state = {}
     for n in names:
-        owner = n.rpartition(".")[0]
-        if owner in qset or (n.rsplit(".weight.", 1)[0] in qset):  # codes, zeros, scales, bnb state, bias
+        if is_quantized_part(n, qset):
             continue
         t = read_tensor(where, n)
         state[n] = t.to(dtype) if t.is_floating_point() else t
@@ -502,6 +499,20 @@ def load_quantized(
     if result.unexpected_keys:
         raise CheckpointError(f"{path}: unexpected tensor {result.unexpected_keys[0]} in checkpoint")
     return model.eval()
+
+
+def pop_quantization_config(config, path: Path) -> dict:
+    """Remove quantization_config from a loaded HF config (so the plain model class builds) -> it, as a dict."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        raise CheckpointError(f"{path} is not a quantized checkpoint (config.json has no quantization_config)")
+    del config.quantization_config
+    return qc if isinstance(qc, dict) else qc.to_dict()
+
+
+def is_quantized_part(name: str, quantized: set[str]) -> bool:
+    """Whether checkpoint tensor `name` belongs to a quantized module (codes, zeros, scales, g_idx, bias, bnb state)."""
+    return name.rpartition(".")[0] in quantized or name.rsplit(".weight.", 1)[0] in quantized
 
 
 def quantized_layer_reader(path: Path, where: dict[str, Path], qc: dict):

@@ -255,21 +255,6 @@ RECORD_FIELDS = ("shape", "mode", "device", "gpu", "dtype", "batch", "seq", "ste
                  "h2d_gb_per_step", "d2h_gb_per_step", "host_rss_gb", "ratio_to_forward", "loss", "error")
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """auto | cpu | cuda[:i] -> torch.device (auto: cuda when available)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but no CUDA GPU is available (use --device auto or cpu)")
-    return dev
-
-
 def _norm_modules(model) -> set[int]:
     return {id(m) for m in model.modules() if "norm" in type(m).__name__.lower()}
 
@@ -318,17 +303,10 @@ def random_quant_linear(linear: nn.Module, bits: int, group_size: int, device, g
 
 def _check_quantizable(config, bits: int, group_size: int) -> None:
     """One clear error, before anything is built, when some decoder Linear cannot take these codes."""
-    from quant.checkpoint import empty_model, linears_to_quantize
+    from quant.checkpoint import check_quantizable, empty_model, linears_to_quantize
+    from quant.format import QuantConfig
 
-    if bits not in (2, 4, 8):
-        raise ValueError(f"bits must be 2, 4 or 8 (got {bits})")
-    if group_size != -1 and group_size < 1:
-        raise ValueError(f"group size must be -1 or >= 1 (got {group_size})")
-    for name, m in linears_to_quantize(empty_model(config)).items():
-        g = m.in_features if group_size == -1 else group_size
-        if m.in_features % g or (m.in_features * bits) % 32:
-            raise ValueError(f"{name} has {m.in_features} input features: not divisible by group size {g} "
-                             f"(or not packable into {bits}-bit words)")
+    check_quantizable(linears_to_quantize(empty_model(config)), QuantConfig(bits=bits, group_size=group_size))
 
 
 def random_model(shape: str, dtype: torch.dtype = torch.float32, device="cpu", quantized: bool = False,
@@ -563,6 +541,8 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
     max_pos = SHAPES[shape].get("max_position_embeddings")
     if max_pos and seq > max_pos:
         raise ValueError(f"seq {seq} exceeds the {shape} shape's {max_pos} positions")
+    from .model import resolve_device
+
     dev = resolve_device(device)
     if dtype is None:
         dtype = "bf16" if dev.type == "cuda" else "fp32"

@@ -46,9 +46,9 @@ def load_for_eval(path: str | None, checkpoint: str = "best", dtype=torch.float3
     """A run dir (its base model + trained tensors of `checkpoint`) or any model -> (model, tokenizer, run config)."""
     from .config import load_config
     from .model import load_model
-    from .trainer import RunDir, load_for_training, load_trained
+    from .trainer import RunDir, is_run_dir, load_for_training, load_trained
 
-    if path and (Path(path) / "config.yaml").exists() and (Path(path) / "checkpoints").is_dir():
+    if path and is_run_dir(path):
         cfg = load_config(str(Path(path) / "config.yaml"))
         cfg.dtype = "bf16" if dtype == torch.bfloat16 else "fp32"
         model, tokenizer, targets = load_for_training(cfg)

@@ -13,7 +13,6 @@ layer whatever the model size, and both write into a temporary directory renamed
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +22,9 @@ import yaml
 from safetensors.torch import load_file
 
 from quant.checkpoint import (
-    TOKENIZER_FILES, CheckpointError, ShardWriter, atomic_dir, checkpoint_tensors, empty_model, load_config,
-    open_source, quantized_layer_reader, read_tensor, write_json,
+    CheckpointError, ShardWriter, atomic_dir, checkpoint_tensors, copy_tokenizer_files, empty_model,
+    is_quantized_part, load_config, open_source, pop_quantization_config, quantized_layer_reader, read_tensor,
+    write_json,
 )
 from quant.format import convert_qzeros
 
@@ -65,16 +65,12 @@ class ExportReport:
 
 
 # ---- what to export -------------------------------------------------------------------------------------------------
-def is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
-
-
 def load_run(path: str, checkpoint: str = "auto") -> Trained:
     """A run directory -> its base model and the trained tensors of `checkpoint` (auto = best if the run has one,
     else last; best; last; or a step number); any model
     directory or .gguf -> itself with nothing trained (so `export --format hf` also dequantizes a plain GPTQ dir)."""
     from .config import load_config as load_train_config
-    from .trainer import RunDir
+    from .trainer import RunDir, is_run_dir
 
     p = Path(path)
     if not p.exists():
@@ -110,24 +106,10 @@ def checkpoint_scales(trained: torch.Tensor, dtype: torch.dtype) -> tuple[torch.
 
 
 # ---- writers ------------------------------------------------------------------------------------------------------------
-def _quant_config(base: Path) -> dict:
-    d = json.loads((base / "config.json").read_text())
-    return d.get("quantization_config") or {}
-
-
-def _copy_side_files(base: Path, dst: Path, source=None) -> None:
-    """Tokenizer and generation config (for a .gguf source, the tokenizer it carries)."""
-    if source is not None:
-        source.save_tokenizer(dst)
-        return
-    for f in TOKENIZER_FILES:
-        if (base / f).exists():
-            shutil.copy2(base / f, dst / f)
-
-
 def export_gptq(t: Trained, tmp: Path, fmt: str, max_shard_bytes: int, report: ExportReport) -> None:
     base = Path(t.base)
-    qc = _quant_config(base)
+    config = json.loads((base / "config.json").read_text())
+    qc = config.get("quantization_config") or {}
     if qc.get("quant_method") != "gptq":
         kind = qc.get("quant_method") or "not quantized"
         raise CheckpointError(f"--format {fmt} needs a GPTQ base model; {base} is {kind} (use --format hf)")
@@ -154,13 +136,12 @@ def export_gptq(t: Trained, tmp: Path, fmt: str, max_shard_bytes: int, report: E
         writer.add(name, tensor)
     writer.finish()
     report.bytes = writer.total
-    config = json.loads((base / "config.json").read_text())
-    config["quantization_config"] = dict(config["quantization_config"], checkpoint_format=fmt)
+    config["quantization_config"] = dict(qc, checkpoint_format=fmt)
     write_json(tmp / "config.json", config)
     qfile = base / "quantize_config.json"
     quantize_config = json.loads(qfile.read_text()) if qfile.exists() else dict(qc)
     write_json(tmp / "quantize_config.json", dict(quantize_config, checkpoint_format=fmt))
-    _copy_side_files(base, tmp)
+    copy_tokenizer_files(base, tmp)
 
 
 def export_hf(t: Trained, tmp: Path, dtype: torch.dtype, max_shard_bytes: int, report: ExportReport) -> None:
@@ -172,9 +153,7 @@ def export_hf(t: Trained, tmp: Path, dtype: torch.dtype, max_shard_bytes: int, r
 
     if is_quantized_dir(base):
         config = load_config(base)
-        qc = config.quantization_config
-        qc = qc if isinstance(qc, dict) else qc.to_dict()
-        del config.quantization_config
+        qc = pop_quantization_config(config, base)
         names, where = checkpoint_tensors(base)
         suffix, read_layer = quantized_layer_reader(base, where, qc)
         quantized = {n[: -len(suffix)] for n in names if n.endswith(suffix)}
@@ -183,7 +162,6 @@ def export_hf(t: Trained, tmp: Path, dtype: torch.dtype, max_shard_bytes: int, r
         if unknown:
             raise CheckpointError(f"trained tensor {unknown[0]} is not a quantized layer's scales in {base}")
         for name in names:
-            owner = name.rpartition(".")[0]
             if name.endswith(suffix):
                 mod = name[: -len(suffix)]
                 layer = read_layer(mod, skeleton.get_submodule(mod))
@@ -198,12 +176,12 @@ def export_hf(t: Trained, tmp: Path, dtype: torch.dtype, max_shard_bytes: int, r
                 report.dequantized += 1
                 if f"{mod}.bias" in where:
                     writer.add(f"{mod}.bias", cast(read_tensor(where, f"{mod}.bias")))
-            elif owner in quantized or name.rsplit(".weight.", 1)[0] in quantized:
+            elif is_quantized_part(name, quantized):
                 continue  # codes, zeros, scales, g_idx, bias (written above), bitsandbytes state
             else:
                 writer.add(name, cast(read_tensor(where, name)))
                 report.copied += 1
-        source = None
+        copy_tokenizer_files(base, tmp)
     else:
         source = open_source(base)
         config = source.config
@@ -219,6 +197,7 @@ def export_hf(t: Trained, tmp: Path, dtype: torch.dtype, max_shard_bytes: int, r
             else:
                 writer.add(name, cast(source.get(name)))
                 report.copied += 1
+        source.save_tokenizer(tmp)  # a .gguf source saves the tokenizer it carries
     writer.finish()
     report.bytes = writer.total
     d = config.to_dict()
@@ -226,7 +205,6 @@ def export_hf(t: Trained, tmp: Path, dtype: torch.dtype, max_shard_bytes: int, r
     d.pop("torch_dtype", None)
     d["dtype"] = DTYPE_NAMES[dtype]
     write_json(tmp / "config.json", d)
-    _copy_side_files(base, tmp, source)
 
 
 def model_card(t: Trained, fmt: str, dtype: str) -> str:

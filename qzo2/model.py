@@ -27,6 +27,21 @@ def resolve_source(src: str | None) -> str:
     return str(default_model_path()) if src in (None, "", "default") else src
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """auto | cpu | cuda[:i] -> torch.device (auto: cuda when available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but no CUDA GPU is available (use device auto or cpu)")
+    return dev
+
+
 def is_quantized_dir(path: Path) -> bool:
     cfg = path / "config.json"
     return path.is_dir() and cfg.exists() and "quantization_config" in json.loads(cfg.read_text())

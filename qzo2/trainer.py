@@ -26,7 +26,7 @@ from quant.checkpoint import atomic_dir
 from . import data as D
 from . import engine, spsa
 from .config import TrainConfig
-from .model import is_quantized_dir, load_model, resolve_source
+from .model import is_quantized_dir, load_model, resolve_device, resolve_source
 
 
 class TrainingError(ValueError):
@@ -162,6 +162,11 @@ def dev_metric(metrics: dict) -> float:
 
 
 # ---- run directory --------------------------------------------------------------------------------------------------
+def is_run_dir(path) -> bool:
+    """A `qzo2 train` output directory (config.yaml + checkpoints/), as opposed to a model directory."""
+    return (Path(path) / "config.yaml").is_file() and (Path(path) / "checkpoints").is_dir()
+
+
 class RunDir:
     """run/config.yaml, run/metrics.jsonl, run/checkpoints/step-NNNNNN/{trained.safetensors,state.json}, run/best/."""
 
@@ -259,18 +264,10 @@ def load_for_training(cfg: TrainConfig):
     return model, tokenizer, targets
 
 
-def pick_device(cfg: TrainConfig) -> torch.device:
-    """cfg.device -> torch.device (auto: cuda when available)."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("device=cuda but no CUDA GPU is available (use device=auto or device=cpu)")
-    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                        else "cpu")
-
-
 def place_model(cfg: TrainConfig, model) -> engine.BlockStreamer | None:
     """Move the model to its device, streaming the decoder blocks that offload/gpu_memory say do not fit
     (engine.py) -> the streamer, also kept as `model.qzo2_streamer`, or None when everything is resident."""
-    device = pick_device(cfg)
+    device = resolve_device(cfg.device)
     streamed = engine.plan_for_model(model, engine.device_budget(cfg.gpu_memory, device), cfg.prefetch_depth,
                                      cfg.offload)
     streamer = engine.BlockStreamer(model, device, streamed, cfg.prefetch_depth) if streamed else None
