@@ -1,7 +1,7 @@
 """Benchmark helpers: named model shapes, random-weight models built in place and random-weight checkpoints written
 to disk, the speed benchmark behind `qzo2 bench`, CPU kernel timings, and the accuracy benchmark.
 
-    qzo2 bench --shape tiny --mode forward,qzo,qzo-offload,mezo --batch 2 --seq 64 --compare
+    qzo2 bench --shape tiny --mode forward,qzo,qzo-offload,mezo,zo2 --batch 2 --seq 64 --compare
 
     python -m qzo2.bench random-checkpoint --shape llama-3b -o /tmp/synth/src [--max-shard-size-gb 2]
     python -m qzo2.bench kernels
@@ -358,7 +358,7 @@ def zo_step(model, targets, batch: dict, seed: int, floor: float | None = None, 
     clip, the in-place update. A non-finite loss skips the update, as the trainer does. -> the two losses."""
     from . import spsa
     from .config import FIELDS
-    from .trainer import lm_chunk_losses
+    from .trainer import apply_step_update, lm_chunk_losses
 
     eps = FIELDS["eps"].default if eps is None else eps
     lr = FIELDS["lr"].default if lr is None else lr
@@ -369,7 +369,7 @@ def zo_step(model, targets, batch: dict, seed: int, floor: float | None = None, 
     if torch.isfinite(losses).all():
         d = spsa.projected_gradients(losses, eps)
         d = d.clamp(-clip, clip) if clip else d
-        spsa.apply_update(targets, seed, [lr * float(x) for x in d], 0.0, lr, floor)
+        apply_step_update(model, targets, seed, [lr * float(x) for x in d], 0.0, lr, floor)
     return losses
 
 
@@ -421,7 +421,8 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
     forward: two plain forwards of the batch (decoder + the same chunked LM head and loss as a ZO step: the
     floor); qzo: quantized model resident, ZO step on the scales; qzo-offload: the same with every decoder block's
     codes streamed by engine.BlockStreamer (h2d/d2h from its counters); mezo: dense model resident, ZO step on
-    the Linear weights. Timing is host wall time around each step, with torch.cuda.synchronize() on CUDA;
+    the Linear weights; zo2: the same with every block's Linear weights streamed, each step's update applied when
+    the block next arrives and copied back. Timing is host wall time around each step, with torch.cuda.synchronize() on CUDA;
     torch_peak_gb is reset after the model is built (weights + step activations)."""
     from quant.checkpoint import decoder_blocks
 
@@ -429,10 +430,8 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
     from .config import FIELDS
     from .trainer import lm_chunk_losses, set_cache_base
 
-    if mode == "zo2":
-        raise ValueError("zo2 mode is not implemented yet")
     quantized = mode in ("qzo", "qzo-offload")
-    offload = mode == "qzo-offload"
+    offload = mode in ("qzo-offload", "zo2")
     t0 = time.perf_counter()
     model = random_model(shape, dtype, device, quantized, bits, group_size,
                          codes_device="cpu" if offload else None, seed=seed)
@@ -444,8 +443,13 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
         if offload:
             _, blocks = decoder_blocks(model)
             streamer = engine.BlockStreamer(model, device, set(range(len(blocks))), depth)
-    elif mode == "mezo":
+    elif mode in ("mezo", "zo2"):
         targets = spsa.mezo_targets(model, ("linear",))
+        if offload:  # built on the device (fast), then every block's Linear weights move to pinned host buffers
+            _, blocks = decoder_blocks(model)
+            streamer = engine.BlockStreamer(model, device, set(range(len(blocks))), depth, kind="weights",
+                                            trained=targets)
+            _free(device)
     elif mode == "forward":
         targets = None
     else:
@@ -528,8 +532,6 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
-        if m == "zo2":
-            raise ValueError("zo2 mode is not implemented yet")
     if len(set(modes)) != len(modes):
         raise ValueError(f"mode {next(m for m in modes if modes.count(m) > 1)!r} is given twice")
     if shape not in SHAPES:

@@ -28,9 +28,9 @@ Both load with AutoModelForCausalLM.from_pretrained (gptq needs optimum + gptqmo
 
 
 EPILOG_BENCH = """examples:
-  qzo2 bench --shape tiny --mode forward,qzo,qzo-offload,mezo --batch 2 --seq 64 --compare   # CPU smoke run
+  qzo2 bench --shape tiny --mode forward,qzo,qzo-offload,mezo,zo2 --batch 2 --seq 64 --compare   # CPU smoke run
   qzo2 bench --shape llama2-7b --mode forward,qzo,qzo-offload --batch 16 --seq 256 --compare -o runs/bench.jsonl
-  qzo2 bench --shape opt-6.7b --mode qzo-offload --batch 1 --seq 2048
+  qzo2 bench --shape opt-6.7b --mode qzo-offload,zo2,mezo --batch 1 --seq 2048 --compare
 
 Models are random (random codes and scales for the quantized modes), built directly on the device. One JSON line
 per mode: step_ms (median of the last half of the measured steps), tok_s (batch*seq per step), torch_peak_gb,
@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "opt-6.7b, opt-13b, opt-175b (default tiny)")
     b.add_argument("--mode", default="qzo",
                    help="comma list of forward (two plain forwards: the floor), qzo (quantized, resident), "
-                        "qzo-offload (decoder blocks' codes streamed), mezo (dense weights resident) (default qzo)")
+                        "qzo-offload (decoder blocks' codes streamed), mezo (dense weights resident), zo2 (dense "
+                        "blocks' Linear weights streamed, updated on arrival, copied back) (default qzo)")
     b.add_argument("--batch", type=int, default=1, help="rows per step (default 1)")
     b.add_argument("--seq", type=int, default=512, help="tokens per row (default 512)")
     b.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")

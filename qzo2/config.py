@@ -46,8 +46,9 @@ class TrainConfig:
     cache_base: str = _f("auto", "qzo on CPU: keep codes-zeros unpacked in fp32 (4 B/weight) to skip unpacking every "
                                  "forward; auto = when it takes < 1/4 of RAM", ("auto", "on", "off"))
     device: str = _f("auto", "where the model computes; auto = cuda when a GPU is available", ("auto", "cpu", "cuda"))
-    offload: str = _f("auto", "qzo: stream decoder blocks' codes from host memory to the device each step; auto = "
-                              "only the blocks that do not fit in gpu_memory", ("auto", "on", "off"))
+    offload: str = _f("auto", "stream decoder blocks from host memory to the device once per step (qzo: their "
+                              "codes; mezo: their bf16/fp32 Linear weights, updated on arrival and copied back -- "
+                              "ZO2 mode); auto = only the blocks that do not fit in gpu_memory", ("auto", "on", "off"))
     gpu_memory: str = _f("", "device memory budget for the model, e.g. 8GiB or 500MB; '' = 90% of the GPU's free "
                              "memory (on CPU: no budget, nothing streamed)")
     prefetch_depth: int = _f(2, "offload: device slots uploads are prefetched into (>= 2)")
@@ -108,8 +109,6 @@ class TrainConfig:
                 parse_size(self.gpu_memory)
             except ValueError as e:
                 raise ConfigError(f"gpu_memory={e}") from None
-        if self.offload == "on" and self.method != "qzo":
-            raise ConfigError("offload=on streams quantized codes: it needs method=qzo")
         if not self.task and not self.train_file:
             raise ConfigError("set task (e.g. task=sentiment) or train_file=PATH.jsonl")
 

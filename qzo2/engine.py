@@ -1,17 +1,27 @@
-"""The offload engine: the codes of decoder blocks stream from host memory into a fixed pool of device slots.
+"""The offload engine: decoder blocks stream from host memory into a fixed pool of device slots, once per forward.
 
-For every streamed block, the `qweight` (int32, GPTQ-packed) and `zeros` (int16) of all its QuantLinears sit in one
-contiguous host buffer (pinned when the device is CUDA), at aligned byte offsets. `depth` (>= 2) device slots, each
+Two kinds of block stream:
+  - "codes" (QZO): the `qweight` (int32, GPTQ-packed) and `zeros` (int16) of every QuantLinear. Read-only: the
+    trained scales stay resident, so nothing is ever copied back.
+  - "weights" (ZO2 mode: full-weight ZO of a bf16 model): every parameter of every nn.Linear, in the model's dtype
+    (bf16: 2 bytes/weight cross PCIe each way). The update of step t is deferred (`defer`) and applied on the
+    device when the block arrives for step t+1's forward, right before it computes; only then are the trained
+    tensors copied back, on a second side stream, overlapped with the compute. One upload and one download per
+    block per step, as ZO2 (arXiv 2503.12668) does.
+For every streamed block, its tensors sit in one contiguous host buffer (pinned when the device is CUDA), at aligned
+byte offsets. `depth` (>= 2) device slots, each
 the size of the largest streamed block, receive them: the k-th streamed block uses slot k % depth. Hooks around the
 decoder layers (no rewritten forwards, so any HF family works) drive it:
   - before block k computes, uploads of streamed blocks k .. k+depth-1 have been issued, on a side stream;
   - the upload into a slot waits (CUDA event) for the compute that last read that slot;
-  - the compute of block k waits (CUDA event) for its own upload. The host never synchronizes per block.
-During its forward a block's QuantLinears see `qweight`/`zeros` as views into its slot; afterwards they point at empty
-placeholders, so stale codes can never be read. Scales (the trained fp32 tensors), biases, g_idx, norms, embeddings,
-the final norm and lm_head stay resident on the device; nothing is copied back. A dual forward (2k scale chunks in
-one batch) uploads each block once. On the CPU the same code runs with plain synchronous copies and no events, and
-`trace` records the (op, block, slot) order the tests check.
+  - the compute of block k waits (CUDA event) for its own upload (and, in weights mode, a pending update runs
+    first and the download of the updated tensors waits for it);
+  - the upload into a slot also waits for the download that last read it. The host never synchronizes per block.
+During its forward a block's layers see their streamed tensors as views into its slot; the rest of the time they
+are views into the host buffer (the authoritative copy, e.g. for checkpoints; `flush()` first applies any deferred
+update). Scales, g_idx, QuantLinear biases, norms, embeddings, the final norm and lm_head stay resident on the
+device. A dual forward (2k perturbation chunks in one batch) uploads each block once. On the CPU the same code runs
+with plain synchronous copies and no events, and `trace` records the (op, block, slot) order the tests check.
 """
 from __future__ import annotations
 
@@ -28,31 +38,58 @@ from .config import parse_size
 ALIGN = 128  # byte alignment of each tensor inside a block buffer (any dtype view is legal, loads are coalesced)
 STREAMED = ("qweight", "zeros")  # the per-layer buffers that stream; g_idx is K int32s per layer and stays resident
 OFFLOAD_MODES = ("auto", "on", "off")
+KINDS = ("codes", "weights")
 
 
 @dataclass
 class _Entry:
-    """One layer buffer inside its block's host buffer / slot."""
+    """One layer tensor inside its block's host buffer / slot."""
 
-    layer: QuantLinear
+    layer: nn.Module
     name: str
     offset: int
     nbytes: int
     dtype: torch.dtype
     shape: tuple
+    trained: bool = False
 
 
-def _layout(block: nn.Module) -> tuple[list[_Entry], int]:
-    """The streamed buffers of a block's QuantLinears at aligned offsets -> (entries, bytes of the buffer)."""
-    entries, end = [], 0
+def _streamed_tensors(block: nn.Module, kind: str) -> list[tuple[nn.Module, str]]:
+    """(module, name) of the tensors of a block that stream: "codes" -> qweight/zeros of every QuantLinear;
+    "weights" -> every parameter of every nn.Linear."""
+    if kind not in KINDS:
+        raise ValueError(f"stream kind {kind!r} is not one of {', '.join(KINDS)}")
+    out = []
     for m in block.modules():
-        if isinstance(m, QuantLinear):
-            for name in STREAMED:
-                t = getattr(m, name)
-                start = -(-end // ALIGN) * ALIGN
-                entries.append(_Entry(m, name, start, t.numel() * t.element_size(), t.dtype, tuple(t.shape)))
-                end = start + entries[-1].nbytes
+        if kind == "codes" and isinstance(m, QuantLinear):
+            out += [(m, name) for name in STREAMED]
+        elif kind == "weights" and isinstance(m, nn.Linear):
+            out += [(m, name) for name, p in m.named_parameters(recurse=False)]
+    return out
+
+
+def _layout(block: nn.Module, kind: str = "codes", trained: set = frozenset()) -> tuple[list[_Entry], int]:
+    """The streamed tensors of a block at aligned offsets -> (entries, bytes of the buffer). `trained` holds the
+    (id(module), name) keys whose updates must be copied back."""
+    entries, end = [], 0
+    for m, name in _streamed_tensors(block, kind):
+        t = getattr(m, name)
+        start = -(-end // ALIGN) * ALIGN
+        entries.append(_Entry(m, name, start, t.numel() * t.element_size(), t.dtype, tuple(t.shape),
+                              (id(m), name) in trained))
+        end = start + entries[-1].nbytes
     return entries, end
+
+
+def _set(e: _Entry, t: torch.Tensor) -> None:
+    """Point entry e's layer attribute at tensor t (a parameter stays a Parameter; derived layouts are dropped)."""
+    if e.name in e.layer._parameters:
+        e.layer._parameters[e.name] = nn.Parameter(t, requires_grad=False)
+    else:
+        setattr(e.layer, e.name, t)
+    if isinstance(e.layer, QuantLinear):
+        e.layer._packed = None  # CPU int4pack layout derived from the codes
+        e.layer._cached_base = None
 
 
 def _view(buf: torch.Tensor, e: _Entry) -> torch.Tensor:
@@ -105,10 +142,11 @@ def device_budget(gpu_memory: str, device: torch.device) -> int | None:
     return None
 
 
-def plan_for_model(model: nn.Module, budget_bytes: int | None, depth: int, mode: str = "auto") -> set[int]:
-    """plan_residency for a model's decoder blocks (their code + zero bytes against everything else)."""
+def plan_for_model(model: nn.Module, budget_bytes: int | None, depth: int, mode: str = "auto",
+                   kind: str = "codes") -> set[int]:
+    """plan_residency for a model's decoder blocks (their streamable bytes against everything else)."""
     _, blocks = decoder_blocks(model)
-    layouts = [_layout(b) for b in blocks]
+    layouts = [_layout(b, kind) for b in blocks]
     block_bytes = [nbytes for _, nbytes in layouts]
     if not any(block_bytes):
         return set()  # no quantized blocks: nothing this engine can stream
@@ -118,17 +156,21 @@ def plan_for_model(model: nn.Module, budget_bytes: int | None, depth: int, mode:
 
 # ---- the streamer ----------------------------------------------------------------------------------------------------
 class BlockStreamer:
-    """Streams the codes of decoder blocks `streamed` of `model` into `depth` slots on `device` (see module doc).
+    """Streams decoder blocks `streamed` of `model` into `depth` slots on `device` (see module doc).
 
-    Construction packs those codes into host buffers, replaces them in the layers by placeholders, moves the rest of
-    the model to `device`, allocates the slots and installs the hooks. `stats` counts uploads and bytes; with
-    `trace=True`, `trace` lists ("upload" | "compute" | "release", block index, slot) in the order they were issued.
-    `remove()` makes the model fully resident again. Do not move or cast the model while a streamer is attached."""
+    kind "codes" streams QuantLinear codes; kind "weights" streams nn.Linear parameters, and `trained` (objects with
+    `.module` and `.name`, e.g. spsa.Target) names those whose deferred updates are applied and copied back.
+    Construction packs the streamed tensors into host buffers, points the layers at views of them, moves the rest
+    of the model to `device`, allocates the slots and installs the hooks. `stats` counts uploads, downloads and
+    bytes; with `trace=True`, `trace` lists ("upload" | "compute" | "update" | "download" | "release", block index,
+    slot) in the order they were issued. The streamer attaches itself as `model.qzo2_streamer`; `remove()` makes
+    the model fully resident again. Do not move or cast the model while a streamer is attached."""
 
-    def __init__(self, model: nn.Module, device, streamed, depth: int = 2, trace: bool = False):
+    def __init__(self, model: nn.Module, device, streamed, depth: int = 2, trace: bool = False, kind: str = "codes",
+                 trained=()):
         if depth < 2:
             raise ValueError(f"prefetch depth must be >= 2 (got {depth})")
-        self.model, self.device, self.depth = model, torch.device(device), depth
+        self.model, self.device, self.depth, self.kind = model, torch.device(device), depth, kind
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.cuda = self.device.type == "cuda"
@@ -136,35 +178,44 @@ class BlockStreamer:
         bad = [b for b in streamed if not 0 <= b < len(self.blocks)]
         if bad:
             raise ValueError(f"block {bad[0]} does not exist (the model has {len(self.blocks)} decoder blocks)")
-        layouts = {b: _layout(self.blocks[b]) for b in sorted(streamed)}
-        self.order = [b for b, (_, nbytes) in layouts.items() if nbytes]  # blocks with codes, in forward order
+        keys = {(id(t.module), t.name) for t in trained}
+        layouts = {b: _layout(self.blocks[b], kind, keys) for b in sorted(streamed)}
+        self.order = [b for b, (_, nbytes) in layouts.items() if nbytes]  # blocks that stream, in forward order
         self.pos = {b: p for p, b in enumerate(self.order)}
         self.entries = [layouts[b][0] for b in self.order]
+        self.streamed_keys = {(id(e.layer), e.name) for es in self.entries for e in es}
+        by_key = {(id(t.module), t.name): t for t in trained}
+        self.trained_at = [[by_key[id(e.layer), e.name] for e in es if e.trained] for es in self.entries]
         self.host = [self._pack(p) for p in range(len(self.order))]
-        self.layers = {e.layer for es in self.entries for e in es}
-        trivial = {m: not m.act_order for m in self.layers}  # computed here, on the host, not per forward
-        model.to(self.device)
+        trivial = {e.layer: not e.layer.act_order for es in self.entries for e in es
+                   if isinstance(e.layer, QuantLinear)}  # computed here, on the host, not per forward
+        model.to(self.device)  # the streamed tensors are empty placeholders now: only the rest moves
         for m, t in trivial.items():
             m._trivial = t
-        self._empty = {e.dtype: torch.empty(0, dtype=e.dtype, device=self.device) for es in self.entries for e in es}
+        for p in range(len(self.order)):
+            self._park(p)
         slot_bytes = max((h.numel() for h in self.host), default=0)
         n_slots = min(depth, len(self.order))  # with fewer streamed blocks than depth, slot p % depth = p
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None  # uploads
+        self.down = torch.cuda.Stream(self.device) if self.cuda else None  # downloads (the other copy engine)
         self._uploaded = [None] * depth  # per slot: CUDA event recorded after its latest upload
         self._released = [None] * depth  # per slot: CUDA event recorded after the latest compute that read it
+        self._downloaded = [None] * depth  # per slot: CUDA event recorded after the latest download from it
+        self._pending: list[list] = [[] for _ in self.order]  # per position: deferred updates, oldest first
         self._next = 0  # next streamed position to upload in this forward
         self._expect = 0  # next streamed position expected to compute
         self._bound: set[int] = set()
         self.trace: list[tuple[str, int, int]] | None = [] if trace else None
-        self.stats = {"streamed_blocks": len(self.order), "blocks": len(self.blocks), "depth": depth,
+        self.stats = {"kind": kind, "streamed_blocks": len(self.order), "blocks": len(self.blocks), "depth": depth,
                       "slots": n_slots, "slot_bytes": slot_bytes, "host_bytes": sum(h.numel() for h in self.host),
-                      "uploads": 0, "h2d_bytes": 0, "d2h_bytes": 0}
+                      "uploads": 0, "h2d_bytes": 0, "downloads": 0, "d2h_bytes": 0}
         self._handles = []
         for b in sorted(set(self.order) | {0}):  # block 0 starts every forward, streamed or not
             self._handles.append(self.blocks[b].register_forward_pre_hook(lambda mod, args, b=b: self._pre(b)))
         for b in self.order:
             self._handles.append(self.blocks[b].register_forward_hook(lambda mod, args, out, b=b: self._post(b)))
+        model.qzo2_streamer = self  # how the trainer finds it (trainer.apply_step_update, flush)
 
     def _pack(self, p: int) -> torch.Tensor:
         """Host buffer of streamed position p (pinned for CUDA); the layers' own copies are dropped."""
@@ -172,9 +223,15 @@ class BlockStreamer:
         buf = torch.empty(entries[-1].offset + entries[-1].nbytes, dtype=torch.uint8, pin_memory=self.cuda)
         for e in entries:
             _view(buf, e).copy_(getattr(e.layer, e.name))
-            e.layer.cache_base = False  # a cached codes-minus-zeros would be a full-precision resident copy
-            setattr(e.layer, e.name, torch.empty(0, dtype=e.dtype))
+            if isinstance(e.layer, QuantLinear):
+                e.layer.cache_base = False  # a cached codes-minus-zeros would be a full-precision resident copy
+            _set(e, torch.empty(0, dtype=e.dtype))
         return buf
+
+    def _park(self, p: int) -> None:
+        """Point streamed position p's layers at their host copies."""
+        for e in self.entries[p]:
+            _set(e, _view(self.host[p], e))
 
     # ---- ordering --------------------------------------------------------------------------------------------------
     def _record(self, p: int, op: str) -> None:
@@ -187,8 +244,9 @@ class BlockStreamer:
         dst = self.slots[s][:host.numel()]
         if self.cuda:
             with torch.cuda.stream(self.stream):
-                if self._released[s] is not None:
-                    self.stream.wait_event(self._released[s])
+                for ev in (self._released[s], self._downloaded[s]):
+                    if ev is not None:
+                        self.stream.wait_event(ev)
                 dst.copy_(host, non_blocking=True)
                 self._uploaded[s] = self._uploaded[s] or torch.cuda.Event()
                 self._uploaded[s].record(self.stream)
@@ -197,6 +255,26 @@ class BlockStreamer:
         self.stats["uploads"] += 1
         self.stats["h2d_bytes"] += host.numel()
         self._record(p, "upload")
+
+    def _download(self, p: int) -> None:
+        """Copy streamed position p's trained tensors from its slot back into the host buffer, after the update
+        that wrote them (queued on the compute stream) and overlapped with the block's compute."""
+        s = p % self.depth
+        pairs = [(_view(self.host[p], e), _view(self.slots[s], e)) for e in self.entries[p] if e.trained]
+        if self.cuda:
+            written = torch.cuda.current_stream(self.device).record_event()
+            with torch.cuda.stream(self.down):
+                self.down.wait_event(written)
+                for host, dev in pairs:
+                    host.copy_(dev, non_blocking=True)
+                self._downloaded[s] = self._downloaded[s] or torch.cuda.Event()
+                self._downloaded[s].record(self.down)
+        else:
+            for host, dev in pairs:
+                host.copy_(dev)
+        self.stats["downloads"] += 1
+        self.stats["d2h_bytes"] += sum(h.numel() * h.element_size() for h, _ in pairs)
+        self._record(p, "download")
 
     def _issue(self, upto: int) -> None:
         """Issue uploads up to streamed position `upto` (the slots they need have been released)."""
@@ -211,15 +289,29 @@ class BlockStreamer:
         self._next = self._expect = p
         self._issue(p + self.depth - 1)
 
+    def _bind(self, p: int) -> None:
+        """Wait for position p's upload, point its layers at the slot, and apply its deferred updates there."""
+        self._issue(p + self.depth - 1)  # slot of p + depth - 1 was freed when p - 1 released
+        s = p % self.depth
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self._uploaded[s])
+        for e in self.entries[p]:
+            _set(e, _view(self.slots[s], e))
+        self._bound.add(p)
+        if self._pending[p]:
+            for update in self._pending[p]:
+                update(self.trained_at[p])
+            self._pending[p] = []
+            self._record(p, "update")
+            self._download(p)
+
     def _release(self, p: int) -> None:
-        """After streamed position p computed: mark its slot reusable and point its layers at empty placeholders."""
+        """After streamed position p computed: mark its slot reusable and point its layers at the host copies."""
         s = p % self.depth
         if self.cuda:
             self._released[s] = self._released[s] or torch.cuda.Event()
             self._released[s].record(torch.cuda.current_stream(self.device))
-        for e in self.entries[p]:
-            setattr(e.layer, e.name, self._empty[e.dtype])
-            e.layer._packed = None  # CPU int4pack layout derived from the slot's codes
+        self._park(p)
         self._bound.discard(p)
         self._record(p, "release")
 
@@ -232,15 +324,7 @@ class BlockStreamer:
             return
         if p != self._expect:  # blocks ran out of the expected order: restart the pipeline here
             self._begin(p)
-        self._issue(p + self.depth - 1)  # slot of p + depth - 1 was freed when p - 1 released
-        s = p % self.depth
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self._uploaded[s])
-        for e in self.entries[p]:
-            setattr(e.layer, e.name, _view(self.slots[s], e))
-            e.layer._packed = None
-            e.layer._cached_base = None
-        self._bound.add(p)
+        self._bind(p)
         self._record(p, "compute")
 
     def _post(self, b: int) -> None:
@@ -249,9 +333,31 @@ class BlockStreamer:
             self._release(p)
         self._expect = p + 1
 
+    # ---- deferred updates (weights mode) ---------------------------------------------------------------------------
+    def defer(self, update) -> None:
+        """Run `update(targets)` (in place, on the device) on each streamed block's trained targets when the block
+        next arrives, before it computes; the result is then copied back to the host buffer."""
+        for p, targets in enumerate(self.trained_at):
+            if targets:
+                self._pending[p].append(update)
+
+    def flush(self) -> None:
+        """Apply every deferred update now (stream each pending block through: upload, update, download) and wait
+        for the downloads, so the host copies -- what the layers point at between forwards -- are current."""
+        todo = [p for p, pending in enumerate(self._pending) if pending]
+        if todo:
+            self._begin(todo[0])
+            for p in range(todo[0], todo[-1] + 1):  # pipelined like a forward
+                self._bind(p)
+                self._release(p)
+            self._expect = 0
+        if self.cuda:
+            self.down.synchronize()
+
     # ---- teardown --------------------------------------------------------------------------------------------------
     def remove(self) -> None:
-        """Remove the hooks and give every streamed layer its codes back, resident on the device."""
+        """Apply deferred updates, remove the hooks and make every streamed tensor resident on the device again."""
+        self.flush()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -259,7 +365,7 @@ class BlockStreamer:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
         for p, entries in enumerate(self.entries):
             for e in entries:
-                setattr(e.layer, e.name, _view(self.host[p], e).to(self.device, copy=True))
-                e.layer._packed = None
+                _set(e, _view(self.host[p], e).to(self.device, copy=True))
         self._bound.clear()
         self.slots = []
+        self.model.qzo2_streamer = None

@@ -2,14 +2,22 @@
 
 QZO (arXiv 2505.13430) trains the quantization scales Δ of every QuantLinear; MeZO trains ordinary weights. Both use
 the same machinery:
-  - z for (step seed, tensor index, pair) comes from a torch.Generator seeded by `mix_seed` of those integers, always
-    drawn on the CPU in fp32, so it is the same on any device, in any order, after resume and on every rank.
+  - z for (step seed, tensor index, pair) comes from a torch.Generator seeded by `mix_seed` of those integers, drawn
+    in fp32 on the device the tensor lives on, so it is the same in any order, with or without offload, after
+    resume and on every rank of one device type. (CPU and CUDA generators differ, so a run resumed on the other
+    device type continues with other -- equally valid -- directions. Drawing on the CPU and copying would keep
+    them equal but costs 0.36 s/step for Llama-2-7B's 52M scales on this 2-core CPU, more than the whole GPU
+    step, and ~47 s/step for a 6.7B-weight MeZO/ZO2 step.)
   - One stock HF forward over 2k copies of the batch: chunk 2j sees θ + εz_j, chunk 2j+1 sees θ − εz_j. Only the
     trained modules know: QuantLinear via `chunk_scales`, any other module by running each chunk with its tensor
     swapped. The perturbed tensors are built out of place, per module, during its own forward: nothing to restore,
     nothing drifts, and only one module's perturbed copies exist at a time.
   - d_j = (L+_j − L−_j) / 2ε; d'_j = clip(d_j, −C, C); θ ← θ − lr · mean_j(d'_j z_j) (− lr·wd·θ for MeZO);
     QZO clamps Δ at a floor so scales stay positive.
+  - A bf16/fp16 tensor is updated by stochastic rounding (`round_stochastic`): at MeZO's lr 1e-6 an update is far
+    below half a bf16 ulp (2^-9 relative) and round-to-nearest would drop nearly all of it; SR keeps it in
+    expectation. fp32 masters would do it too, but cost 4 more host bytes per weight and, in ZO2 mode, twice the
+    PCIe traffic. QZO's scales are fp32 masters already.
 """
 from __future__ import annotations
 
@@ -39,11 +47,35 @@ def step_seed(run_seed: int, step: int) -> int:
     return mix_seed(run_seed, step)
 
 
-def z_for(shape, seed: int, index: int, pair: int, device=None) -> torch.Tensor:
-    """N(0, I) of `shape` for (step seed, tensor index, pair), drawn on the CPU in fp32, then moved."""
-    g = torch.Generator().manual_seed(mix_seed(seed, index, pair))
-    z = torch.randn(tuple(shape), generator=g, dtype=torch.float32)
-    return z if device is None else z.to(device, non_blocking=True)
+ROUNDING_STREAM = -1  # the `pair` counter of the random bits stochastic rounding uses (z uses pairs 0..k-1)
+
+
+def _generator(seed: int, index: int, pair: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(mix_seed(seed, index, pair))
+
+
+def z_for(shape, seed: int, index: int, pair: int, device="cpu") -> torch.Tensor:
+    """N(0, I) of `shape` for (step seed, tensor index, pair), drawn in fp32 on `device`."""
+    device = torch.device(device)
+    return torch.randn(tuple(shape), generator=_generator(seed, index, pair, device), dtype=torch.float32,
+                       device=device)
+
+
+def round_stochastic(x: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """fp32 x -> `dtype`, rounding to one of the two neighbouring `dtype` values with probability proportional to
+    proximity, so E[result] = x. bf16 is the top half of an fp32: add 16 uniform random bits below it and truncate.
+    fp16: pick between the neighbours by a uniform draw."""
+    if dtype == torch.float32:
+        return x
+    if dtype == torch.bfloat16:
+        noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=gen)
+        return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(dtype)
+    y = x.to(dtype)
+    low = torch.where(y.float() > x, torch.nextafter(y, torch.full_like(y, -float("inf"))), y)
+    high = torch.nextafter(low, torch.full_like(low, float("inf")))
+    gap = (high.float() - low.float()).clamp(min=torch.finfo(torch.float32).tiny)
+    up = torch.rand(x.shape, device=x.device, generator=gen) * gap < (x - low.float())
+    return torch.where(up, high, low)
 
 
 @dataclass
@@ -101,7 +133,7 @@ def perturbed(t: Target, seed: int, eps: float, n_pairs: int) -> list[torch.Tens
     base = theta.float()
     out = []
     for j in range(n_pairs):
-        ez = eps * z_for(theta.shape, seed, t.index, j, theta.device)
+        ez = z_for(theta.shape, seed, t.index, j, theta.device).mul_(eps)
         out += [(base + ez).to(theta.dtype), (base - ez).to(theta.dtype)]
     return out
 
@@ -175,18 +207,21 @@ def projected_gradients(losses: torch.Tensor, eps: float) -> torch.Tensor:
 @torch.no_grad()
 def apply_update(targets: list[Target], seed: int, coeffs: list[float], weight_decay: float = 0.0, lr: float = 0.0,
                  floor: float | None = None) -> None:
-    """θ ← θ − Σ_j coeffs[j]·z_j − lr·wd·θ, clamped at `floor`; z regenerated from the seed (coeffs[j] = lr·d'_j/k)."""
+    """θ ← θ − Σ_j coeffs[j]·z_j − lr·wd·θ, clamped at `floor`; z regenerated from the seed (coeffs[j] = lr·d'_j/k).
+    Computed in fp32 and stored back stochastically rounded (round_stochastic) when θ is bf16/fp16."""
     for t in targets:
         theta = t.tensor
-        new = theta.float()
+        new = theta.float() if theta.dtype != torch.float32 else theta.clone()
         for j, c in enumerate(coeffs):
             if c:
-                new = new - c * z_for(theta.shape, seed, t.index, j, theta.device)
+                new.sub_(z_for(theta.shape, seed, t.index, j, theta.device).mul_(c))
         if weight_decay:
-            new = new - lr * weight_decay * theta.float()
+            new.sub_(theta.float().mul(lr * weight_decay))
         if floor is not None:
-            new = new.clamp(min=floor)
-        theta.copy_(new.to(theta.dtype))
+            new.clamp_(min=floor)
+        if theta.dtype != torch.float32:
+            new = round_stochastic(new, theta.dtype, _generator(seed, t.index, ROUNDING_STREAM, theta.device))
+        theta.copy_(new)
 
 
 def repeat_batch(batch: dict, times: int) -> dict:

@@ -3,10 +3,12 @@
 One step (QZO or MeZO, spsa.py): seed_t = mix(seed, t); the batch is stacked 2k times; one forward inside
 `dual_forward` gives the 2k chunk losses; d = (L+ − L−)/2ε per pair, clipped to [−C, C]; θ ← θ − lr·mean(d'·z).
 Everything that varies with the step (batch, z, lr) is a pure function of (config, step), so resuming from a
-checkpoint continues bit for bit.
+checkpoint continues bit for bit. With method=mezo and offload (ZO2 mode) the update of streamed weights is deferred
+to their next upload (engine.BlockStreamer.defer) and flushed before every checkpoint.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -260,20 +262,23 @@ def load_for_training(cfg: TrainConfig):
         targets = [t for t in targets if re.search(cfg.trainable, t.path)]
         if not targets:
             raise TrainingError(f"trainable={cfg.trainable!r} matches no trainable tensor")
-    place_model(cfg, model)
+    place_model(cfg, model, targets)
     return model, tokenizer, targets
 
 
-def place_model(cfg: TrainConfig, model) -> engine.BlockStreamer | None:
+def place_model(cfg: TrainConfig, model, targets=()) -> engine.BlockStreamer | None:
     """Move the model to its device, streaming the decoder blocks that offload/gpu_memory say do not fit
-    (engine.py) -> the streamer, also kept as `model.qzo2_streamer`, or None when everything is resident."""
+    (engine.py): their codes for qzo; for mezo their Linear weights, `targets` among them trained with deferred
+    updates (ZO2 mode) -> the streamer, also kept as `model.qzo2_streamer`, or None when everything is resident."""
     device = resolve_device(cfg.device)
+    kind = "codes" if cfg.method == "qzo" else "weights"
     streamed = engine.plan_for_model(model, engine.device_budget(cfg.gpu_memory, device), cfg.prefetch_depth,
-                                     cfg.offload)
-    streamer = engine.BlockStreamer(model, device, streamed, cfg.prefetch_depth) if streamed else None
+                                     cfg.offload, kind)
+    streamer = (engine.BlockStreamer(model, device, streamed, cfg.prefetch_depth, kind=kind, trained=targets)
+                if streamed else None)
     if streamer is None:
         model.to(device)
-    model.qzo2_streamer = streamer
+        model.qzo2_streamer = None
     return streamer
 
 
@@ -299,6 +304,26 @@ def set_cache_base(mode: str, layers) -> None:
     on = mode == "on" or (mode == "auto" and need < ram / 4)
     for m in layers:
         m.cache_base = on
+
+
+def apply_step_update(model, targets, seed: int, coeffs: list[float], weight_decay: float, lr: float,
+                      floor: float | None) -> None:
+    """spsa.apply_update, now for resident targets; for the tensors a streamer streams (ZO2 mode), deferred until
+    their block is next on the device (engine.BlockStreamer.defer), so the step needs no second upload."""
+    update = functools.partial(spsa.apply_update, seed=seed, coeffs=coeffs, weight_decay=weight_decay, lr=lr,
+                               floor=floor)
+    streamer = getattr(model, "qzo2_streamer", None)
+    if streamer is None:
+        return update(targets)
+    update([t for t in targets if (id(t.module), t.name) not in streamer.streamed_keys])
+    streamer.defer(update)
+
+
+def flush(model) -> None:
+    """Apply deferred updates, so every trained tensor (streamed ones: their host copies) is current."""
+    streamer = getattr(model, "qzo2_streamer", None)
+    if streamer is not None:
+        streamer.flush()
 
 
 def trained_count(targets) -> int:
@@ -332,6 +357,11 @@ def train(cfg: TrainConfig) -> dict:
 
     state = {"step": 0, "skipped": 0, "consecutive_skips": 0, "clipped": 0, "best_step": None, "best_metric": None,
              "trained": trained_count(targets), "method": cfg.method}
+
+    def save(state: dict) -> None:
+        flush(model)
+        save_checkpoint(run, targets, state, cfg.keep_last)
+
     dev_kind = "classification" if cfg.task else "lm"  # tasks are selected by accuracy even when trained as LM
     if resumed_from is not None:
         state = load_trained(run.checkpoint("last"), targets)
@@ -340,7 +370,7 @@ def train(cfg: TrainConfig) -> dict:
         first = evaluate(model, dev_kind, task.dev, tokenizer, cfg)
         run.log({"step": 0, **{f"dev_{k}": v for k, v in first.items()}})
         state.update(best_step=0, best_metric=dev_metric(first))
-        save_checkpoint(run, targets, state, cfg.keep_last)
+        save(state)
         _copy_best(run)
     k = cfg.n_pairs
     interrupted = False
@@ -380,7 +410,7 @@ def train(cfg: TrainConfig) -> dict:
             clipped = int((dc != d).sum())
             state["clipped"] += clipped
             lr = lr_at(cfg, step)
-            spsa.apply_update(targets, seed, [lr * float(x) / k for x in dc], cfg.weight_decay, lr,
+            apply_step_update(model, targets, seed, [lr * float(x) / k for x in dc], cfg.weight_decay, lr,
                               cfg.scale_floor if cfg.method == "qzo" else None)
             window["loss"] += float(losses.mean())
             window["d"] += float(d.abs().mean())
@@ -409,16 +439,16 @@ def train(cfg: TrainConfig) -> dict:
                 bar.write(f"step {step + 1}: " + ", ".join(f"dev {k_} {v:.4f}" for k_, v in m.items()))
                 if state["best_metric"] is None or dev_metric(m) > state["best_metric"]:
                     state.update(best_step=step + 1, best_metric=dev_metric(m))
-                    save_checkpoint(run, targets, state, cfg.keep_last)
+                    save(state)
                     _copy_best(run)
                     continue
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(run, targets, state, cfg.keep_last)
+                save(state)
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous)
     if interrupted:
-        save_checkpoint(run, targets, state, cfg.keep_last)
+        save(state)
     plot_metrics(run)
     return {"run": str(run.path), "step": state["step"], "interrupted": interrupted, "best_step": state["best_step"],
             "best_metric": state["best_metric"], "skipped": state["skipped"], "trained": state["trained"]}

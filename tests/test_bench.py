@@ -68,34 +68,50 @@ def _streamed_bytes(shape: str) -> int:
                for b in blocks for m in b.modules() if isinstance(m, QuantLinear))
 
 
+def _linear_bytes(shape: str) -> int:
+    """Bytes of every nn.Linear parameter inside the decoder blocks of the fp32 random model."""
+    from quant.checkpoint import decoder_blocks
+    from qzo2.bench import random_model
+
+    _, blocks = decoder_blocks(random_model(shape, torch.float32))
+    return sum(p.nbytes for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)
+               for p in m.parameters(recurse=False))
+
+
 def test_bench_compare_writes_a_line_per_mode_and_a_table(tmp_path, capsys):
     out = tmp_path / "bench.jsonl"
-    argv = ["bench", "--shape", "tiny", "--mode", "qzo,qzo-offload,mezo,forward", "--batch", "2", "--seq", "16",
+    argv = ["bench", "--shape", "tiny", "--mode", "qzo,qzo-offload,mezo,zo2,forward", "--batch", "2", "--seq", "16",
             "--steps", "3", "--warmup", "1", "--compare", "--output", str(out)]
     assert main(argv) == 0
     recs = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["mode"] for r in recs] == ["forward", "qzo", "qzo-offload", "mezo"]  # --compare: the floor first
+    assert [r["mode"] for r in recs] == ["forward", "qzo", "qzo-offload", "mezo", "zo2"]  # --compare: floor first
     for r in recs:
         assert set(FIELDS) <= set(r), set(FIELDS) - set(r)
         assert (r["shape"], r["device"], r["dtype"], r["batch"], r["seq"], r["steps"]) == ("tiny", "cpu", "float32",
                                                                                           2, 16, 3)
         assert r["step_ms"] > 0 and r["tok_s"] == pytest.approx(2 * 16 / (r["step_ms"] / 1e3))
         assert r["torch_peak_gb"] is None and r["nvml_used_gb"] is None  # CPU
-        assert r["host_rss_gb"] > 0 and r["d2h_gb_per_step"] == 0 and r["error"] is None
-        assert math.isfinite(r["loss"])
+        assert r["host_rss_gb"] > 0 and r["error"] is None and math.isfinite(r["loss"])
+        assert r["d2h_gb_per_step"] == 0 or r["mode"] == "zo2"
     by = {r["mode"]: r for r in recs}
-    for m in ("qzo", "qzo-offload", "mezo"):
+    for m in ("qzo", "qzo-offload", "mezo", "zo2"):
         assert by[m]["ratio_to_forward"] == pytest.approx(by[m]["step_ms"] / by["forward"]["step_ms"])
     assert by["qzo"]["h2d_gb_per_step"] == 0 and by["mezo"]["h2d_gb_per_step"] == 0
     assert by["qzo-offload"]["streamed_blocks"] == 2 and by["qzo-offload"]["depth"] == 2
     # every decoder block's codes and zeros cross once per step (one batched dual forward), nothing else
     assert by["qzo-offload"]["h2d_gb_per_step"] * 2**30 == pytest.approx(_streamed_bytes("tiny"), rel=1e-12)
     assert by["qzo"]["loss"] == pytest.approx(by["qzo-offload"]["loss"], rel=1e-6)  # same model, same steps
+    # zo2: every block's Linear weights go up once per step and, all being trained, come back once (the previous
+    # step's update, applied on arrival); the losses are MeZO's
+    assert by["zo2"]["streamed_blocks"] == 2 and by["zo2"]["depth"] == 2
+    assert by["zo2"]["h2d_gb_per_step"] * 2**30 == pytest.approx(_linear_bytes("tiny"), rel=1e-12)
+    assert by["zo2"]["d2h_gb_per_step"] == by["zo2"]["h2d_gb_per_step"]
+    assert by["zo2"]["loss"] == by["mezo"]["loss"]
     stdout = capsys.readouterr().out.strip().splitlines()
-    assert [json.loads(x) for x in stdout[:4]] == recs
-    table = stdout[4:]
-    assert table[2].startswith("| mode | step ms | tok/s | x forward |") and len(table) == 4 + 4
-    assert [row.split("|")[1].strip() for row in table[4:]] == ["forward", "qzo", "qzo-offload", "mezo"]
+    assert [json.loads(x) for x in stdout[:5]] == recs
+    table = stdout[5:]
+    assert table[2].startswith("| mode | step ms | tok/s | x forward |") and len(table) == 4 + 5
+    assert [row.split("|")[1].strip() for row in table[4:]] == ["forward", "qzo", "qzo-offload", "mezo", "zo2"]
 
 
 def test_random_quantized_model_works_and_a_qzo_step_moves_only_the_scales():
@@ -153,8 +169,7 @@ def test_random_dense_opt_model_ties_its_head_and_streams(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--mode", "qzo,bogus"], "unknown mode 'bogus'"),
-    (["--mode", "zo2"], "zo2 mode is not implemented yet"),
-    (["--mode", "forward,zo2"], "zo2 mode is not implemented yet"),
+    (["--mode", "zo2,zo2"], "mode 'zo2' is given twice"),
     (["--shape", "llama-1t"], "unknown shape 'llama-1t'"),
     (["--batch", "0"], "batch must be >= 1"),
     (["--seq", "0"], "seq must be >= 2"),

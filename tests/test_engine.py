@@ -56,9 +56,12 @@ def test_streamed_forward_equals_resident(qdirs, family):
                               (3, {0}), (2, {2, 3, 4}), (4, {0, 1, 4})]:
             s = engine.BlockStreamer(streamed, "cpu", set(blocks), depth)
             assert torch.equal(streamed(input_ids=ids).logits, want), (depth, blocks)
-            for b in blocks:  # outside its forward a streamed layer holds no codes
+            for b in blocks:  # outside its forward a streamed layer's codes are views of its block's host buffer
+                host = s.host[s.pos[b]]
+                inside = range(host.data_ptr(), host.data_ptr() + host.numel())
                 layers = [m for m in decoder_blocks(streamed)[1][b].modules() if isinstance(m, QuantLinear)]
-                assert all(m.qweight.numel() == 0 and m.zeros.numel() == 0 and m._packed is None for m in layers)
+                assert all(m.qweight.data_ptr() in inside and m.zeros.data_ptr() in inside and m._packed is None
+                           for m in layers)
             s.remove()
         assert torch.equal(streamed(input_ids=ids).logits, want)  # resident again after remove()
 
@@ -115,6 +118,8 @@ def check_trace(trace, order, depth, forwards):
             state[s] = ("computing", b)
             # prefetch: the next depth - 1 blocks of this forward are already on their way
             assert len(this_forward) >= min(pos[b] + depth, len(order)), (b, this_forward)
+        elif op in ("update", "download"):  # weights mode: on arrival, before the compute
+            assert state[s] == ("loaded", b), (op, b, state[s])
         else:
             assert state[s] == ("computing", b)
             state[s] = None
@@ -201,19 +206,18 @@ def test_plan_for_model_and_budgets(qdirs):
         TrainConfig(prefetch_depth=1)
     with pytest.raises(ConfigError, match="offload"):
         TrainConfig(offload="maybe")
-    with pytest.raises(ConfigError, match="method=qzo"):
-        TrainConfig(offload="on", method="mezo")
 
 
 # ---- training --------------------------------------------------------------------------------------------------------
 def train_run(tmp_path, qdirs, family, name, monkeypatch, **kw):
     """Train 5 steps; -> (trained tensors, first training metrics record, streamer or None)."""
-    cfg = TrainConfig(model=str(qdirs[family]), task="", train_file=str(qdirs["data"]), dev_file=str(qdirs["data"]),
-                      steps=5, batch_size=2, lr=1e-3, eps=1e-3, n_pairs=2, max_length=24, eval_every=0, save_every=5,
-                      log_every=5, output_dir=str(tmp_path / name), progress=False, **kw)
+    cfg = TrainConfig(**{**dict(model=str(qdirs[family]), task="", train_file=str(qdirs["data"]),
+                                dev_file=str(qdirs["data"]), steps=5, batch_size=2, lr=1e-3, eps=1e-3, n_pairs=2,
+                                max_length=24, eval_every=0, save_every=5, log_every=5,
+                                output_dir=str(tmp_path / name), progress=False), **kw})
     made = []
     real = trainer.place_model
-    monkeypatch.setattr(trainer, "place_model", lambda cfg, model: made.append(real(cfg, model)) or made[-1])
+    monkeypatch.setattr(trainer, "place_model", lambda *a: made.append(real(*a)) or made[-1])
     trainer.train(cfg)
     run = trainer.RunDir(cfg.output_dir)
     rec = [r for r in run.read_metrics() if "loss" in r and "dev_loss" not in r][0]
@@ -246,3 +250,85 @@ def test_auto_offload_streams_what_the_budget_leaves_out(qdirs, tmp_path, monkey
     assert all(torch.equal(got[k], want[k]) for k in want)
     _, rec, s = train_run(tmp_path, qdirs, "llama", "auto-cpu", monkeypatch)  # CPU, no budget: all resident
     assert s is None and rec["streamed_blocks"] == 0
+
+
+# ---- ZO2 mode: full weights streamed, the update applied on arrival, trained tensors copied back ----------------------
+@pytest.fixture(scope="module")
+def dense_dirs(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("zo2")
+    out = {}
+    for family in ("llama", "opt"):
+        out[family] = root / family
+        build_model(family, vocab_size=len(tokenizer) + 20, num_hidden_layers=N_BLOCKS).save_pretrained(out[family])
+        tokenizer.save_pretrained(out[family])
+    return out
+
+
+def linear_bytes(model, blocks, names=None) -> int:
+    """Bytes of the nn.Linear parameters of the given decoder blocks (only those whose name matches `names`)."""
+    _, layers = decoder_blocks(model)
+    return sum(p.nbytes for b in blocks for n, m in layers[b].named_modules() if isinstance(m, torch.nn.Linear)
+               for pn, p in m.named_parameters(recurse=False) if names is None or names in f"{n}.{pn}")
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_zo2_training_is_bit_identical_to_resident(qdirs, dense_dirs, tmp_path, monkeypatch, family):
+    kw = dict(model=str(dense_dirs[family]), method="mezo", dtype="bf16")
+    want, rec, s = train_run(tmp_path, qdirs, family, "resident", monkeypatch, offload="off", **kw)
+    assert s is None
+    start = load_file(str(tmp_path / "resident" / "checkpoints" / "step-000000" / "trained.safetensors"))
+    moved = [k for k in want if not torch.equal(start[k], want[k])]
+    assert len(moved) > len(want) // 2  # bf16 weights did move (stochastic rounding keeps the small updates)
+    model, _ = load_model(str(dense_dirs[family]), dtype=torch.bfloat16)
+    block, trained = linear_bytes(model, [0]), linear_bytes(model, range(N_BLOCKS))
+    for depth in (2, 3):
+        got, rec, s = train_run(tmp_path, qdirs, family, f"zo2-{depth}", monkeypatch, offload="on",
+                                prefetch_depth=depth, **kw)
+        assert rec["streamed_blocks"] == N_BLOCKS and s.stats["kind"] == "weights"
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), (family, depth)
+        # 5 dual-forward steps + dev evaluations at step 0 and 5: one upload per block per forward; each step's
+        # update rides on the next forward (the last one on the final evaluation) and is copied back once
+        assert s.stats["uploads"] == N_BLOCKS * 7 and s.stats["h2d_bytes"] == 7 * N_BLOCKS * block
+        assert s.stats["downloads"] == N_BLOCKS * 5 and s.stats["d2h_bytes"] == 5 * trained
+
+
+def test_zo2_resume_continues_bit_for_bit(qdirs, dense_dirs, tmp_path, monkeypatch):
+    kw = dict(model=str(dense_dirs["llama"]), method="mezo", dtype="bf16", offload="on", save_every=1)
+    want, _, _ = train_run(tmp_path, qdirs, "llama", "straight", monkeypatch, **kw)
+    train_run(tmp_path, qdirs, "llama", "resumed", monkeypatch, **{**kw, "steps": 3})
+    got, _, _ = train_run(tmp_path, qdirs, "llama", "resumed", monkeypatch, **kw)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_deferred_updates_apply_on_arrival_and_flush(dense_dirs):
+    """A deferred update runs when its block arrives, before it computes, and only trained tensors come back."""
+    resident, _ = load_model(str(dense_dirs["opt"]), dtype=torch.bfloat16)
+    model, _ = load_model(str(dense_dirs["opt"]), dtype=torch.bfloat16)
+    pick = lambda m: [t for t in spsa.mezo_targets(m) if ".fc1." in t.path or "q_proj.bias" in t.path]  # noqa: E731
+    ref, targets = pick(resident), pick(model)
+    blocks = {1, 2, 4}
+    s = engine.BlockStreamer(model, "cpu", blocks, depth=2, trace=True, kind="weights", trained=targets)
+    assert s.stats["host_bytes"] == linear_bytes(model, blocks)
+    ids = input_ids(batch=1, seq=6)
+    for seed in (11, 12):
+        spsa.apply_update(ref, seed, [1e-2], weight_decay=0.1, lr=0.5)
+        trainer.apply_step_update(model, targets, seed, [1e-2], 0.1, 0.5, None)
+    streamed = [t for t in targets if (id(t.module), t.name) in s.streamed_keys]
+    assert streamed and len(streamed) < len(targets)  # block 0 and 3 are resident: updated at once
+    assert all(torch.equal(a.tensor, b.tensor) for a, b in zip(ref, targets) if b not in streamed)
+    assert not all(torch.equal(a.tensor, b.tensor) for a, b in zip(ref, targets))  # the rest waits
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, resident(input_ids=ids).logits)
+    check_trace(s.trace, sorted(blocks), 2, forwards=1)
+    assert [op for op, b, _ in s.trace if b == 2] == ["upload", "update", "download", "compute", "release"]
+    assert all(torch.equal(a.tensor, b.tensor) for a, b in zip(ref, targets))  # host copies are current
+    assert s.stats["d2h_bytes"] == sum(t.tensor.nbytes for t in streamed)  # fc1 + q_proj.bias only
+    spsa.apply_update(ref, 13, [-1e-2])
+    trainer.apply_step_update(model, targets, 13, [-1e-2], 0.0, 0.0, None)
+    uploads = s.stats["uploads"]
+    trainer.flush(model)
+    assert s.stats["uploads"] == uploads + len(blocks) and all(not p for p in s._pending)
+    assert all(torch.equal(a.tensor, b.tensor) for a, b in zip(ref, targets))
+    s.remove()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, resident(input_ids=ids).logits)

@@ -144,3 +144,37 @@ def test_mezo_targets_treat_a_tied_lm_head_as_the_embedding():
     assert "model.embed_tokens.weight" in everything and "lm_head.weight" not in everything
     untied = {t.path for t in spsa.mezo_targets(build_model("llama"), ("linear",))}
     assert "lm_head.weight" in untied
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_is_unbiased_between_the_two_neighbours(dtype):
+    x = torch.tensor([1.0 + 2 ** -9, -3.3, 1e-3, 0.1234567, 1.0, -0.0], dtype=torch.float32)
+    draws = torch.stack([spsa.round_stochastic(x.clone(), dtype, torch.Generator().manual_seed(i))
+                         for i in range(4000)]).float()
+    nearest = x.to(dtype).float()
+    below = torch.where(nearest > x, torch.nextafter(x.to(dtype), torch.tensor(-1e9, dtype=dtype)).float(), nearest)
+    above = torch.nextafter(below.to(dtype), torch.tensor(1e9, dtype=dtype)).float()
+    exact = nearest == x
+    assert ((draws == below) | (draws == above) | exact).all()  # only ever one of the two neighbours
+    assert (draws[:, exact] == x[exact]).all()  # representable values never move
+    p_up = (x - below) / (above - below)
+    frac = (draws == above).double().mean(0)
+    assert torch.allclose(frac[~exact], p_up[~exact].double(), atol=0.03), (frac, p_up)
+    again = spsa.round_stochastic(x.clone(), dtype, torch.Generator().manual_seed(0))
+    assert torch.equal(again.float(), draws[0])  # a function of the generator's seed
+
+
+def test_bf16_updates_below_half_an_ulp_survive_in_expectation():
+    """MeZO-size steps on bf16 weights: round-to-nearest drops every one of them; apply_update (stochastic rounding)
+    moves the mean by what was asked."""
+    m = torch.nn.Module()
+    m.w = torch.nn.Parameter(torch.ones(20000, dtype=torch.bfloat16), requires_grad=False)
+    t = spsa.Target(0, "w", m, "w")
+    step = 2 ** -11  # a quarter of bf16's ulp at 1.0 (2^-7 ... half-ulp 2^-8)
+    m.v = torch.nn.Parameter(torch.ones(20000, dtype=torch.bfloat16), requires_grad=False)
+    for i in range(40):  # weight decay alone, no z: θ ← θ − lr·wd·θ with lr·wd = step
+        spsa.apply_update([t], seed=i, coeffs=[0.0], weight_decay=step, lr=1.0)
+        m.v.copy_((m.v.float() * (1 - step)).to(torch.bfloat16))  # what round-to-nearest would keep
+    want = (1 - step) ** 40
+    assert torch.equal(m.v, torch.ones_like(m.v))  # nearest: nothing moved
+    assert abs(m.w.float().mean().item() - want) < 2e-3 and want < 0.99
