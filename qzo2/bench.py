@@ -251,7 +251,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GB = 1 << 30  # every *_gb field is in GiB (2^30 bytes), as torch.cuda.max_memory_allocated() / 1024**3 is
 # one JSON line per mode, these keys in this order (see bench_mode); ratio_to_forward is 1.0 for forward itself
 RECORD_FIELDS = ("shape", "mode", "device", "gpu", "dtype", "batch", "seq", "steps", "warmup", "bits", "group_size",
-                 "depth", "streamed_blocks", "build_s", "step_ms", "tok_s", "torch_peak_gb", "nvml_used_gb",
+                 "depth", "streamed_blocks", "build_s", "h2d_floor_ms", "step_ms", "tok_s", "torch_peak_gb", "nvml_used_gb",
                  "h2d_gb_per_step", "d2h_gb_per_step", "host_rss_gb", "ratio_to_forward", "loss", "error")
 
 
@@ -414,6 +414,29 @@ def _free(device: torch.device) -> None:
         getattr(torch._C, "_host_emptyCache", lambda: None)()  # cached pinned blocks of a streamer's host buffers
 
 
+def h2d_floor_ms(streamer, repeats: int = 3) -> float:
+    """Milliseconds to copy every streamed block's host buffer into a device slot once, back to back on the upload
+    stream, nothing else running (median of `repeats`): the transfer floor of one offloaded forward."""
+    slot, times = streamer.slots[0], []
+    for _ in range(repeats):
+        if streamer.cuda:
+            torch.cuda.synchronize(streamer.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(streamer.stream):
+                start.record(streamer.stream)
+                for host in streamer.host:
+                    slot[:host.numel()].copy_(host, non_blocking=True)
+                end.record(streamer.stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            for host in streamer.host:
+                slot[:host.numel()].copy_(host)
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
 def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: int, device: torch.device,
                dtype: torch.dtype, bits: int = 4, group_size: int = 128, depth: int = 2, seed: int = 0) -> dict:
     """Build a fresh random model for one mode, run `warmup` untimed and `steps` timed steps. -> the JSON record
@@ -423,7 +446,9 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
     codes streamed by engine.BlockStreamer (h2d/d2h from its counters); mezo: dense model resident, ZO step on
     the Linear weights; zo2: the same with every block's Linear weights streamed, each step's update applied when
     the block next arrives and copied back. Timing is host wall time around each step, with torch.cuda.synchronize() on CUDA;
-    torch_peak_gb is reset after the model is built (weights + step activations)."""
+    torch_peak_gb is reset after the model is built (weights + step activations). For the streamed modes
+    h2d_floor_ms is the time to copy every block's host buffer to the device once with nothing else running: the
+    transfer floor a step cannot beat."""
     from quant.checkpoint import decoder_blocks
 
     from . import engine, spsa
@@ -456,6 +481,7 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     _sync(device)
     build_s = time.perf_counter() - t0
+    floor_ms = h2d_floor_ms(streamer) if streamer is not None else None
     data = random_batch(model.config.vocab_size, batch, seq, device, seed)
     floor = FIELDS["scale_floor"].default if quantized else None
 
@@ -488,7 +514,7 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
             "bits": bits if quantized else None, "group_size": group_size if quantized else None,
             "depth": depth if offload else None,
             "streamed_blocks": streamer.stats["streamed_blocks"] if streamer else 0,
-            "build_s": round(build_s, 3), "step_ms": step_ms, "tok_s": batch * seq / (step_ms / 1e3),
+            "build_s": round(build_s, 3), "h2d_floor_ms": floor_ms, "step_ms": step_ms, "tok_s": batch * seq / (step_ms / 1e3),
             "torch_peak_gb": torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None,
             "nvml_used_gb": _nvml_used_gb(device), "h2d_gb_per_step": h2d / GB, "d2h_gb_per_step": d2h / GB,
             "host_rss_gb": host_rss_gb(), "ratio_to_forward": 1.0 if mode == "forward" else None,
@@ -507,7 +533,7 @@ def format_table(records: list[dict]) -> str:
     """The `--compare` summary: a markdown table, one row per mode."""
     cols = [("mode", "mode"), ("step ms", "step_ms"), ("tok/s", "tok_s"), ("x forward", "ratio_to_forward"),
             ("torch peak GB", "torch_peak_gb"), ("NVML used GB", "nvml_used_gb"), ("H2D GB/step", "h2d_gb_per_step"),
-            ("host RSS GB", "host_rss_gb")]
+            ("H2D floor ms", "h2d_floor_ms"), ("host RSS GB", "host_rss_gb")]
     r0 = records[0] if records else {}
     lines = [f"{r0.get('shape')}, batch {r0.get('batch')} x seq {r0.get('seq')}, {r0.get('dtype')}, "
              f"{r0.get('gpu') or r0.get('device')}", "",

@@ -138,6 +138,8 @@ def _coerce(name: str, value):
             return float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} expects {kind}, got {value!r}") from None
+    if isinstance(value, bool) and "on" in (FIELDS[name].metadata["choices"] or ()):
+        return "on" if value else "off"  # YAML 1.1 reads a bare on/off (yes/no) as a boolean
     return "" if value is None else str(value)
 
 

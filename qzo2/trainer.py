@@ -255,7 +255,9 @@ def load_for_training(cfg: TrainConfig):
         p.requires_grad_(False)
     if cfg.method == "qzo":
         targets = spsa.qzo_targets(model)
-        set_cache_base(cfg.cache_base, [t.module for t in targets])
+        # the cache is a CPU speed-up (4 B/weight); on a GPU the Triton kernel dequantizes on the fly
+        cpu = resolve_device(cfg.device).type == "cpu"
+        set_cache_base(cfg.cache_base if cpu else "off", [t.module for t in targets])
     else:
         targets = spsa.mezo_targets(model, tuple(k.strip() for k in cfg.mezo_params.split(",") if k.strip()))
     if cfg.trainable:  # indices stay those of the full list, so z does not depend on the filter

@@ -107,6 +107,7 @@ def test_bench_compare_writes_a_line_per_mode_and_a_table(tmp_path, capsys):
     assert by["zo2"]["h2d_gb_per_step"] * 2**30 == pytest.approx(_linear_bytes("tiny"), rel=1e-12)
     assert by["zo2"]["d2h_gb_per_step"] == by["zo2"]["h2d_gb_per_step"]
     assert by["zo2"]["loss"] == by["mezo"]["loss"]
+    assert by["zo2"]["h2d_floor_ms"] > 0 and by["qzo-offload"]["h2d_floor_ms"] > 0 and by["qzo"]["h2d_floor_ms"] is None
     stdout = capsys.readouterr().out.strip().splitlines()
     assert [json.loads(x) for x in stdout[:5]] == recs
     table = stdout[5:]

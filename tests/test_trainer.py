@@ -196,6 +196,11 @@ def test_config_overrides_and_errors(tmp_path):
     recipe.write_text("steps: 5\nlr: 1.0e-5\ntask: sentiment\n")
     cfg = load_config(str(recipe), ["lr=2e-6", "n_pairs=3", "progress=false", "output_dir=runs/x"])
     assert (cfg.steps, cfg.lr, cfg.n_pairs, cfg.progress, cfg.output_dir) == (5, 2e-6, 3, False, "runs/x")
+    # YAML 1.1 reads bare on/off as booleans: for on/off choices they mean "on"/"off", in a recipe or an override
+    recipe.write_text("steps: 5\nlr: 1.0e-5\ntask: sentiment\noffload: off\n")
+    assert load_config(str(recipe)).offload == "off"
+    cfg = load_config(str(recipe), ["offload=on", "cache_base=off"])
+    assert (cfg.offload, cfg.cache_base) == ("on", "off")
     with pytest.raises(ConfigError, match="did you mean steps"):
         load_config(str(recipe), ["step=3"])
     with pytest.raises(ConfigError, match="expects int"):
