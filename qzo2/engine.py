@@ -25,6 +25,7 @@ with plain synchronous copies and no events, and `trace` records the (op, block,
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,25 @@ def _tensor_bytes(model: nn.Module) -> int:
     return total
 
 
+def _host_buffer(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
+    """An uninitialized uint8 host buffer -> (buffer, registered). With `pin` it is page-locked in place
+    (cudaHostRegister): torch's pinned allocator rounds every allocation up to a power of two, +26% for a
+    Llama-2-7B bf16 block and +61% at 13B. If registration fails, that allocator is the fallback."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if not pin or not nbytes:
+        return buf, False
+    if int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0:
+        return buf, True
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), False
+
+
+def _unregister(buffers: list) -> None:
+    """Undo _host_buffer's registration (the list keeps the memory alive until then)."""
+    for buf in buffers:
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+    buffers.clear()
+
+
 # ---- residency -------------------------------------------------------------------------------------------------------
 def plan_residency(block_bytes: list[int], resident_bytes: int, budget_bytes: int | None, depth: int,
                    mode: str = "auto") -> set[int]:
@@ -186,7 +206,9 @@ class BlockStreamer:
         self.streamed_keys = {(id(e.layer), e.name) for es in self.entries for e in es}
         by_key = {(id(t.module), t.name): t for t in trained}
         self.trained_at = [[by_key[id(e.layer), e.name] for e in es if e.trained] for es in self.entries]
+        self._registered: list[torch.Tensor] = []
         self.host = [self._pack(p) for p in range(len(self.order))]
+        self._unpin = weakref.finalize(self, _unregister, self._registered)  # at remove() or when collected
         trivial = {e.layer: not e.layer.act_order for es in self.entries for e in es
                    if isinstance(e.layer, QuantLinear)}  # computed here, on the host, not per forward
         model.to(self.device)  # the streamed tensors are empty placeholders now: only the rest moves
@@ -220,7 +242,9 @@ class BlockStreamer:
     def _pack(self, p: int) -> torch.Tensor:
         """Host buffer of streamed position p (pinned for CUDA); the layers' own copies are dropped."""
         entries = self.entries[p]
-        buf = torch.empty(entries[-1].offset + entries[-1].nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+        buf, registered = _host_buffer(entries[-1].offset + entries[-1].nbytes, self.cuda)
+        if registered:
+            self._registered.append(buf)
         for e in entries:
             _view(buf, e).copy_(getattr(e.layer, e.name))
             if isinstance(e.layer, QuantLinear):
@@ -368,4 +392,7 @@ class BlockStreamer:
                 _set(e, _view(self.host[p], e).to(self.device, copy=True))
         self._bound.clear()
         self.slots = []
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # the copies back to the device read the host buffers
+        self._unpin()
         self.model.qzo2_streamer = None

@@ -106,15 +106,17 @@ def lm_chunk_losses(model, batch: dict, chunks: int, rows_per_head: int = 2) -> 
     head = model.get_output_embeddings()
     labels = batch["labels"][:, 1:].to(hidden.device)
     per = hidden.shape[0] // chunks
-    sums = torch.zeros(hidden.shape[0], dtype=torch.float64, device=hidden.device)
+    hs = hidden.view(chunks, per, *hidden.shape[1:])  # [chunks, rows per chunk, T, H]: slices, no index tensors
+    ls = labels.view(chunks, per, -1)
+    sums = torch.zeros(chunks, per, dtype=torch.float64, device=hidden.device)
     for r in range(0, per, rows_per_head):
-        rows = torch.cat([torch.arange(c * per + r, c * per + min(r + rows_per_head, per)) for c in range(chunks)])
-        rows = rows.to(hidden.device)
-        logits = head(hidden[rows, :-1]).float()
-        nll = F.cross_entropy(logits.transpose(1, 2), labels[rows], ignore_index=D.IGNORE, reduction="none")
-        sums[rows] = nll.sum(dim=1).double()
-    counts = (labels != D.IGNORE).sum(dim=1).double()
-    return sums.view(chunks, -1).sum(1) / counts.view(chunks, -1).sum(1).clamp(min=1)
+        e = min(r + rows_per_head, per)
+        logits = head(hs[:, r:e, :-1].reshape(-1, hs.shape[2] - 1, hs.shape[3])).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), ls[:, r:e].reshape(-1, ls.shape[2]), ignore_index=D.IGNORE,
+                              reduction="none")
+        sums[:, r:e] = nll.sum(dim=1).double().view(chunks, e - r)
+    counts = (ls != D.IGNORE).sum(dim=2).double()
+    return sums.sum(1) / counts.sum(1).clamp(min=1)
 
 
 def chunk_losses(model, task: Task, batch: dict, chunks: int) -> torch.Tensor:

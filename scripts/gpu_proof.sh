@@ -22,7 +22,9 @@ for part in "${@:-all}"; do
                  tests/test_engine.py tests/test_spsa.py 2>&1 | tee -a "$out/tests.log" ||
                  echo "gpu_proof.sh: tests failed" | tee -a "$out/tests.log" ;;&
     llama7b|all) bench --shape llama2-7b --mode forward,qzo,qzo-offload --batch 16 --seq 256 --steps 10 --warmup 3 ;;&
-    opt|all) bench --shape opt-6.7b --mode forward,qzo-offload,zo2,mezo --batch 1 --seq 2048 --steps 10 --warmup 3 ;;&
+    opt|all) bench --shape opt-6.7b --mode forward,qzo-offload,zo2,mezo --batch 1 --seq 2048 --steps 10 --warmup 3
+             # depth 3 lets the download of block k-2 overlap the upload of block k+1 (depth 2 serializes them)
+             bench --shape opt-6.7b --mode zo2 --depth 3 --batch 1 --seq 2048 --steps 10 --warmup 3 ;;&
     peak|all) bench --shape llama2-7b --mode qzo,qzo-offload --batch 1 --seq 512 --steps 10 --warmup 3 ;;&
     70b|all) bench --shape llama2-70b --mode qzo-offload --batch 1 --seq 512 --steps 5 --warmup 2 ;;&
     tests|llama7b|opt|peak|70b|all) ;;
