@@ -251,8 +251,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GB = 1 << 30  # every *_gb field is in GiB (2^30 bytes), as torch.cuda.max_memory_allocated() / 1024**3 is
 # one JSON line per mode, these keys in this order (see bench_mode); ratio_to_forward is 1.0 for forward itself
 RECORD_FIELDS = ("shape", "mode", "device", "gpu", "dtype", "batch", "seq", "steps", "warmup", "bits", "group_size",
-                 "depth", "streamed_blocks", "build_s", "h2d_floor_ms", "step_ms", "tok_s", "torch_peak_gb", "nvml_used_gb",
-                 "h2d_gb_per_step", "d2h_gb_per_step", "host_rss_gb", "ratio_to_forward", "loss", "error")
+                 "depth", "streamed_blocks", "build_s", "h2d_floor_ms", "step_ms", "tok_s", "torch_peak_gb",
+                 "nvml_used_gb", "h2d_gb_per_step", "d2h_gb_per_step", "host_rss_gb", "ratio_to_forward", "loss", "error")
 
 
 def _norm_modules(model) -> set[int]:
@@ -445,8 +445,8 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
     floor); qzo: quantized model resident, ZO step on the scales; qzo-offload: the same with every decoder block's
     codes streamed by engine.BlockStreamer (h2d/d2h from its counters); mezo: dense model resident, ZO step on
     the Linear weights; zo2: the same with every block's Linear weights streamed, each step's update applied when
-    the block next arrives and copied back. Timing is host wall time around each step, with torch.cuda.synchronize() on CUDA;
-    torch_peak_gb is reset after the model is built (weights + step activations). For the streamed modes
+    the block next arrives and copied back. Timing is host wall time around each step, with
+    torch.cuda.synchronize() on CUDA; torch_peak_gb is reset after the model is built (weights + step activations). For the streamed modes
     h2d_floor_ms is the time to copy every block's host buffer to the device once with nothing else running: the
     transfer floor a step cannot beat."""
     from quant.checkpoint import decoder_blocks
@@ -463,22 +463,18 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
     streamer = None
     if quantized:
         targets = spsa.qzo_targets(model)
-        if device.type == "cpu":
-            set_cache_base("auto", [t.module for t in targets])
-        if offload:
-            _, blocks = decoder_blocks(model)
-            streamer = engine.BlockStreamer(model, device, set(range(len(blocks))), depth)
+        set_cache_base("auto", [t.module for t in targets], device)
     elif mode in ("mezo", "zo2"):
         targets = spsa.mezo_targets(model, ("linear",))
-        if offload:  # built on the device (fast), then every block's Linear weights move to pinned host buffers
-            _, blocks = decoder_blocks(model)
-            streamer = engine.BlockStreamer(model, device, set(range(len(blocks))), depth, kind="weights",
-                                            trained=targets)
-            _free(device)
     elif mode == "forward":
         targets = None
     else:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if offload:  # built on the device (fast), then every block's codes / Linear weights move to host buffers
+        _, blocks = decoder_blocks(model)
+        streamer = engine.BlockStreamer(model, device, set(range(len(blocks))), depth,
+                                        kind="codes" if quantized else "weights", trained=targets)
+        _free(device)
     _sync(device)
     build_s = time.perf_counter() - t0
     floor_ms = h2d_floor_ms(streamer) if streamer is not None else None

@@ -9,9 +9,9 @@ Two kinds of block stream:
     tensors copied back, on a second side stream, overlapped with the compute. One upload and one download per
     block per step, as ZO2 (arXiv 2503.12668) does.
 For every streamed block, its tensors sit in one contiguous host buffer (pinned when the device is CUDA), at aligned
-byte offsets. `depth` (>= 2) device slots, each
-the size of the largest streamed block, receive them: the k-th streamed block uses slot k % depth. Hooks around the
-decoder layers (no rewritten forwards, so any HF family works) drive it:
+byte offsets. `depth` (>= 2) device slots, each the size of the largest streamed block, receive them: the k-th
+streamed block uses slot k % depth. Hooks around the decoder layers (no rewritten forwards, so any HF family works)
+drive it:
   - before block k computes, uploads of streamed blocks k .. k+depth-1 have been issued, on a side stream;
   - the upload into a slot waits (CUDA event) for the compute that last read that slot;
   - the compute of block k waits (CUDA event) for its own upload (and, in weights mode, a pending update runs
@@ -169,7 +169,7 @@ def plan_for_model(model: nn.Module, budget_bytes: int | None, depth: int, mode:
     layouts = [_layout(b, kind) for b in blocks]
     block_bytes = [nbytes for _, nbytes in layouts]
     if not any(block_bytes):
-        return set()  # no quantized blocks: nothing this engine can stream
+        return set()  # nothing of this kind to stream (e.g. codes of an unquantized model)
     streamable = sum(e.nbytes for entries, _ in layouts for e in entries)
     return plan_residency(block_bytes, _tensor_bytes(model) - streamable, budget_bytes, depth, mode)
 
@@ -190,7 +190,7 @@ class BlockStreamer:
                  trained=()):
         if depth < 2:
             raise ValueError(f"prefetch depth must be >= 2 (got {depth})")
-        self.model, self.device, self.depth, self.kind = model, torch.device(device), depth, kind
+        self.model, self.device, self.depth = model, torch.device(device), depth
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.cuda = self.device.type == "cuda"
@@ -198,13 +198,12 @@ class BlockStreamer:
         bad = [b for b in streamed if not 0 <= b < len(self.blocks)]
         if bad:
             raise ValueError(f"block {bad[0]} does not exist (the model has {len(self.blocks)} decoder blocks)")
-        keys = {(id(t.module), t.name) for t in trained}
-        layouts = {b: _layout(self.blocks[b], kind, keys) for b in sorted(streamed)}
+        by_key = {(id(t.module), t.name): t for t in trained}
+        layouts = {b: _layout(self.blocks[b], kind, by_key.keys()) for b in sorted(streamed)}
         self.order = [b for b, (_, nbytes) in layouts.items() if nbytes]  # blocks that stream, in forward order
         self.pos = {b: p for p, b in enumerate(self.order)}
         self.entries = [layouts[b][0] for b in self.order]
         self.streamed_keys = {(id(e.layer), e.name) for es in self.entries for e in es}
-        by_key = {(id(t.module), t.name): t for t in trained}
         self.trained_at = [[by_key[id(e.layer), e.name] for e in es if e.trained] for es in self.entries]
         self._registered: list[torch.Tensor] = []
         self.host = [self._pack(p) for p in range(len(self.order))]

@@ -257,9 +257,7 @@ def load_for_training(cfg: TrainConfig):
         p.requires_grad_(False)
     if cfg.method == "qzo":
         targets = spsa.qzo_targets(model)
-        # the cache is a CPU speed-up (4 B/weight); on a GPU the Triton kernel dequantizes on the fly
-        cpu = resolve_device(cfg.device).type == "cpu"
-        set_cache_base(cfg.cache_base if cpu else "off", [t.module for t in targets])
+        set_cache_base(cfg.cache_base, [t.module for t in targets], resolve_device(cfg.device))
     else:
         targets = spsa.mezo_targets(model, tuple(k.strip() for k in cfg.mezo_params.split(",") if k.strip()))
     if cfg.trainable:  # indices stay those of the full list, so z does not depend on the filter
@@ -298,14 +296,15 @@ def placement(model) -> dict:
     return out
 
 
-def set_cache_base(mode: str, layers) -> None:
-    """cache_base on/off/auto for QuantLinears: keep codes-minus-zeros unpacked (4 B/weight) so the CPU torch
-    backend skips unpacking every forward; auto = when that takes less than a quarter of host RAM."""
+def set_cache_base(mode: str, layers, device) -> None:
+    """cache_base on/off/auto for QuantLinears computing on `device`: keep codes-minus-zeros unpacked (4 B/weight)
+    so the CPU torch backend skips unpacking every forward; auto = when that takes less than a quarter of host RAM.
+    Always off on a GPU, where the Triton kernel dequantizes on the fly."""
     import os
 
     need = sum(m.in_features * m.out_features * 4 for m in layers)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    on = mode == "on" or (mode == "auto" and need < ram / 4)
+    on = torch.device(device).type == "cpu" and (mode == "on" or (mode == "auto" and need < ram / 4))
     for m in layers:
         m.cache_base = on
 
