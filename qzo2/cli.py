@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train from a YAML recipe with key=value overrides, e.g.\n"
                                    "  qzo2 train recipes/sentiment.yaml model=runs/smollm2-int4 steps=200",
                        epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("recipe", nargs="?", default=None, help="YAML recipe (flat key: value mapping)")
+    t.add_argument("recipe", nargs="?", default=None,
+                   help="YAML recipe (flat key: value mapping); optional: key=value overrides alone also work")
     t.add_argument("overrides", nargs="*", help="key=value overrides, applied after the recipe")
 
     x = sub.add_parser("export", help="write a run as a servable checkpoint: GPTQ with trained scales, or merged HF",
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["gptq", "gptq_v2", "hf"], default="gptq",
                    help="gptq: the base GPTQ checkpoint with trained scales (default); gptq_v2: same, true zero "
                         "points; hf: dequantized, merged plain checkpoint")
-    x.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weights of an hf export")
+    x.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="weights of an hf export (default: the run's training dtype; for a model dir its own)")
     x.add_argument("--checkpoint", default="auto",
                    help="best, last or a step number (default: best if the run evaluated, else last)")
     x.add_argument("--max-shard-size", type=parse_size, default="4GB", help="safetensors shard size (default 4GB)")
@@ -112,7 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--nseq", type=int, default=8)
     e.add_argument("--generate", action="append", default=[], metavar="PROMPT", help="greedy generation (repeatable)")
     e.add_argument("--max-new-tokens", type=int, default=40)
-    e.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    e.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                   help="activations (default: a run's training dtype, else fp32)")
+    e.add_argument("--device", default=None, help="auto, cpu or cuda (default: a run's device setting, else auto)")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="examples (perplexity: windows) per forward (default: a run's eval_batch_size, else 16; 4)")
+    e.add_argument("--max-length", type=int, default=None,
+                   help="task prompt tokens (default: a run's max_length, else 256)")
+    e.add_argument("--template", choices=["review", "sst2"], default=None,
+                   help="sentiment prompt template (default: a run's template, else review)")
 
     b = sub.add_parser("bench", help="speed benchmark: one ZO step per mode on a random model of a named shape",
                        description="Time zeroth-order steps (and the two-forward floor) on a random-weight model "
@@ -147,6 +157,9 @@ def cmd_quantize(args) -> int:
     from .model import default_text_path, resolve_source
 
     out = Path(args.output)
+    src = Path(resolve_source(args.src)).resolve()
+    if out.resolve() == src or out.resolve() in src.parents:
+        raise ValueError(f"output {out} is (or contains) the source model {args.src}; choose another directory")
     if out.exists() and not args.overwrite:
         raise ValueError(f"output {out} already exists (pass --overwrite to replace it)")
     source = open_source(resolve_source(args.src), trust_remote_code=args.trust_remote_code)
@@ -171,12 +184,17 @@ def cmd_train(args) -> int:
     from .config import load_config
     from .trainer import train
 
-    cfg = load_config(args.recipe, args.overrides)
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe and not Path(recipe).exists():  # `qzo2 train key=value ...`, no recipe
+        recipe, overrides = None, [recipe] + overrides
+    cfg = load_config(recipe, overrides)
     result = train(cfg)
     best = f", best dev {result['best_metric']:.4f} at step {result['best_step']}" if result["best_step"] is not None else ""
-    print(f"{'interrupted' if result['interrupted'] else 'finished'} at step {result['step']} "
-          f"({result['trained']:,} trained values, {result['skipped']} skipped steps){best}; run: {result['run']}")
-    return 130 if result["interrupted"] else 0
+    how = {None: "finished", signal.SIGINT: "interrupted (Ctrl-C), saved", signal.SIGTERM: "terminated, saved"}.get(
+        result["signal"], f"stopped by signal {result['signal']}, saved")
+    print(f"{how} at step {result['step']} ({result['trained']:,} trained values, {result['skipped']} skipped "
+          f"steps){best}; run: {result['run']}")
+    return 128 + result["signal"] if result["signal"] else 0  # 130 after Ctrl-C, 143 after SIGTERM, as shells do
 
 
 def cmd_export(args) -> int:
@@ -189,6 +207,8 @@ def cmd_export(args) -> int:
     if report.clamped:
         print(f"qzo2 export: warning: {report.clamped} trained scales were outside the checkpoint dtype's range "
               f"and were clamped", file=sys.stderr)
+    if report.loss_warning():
+        print(f"qzo2 export: warning: {report.loss_warning()}", file=sys.stderr)
     print(report.summary())
     return 0
 
@@ -210,8 +230,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop: unwind like Ctrl-C (temporary directories are removed), exit 143."""
+
+
 def _terminate(signum, frame):
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,9 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:  # Checkpoint/Config/Data/TrainingError are ValueErrors
         print(f"qzo2 {args.verb}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"qzo2 {args.verb}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # the training loop handles its own (it saves); this is before or outside it
+        terminated = isinstance(e, Terminated)
+        print(f"qzo2 {args.verb}: {'terminated' if terminated else 'interrupted'}; nothing was written",
+              file=sys.stderr)
+        return 143 if terminated else 130
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,9 @@ class TrainConfig:
     mezo_params: str = _f("linear", "mezo: comma list of module kinds to train: linear, norm, embedding")
     # data
     task: str = _f("sentiment", "'sentiment' (built-in Rotten Tomatoes), a task .yaml, or '' for text data")
+    template: str = _f("review", "task=sentiment: the prompt; review = 'Review: {text}\\nSentiment (positive or "
+                                 "negative):' + negative/positive; sst2 = MeZO's SST-2 prompt '{text} It was' + "
+                                 "terrible/great", ("review", "sst2"))
     objective: str = _f("classification", "tasks: cross-entropy over candidates, or LM loss on the gold answer",
                         ("classification", "lm"))
     train_file: str = _f("", "jsonl/json: text rows (text, prompt/completion, messages, alpaca) or task rows")
@@ -75,7 +79,8 @@ class TrainConfig:
     n_pairs: int = _f(1, "independent +-eps pairs per step, averaged")
     clip: float = _f(100.0, "DDC: clip the projected gradient to [-clip, clip]; 0 disables")
     scale_floor: float = _f(1e-7, "qzo: scales are clamped at this floor after each update")
-    weight_decay: float = _f(0.0, "mezo: weight decay (theta -= lr*wd*theta)")
+    weight_decay: float = _f(0.0, "mezo: weight decay theta -= lr*wd*theta on weights and embeddings, not on "
+                                  "biases or norm gains (as MeZO's reference); qzo: not allowed")
     max_skips: int = _f(10, "stop with an error after this many consecutive non-finite steps")
     seed: int = _f(0, "seed of the data order, the perturbations and the sentiment splits")
     # evaluation, logging, checkpoints
@@ -85,7 +90,8 @@ class TrainConfig:
     save_every: int = _f(100, "checkpoint every N steps (and at the end)")
     keep_last: int = _f(2, "checkpoints kept besides the best one")
     output_dir: str = _f("runs/qzo2", "run directory: config, metrics, checkpoints, plot")
-    overwrite: bool = _f(False, "delete an existing run directory instead of resuming from it")
+    overwrite: bool = _f(False, "replace an existing run directory (only a run dir or an empty one) instead of "
+                                "resuming from it; the old run is removed only once the new one has started")
     progress: bool = _f(True, "show a progress bar")
 
     def __post_init__(self):
@@ -111,12 +117,44 @@ class TrainConfig:
                 raise ConfigError(f"gpu_memory={e}") from None
         if not self.task and not self.train_file:
             raise ConfigError("set task (e.g. task=sentiment) or train_file=PATH.jsonl")
+        if self.weight_decay and self.method == "qzo":
+            raise ConfigError("weight_decay is for method=mezo; QZO trains the scales without weight decay (as the "
+                              "QZO paper), so set weight_decay=0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0 (got {self.weight_decay})")
+        check_output_dir(self.output_dir)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+PATH_KEYS = ("model", "train_file", "dev_file", "task", "output_dir")  # stored resolved in a run directory
+SYMBOLIC = {"model": ("default",), "task": ("sentiment",)}  # values of PATH_KEYS that are names, not paths
+
+
+def check_output_dir(value: str) -> None:
+    """Refuse an output_dir that would put a run into (and, with overwrite, empty) the current, home or root
+    directory: an unset shell variable (`output_dir=`), `~`, `.` or `/`."""
+    text = str(value).strip()
+    if not text:
+        raise ConfigError("output_dir is empty; give a run directory such as runs/NAME")
+    path = Path(text).expanduser().resolve()
+    special = {Path.cwd().resolve(): "the current directory", Path.home().resolve(): "the home directory",
+               Path(path.anchor): "the filesystem root"}
+    if path in special:
+        raise ConfigError(f"output_dir={value!r} is {special[path]}; give a run directory such as runs/NAME")
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """A copy with model/train_file/dev_file/task/output_dir as absolute paths (~ expanded), so a run directory
+    works from any working directory; names ('default', 'sentiment') and '' stay as they are."""
+    values = {}
+    for key in PATH_KEYS:
+        v = getattr(cfg, key)
+        if v and v not in SYMBOLIC.get(key, ()):
+            values[key] = os.path.abspath(os.path.expanduser(v))
+    return dataclasses.replace(cfg, **values)
 
 
 def _coerce(name: str, value):
@@ -155,6 +193,8 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> TrainConfig:
     values: dict = {}
     if recipe:
         path = Path(recipe)
+        if path.is_dir():
+            raise ConfigError(f"recipe {recipe} is a directory; give a YAML file such as recipes/sentiment.yaml")
         if not path.is_file():
             raise ConfigError(f"recipe {recipe} does not exist")
         try:

@@ -59,7 +59,10 @@ def read_rows(path) -> list[tuple[str, object]]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # JSON Lines ends a record at "\n" only (optionally "\r\n"); str.splitlines() would also break at
+        # U+2028, U+0085, \x1c... which valid JSON may hold raw inside a string
+        for n, line in enumerate(text.split("\n"), 1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:
@@ -194,11 +197,10 @@ def tokenize_row(row: dict, tokenizer, max_length: int, train_on_prompt: bool = 
             template = ALPACA_PROMPT if row.get("input") else ALPACA_PROMPT_NO_INPUT
             prompt = template.format(instruction=row["instruction"], input=row.get("input", ""))
             completion = row["output"]
-        # prompt and completion are tokenized separately and concatenated: the completion's tokens never
-        # depend on a merge across the boundary (the same rule as encode_candidates)
-        prefix, body = _encode_prompt(tokenizer, prompt)
+        # the completion's tokens are those it gets after the prompt (the same rule as encode_candidates)
+        prefix, body, (completion_ids,) = encode_prompt_and_candidates(tokenizer, prompt, [completion])
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        completion_ids = _encode_piece(tokenizer, completion) + eos
+        completion_ids = completion_ids + eos
         ids = prefix + body + completion_ids
         trained = [False] * (len(prefix) + len(body)) + [True] * len(completion_ids)
         loss_on = [False] * len(prefix) + [True] * (len(ids) - len(prefix)) if train_on_prompt else trained
@@ -208,11 +210,24 @@ def tokenize_row(row: dict, tokenizer, max_length: int, train_on_prompt: bool = 
     return dict(input_ids=ids, labels=[t if on else IGNORE for t, on in zip(ids, loss_on)])
 
 
-def load_text_dataset(path, tokenizer, max_length: int, train_on_prompt: bool = False) -> list[dict]:
-    """Every row of a .jsonl/.json file through tokenize_row. A bad row raises DataError naming file, line (or
-    list index) and the problem; rows truncated to nothing are dropped with one warning giving their count."""
-    out, dropped = [], 0
+def read_text_rows(path) -> list[tuple[str, dict]]:
+    """(location, row) for every row of a .jsonl/.json text dataset, each checked by row_format (no tokenizer
+    needed, so a bad file fails before a model is loaded); DataError names file, line (or list index), problem."""
     rows = read_rows(path)
+    for where, row in rows:
+        try:
+            row_format(row)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+    if not rows:
+        raise DataError(f"{path}: no usable rows")
+    return rows
+
+
+def tokenize_rows(rows: list[tuple[str, dict]], tokenizer, max_length: int, train_on_prompt: bool = False,
+                  source="data") -> list[dict]:
+    """read_text_rows' output through tokenize_row; rows truncated to nothing are dropped with one warning."""
+    out, dropped = [], 0
     for where, row in rows:
         try:
             item = tokenize_row(row, tokenizer, max_length, train_on_prompt)
@@ -223,11 +238,17 @@ def load_text_dataset(path, tokenizer, max_length: int, train_on_prompt: bool = 
         else:
             out.append(item)
     if dropped:
-        warnings.warn(f"{path}: dropped {dropped} of {len(rows)} rows whose trained tokens were all truncated away "
-                      f"at max_length={max_length}", stacklevel=2)
+        warnings.warn(f"{source}: dropped {dropped} of {len(rows)} rows whose trained tokens were all truncated "
+                      f"away at max_length={max_length}", stacklevel=2)
     if not out:
-        raise DataError(f"{path}: no usable rows")
+        raise DataError(f"{source}: no usable rows")
     return out
+
+
+def load_text_dataset(path, tokenizer, max_length: int, train_on_prompt: bool = False) -> list[dict]:
+    """Every row of a .jsonl/.json file through tokenize_row. A bad row raises DataError naming file, line (or
+    list index) and the problem; rows truncated to nothing are dropped with one warning giving their count."""
+    return tokenize_rows(read_text_rows(path), tokenizer, max_length, train_on_prompt, source=path)
 
 
 def collate_lm(rows: list[dict], pad_id: int) -> dict:
@@ -314,6 +335,7 @@ class ClassificationExample:
 SENTIMENT_TEMPLATE = ClassificationTask("sentiment", "Review: {text}\nSentiment (positive or negative):",
                                         [" negative", " positive"])
 SST2_TEMPLATE = ClassificationTask("sst2", "{text} It was", [" terrible", " great"])  # MeZO's SST-2 prompt
+SENTIMENT_TEMPLATES = {"review": SENTIMENT_TEMPLATE, "sst2": SST2_TEMPLATE}  # the `template:` key's choices
 
 TASK_KEYS = {"name", "template", "candidates", "label_field", "text_fields"}
 
@@ -488,6 +510,24 @@ def chatterbot_rows(language: str = "english") -> list[dict]:
 # candidate scoring
 
 
+def encode_prompt_and_candidates(tokenizer, prompt: str, candidates: list[str]):
+    """(special prefix, prompt tokens, [candidate tokens]) with each candidate's tokens as they come out when the
+    prompt and the candidate are tokenized together: ids(prompt + c) minus the prompt's ids, as lm-evaluation-harness
+    splits a (context, continuation) pair. A SentencePiece tokenizer with a dummy prefix (Llama-2's hub
+    tokenizer.json) encodes " great" alone as ['▁', '▁great'] and "Yes" alone as ['▁Yes'], but in context as
+    ['▁great'] and ['Yes'] after a newline. Where the joint encoding does not start with the prompt's own tokens (a
+    merge across the boundary) the candidate is encoded alone."""
+    prefix, body = _encode_prompt(tokenizer, prompt)
+    cands = []
+    for c in candidates:
+        joint_prefix, joint = _encode_prompt(tokenizer, prompt + c)
+        if joint_prefix == prefix and len(joint) > len(body) and joint[: len(body)] == body:
+            cands.append(joint[len(body):])
+        else:
+            cands.append(_encode_piece(tokenizer, c))
+    return prefix, body, cands
+
+
 def encode_candidates(examples: list[ClassificationExample], tokenizer, max_length: int,
                       share_prompt: bool = True) -> dict:
     """Left-padded batch of every (example, candidate) pair, row b*C + c.
@@ -499,8 +539,8 @@ def encode_candidates(examples: list[ClassificationExample], tokenizer, max_leng
     Returns input_ids, attention_mask, position_ids (cumsum(mask) - 1, clamped at 0), cand_mask [B*C, T] (1 on
     candidate tokens), labels [B] and n_last = longest candidate + 1: with left padding every row ends at T-1, so
     logits of the last n_last positions score all candidates (model(..., logits_to_keep=n_last)).
-    Prompt and candidate are tokenized separately and concatenated (BOS as the tokenizer adds it to the prompt;
-    no EOS). If prompt + longest candidate exceeds max_length, the prompt loses tokens from its LEFT (after BOS),
+    Candidate tokens are those the candidate gets in context (encode_prompt_and_candidates; BOS as the tokenizer
+    adds it to the prompt; no EOS). If prompt + longest candidate exceeds max_length, the prompt loses tokens from its LEFT (after BOS),
     the same for all of an example's candidates, so the end of the prompt stays next to the answer.
     """
     C = len(examples[0].candidates)
@@ -508,8 +548,7 @@ def encode_candidates(examples: list[ClassificationExample], tokenizer, max_leng
         raise ValueError("all examples in a batch need the same number of candidates")
     seqs, cand_lens = [], []
     for e in examples:
-        prefix, body = _encode_prompt(tokenizer, e.prompt)
-        cands = [_encode_piece(tokenizer, c) for c in e.candidates]
+        prefix, body, cands = encode_prompt_and_candidates(tokenizer, e.prompt, e.candidates)
         if any(not c for c in cands):
             raise DataError(f"a candidate of {e.candidates} tokenizes to nothing")
         keep = max_length - len(prefix) - max(map(len, cands))

@@ -42,37 +42,49 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def load_for_eval(path: str | None, checkpoint: str = "best", dtype=torch.float32):
-    """A run dir (its base model + trained tensors of `checkpoint`) or any model -> (model, tokenizer, run config)."""
-    from .config import load_config
-    from .model import load_model
-    from .trainer import RunDir, is_run_dir, load_for_training, load_trained
+def load_for_eval(path: str | None, checkpoint: str = "best", dtype: str | None = None, device: str | None = None):
+    """A run dir (its base model + trained tensors of `checkpoint`, placed as the run was: its dtype and device
+    unless given) or any model (dtype default fp32, device default auto, streamed if it does not fit as training
+    would) -> (model, tokenizer, run config or None)."""
+    from .config import TrainConfig, load_config
+    from .model import is_quantized_dir, load_model, resolve_source
+    from .trainer import RunDir, is_run_dir, load_for_training, load_trained, place_model
 
     if path and is_run_dir(path):
         cfg = load_config(str(Path(path) / "config.yaml"))
-        cfg.dtype = "bf16" if dtype == torch.bfloat16 else "fp32"
+        cfg.dtype = dtype or cfg.dtype
+        cfg.device = device or cfg.device
         model, tokenizer, targets = load_for_training(cfg)
         load_trained(RunDir(path).checkpoint(checkpoint), targets)
         return model, tokenizer, cfg
-    model, tokenizer = load_model(path, dtype=dtype)
+    if path and not Path(resolve_source(path)).exists():
+        raise ValueError(f"model {path} does not exist")
+    model, tokenizer = load_model(path, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    quantized = is_quantized_dir(Path(resolve_source(path)))
+    place_model(TrainConfig(method="qzo" if quantized else "mezo", device=device or "auto", task="sentiment"), model)
     return model, tokenizer, None
 
 
 def evaluate_cli(args) -> list[str]:
-    """What `qzo2 eval` prints."""
+    """What `qzo2 eval` prints. Task settings (template, max_length, eval batch size, seed) default to the run's."""
+    import dataclasses
+
     from . import data as D
     from .config import TrainConfig
     from .model import default_text_path
     from .trainer import evaluate
 
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model, tokenizer, cfg = load_for_eval(args.model, args.checkpoint, dtype)
+    model, tokenizer, cfg = load_for_eval(args.model, args.checkpoint, args.dtype, args.device)
+    ecfg = cfg or TrainConfig()
+    ecfg = dataclasses.replace(ecfg, **{k: v for k, v in (("eval_batch_size", args.batch_size),
+                                                            ("max_length", args.max_length),
+                                                            ("template", args.template)) if v is not None})
     lines = []
     if args.task:
-        ecfg = cfg or TrainConfig()
         if args.task == "sentiment":
             seed = args.seed if args.seed is not None else (cfg.seed if cfg else 0)
-            splits = D.sentiment_splits(seed, ecfg.n_train, ecfg.n_dev, ecfg.n_test)
+            splits = D.sentiment_splits(seed, ecfg.n_train, ecfg.n_dev, ecfg.n_test,
+                                        template=D.SENTIMENT_TEMPLATES[ecfg.template])
             items = splits[args.split]
         else:
             if not args.data:
@@ -88,6 +100,7 @@ def evaluate_cli(args) -> list[str]:
         path = Path(args.ppl) if args.ppl else default_text_path()
         if not path.is_file():
             raise ValueError(f"text file {path} does not exist")
-        ppl = perplexity(model, tokenizer, path.read_text(encoding="utf-8"), seqlen=args.seqlen, nseq=args.nseq)
+        ppl = perplexity(model, tokenizer, path.read_text(encoding="utf-8"), seqlen=args.seqlen, nseq=args.nseq,
+                         batch_size=args.batch_size or 4)
         lines.append(f"perplexity {ppl:.2f} ({args.nseq}x{args.seqlen} tokens of {path.name})")
     return lines

@@ -52,7 +52,26 @@ class ExportReport:
     dequantized: int = 0  # quantized Linears merged into plain weights (hf)
     copied: int = 0  # tensors written unchanged (byte-identical for gptq)
     clamped: int = 0  # trained scales pulled into the checkpoint dtype's range
+    changed: int = 0  # written values (weights for hf, scales for gptq) that training changed, in fp32
+    lost: int = 0  # ... of which the cast to the output dtype rounds back to the untrained value
+    dtype: str = ""
     bytes: int = 0
+
+    def count_change(self, new: torch.Tensor, old: torch.Tensor, dtype: torch.dtype) -> None:
+        """Count the values training moved (new != old in fp32) and those the cast to `dtype` erases."""
+        new, old = new.float(), old.float()
+        moved = new != old
+        self.changed += int(moved.sum())
+        self.lost += int((moved & (new.to(dtype) == old.to(dtype))).sum())
+
+    def loss_warning(self) -> str | None:
+        """One line when the cast erased most of the trained change, else None."""
+        if not self.changed or self.lost * 2 <= self.changed:
+            return None
+        hint = ("export --format hf --dtype fp32 keeps them" if self.fmt != "hf" or self.dtype != "fp32"
+                else "")
+        return (f"the {self.dtype} cast erases the trained change of {self.lost:,} of {self.changed:,} changed "
+                f"values ({100 * self.lost / self.changed:.1f}%)" + (f"; {hint}" if hint else ""))
 
     def summary(self) -> str:
         parts = [f"{self.replaced} trained tensors"]
@@ -69,7 +88,7 @@ def load_run(path: str, checkpoint: str = "auto") -> Trained:
     """A run directory -> its base model and the trained tensors of `checkpoint` (auto = best if the run has one,
     else last; best; last; or a step number); any model
     directory or .gguf -> itself with nothing trained (so `export --format hf` also dequantizes a plain GPTQ dir)."""
-    from .config import load_config as load_train_config
+    from .config import TrainConfig, load_config as load_train_config
     from .trainer import RunDir, is_run_dir
 
     p = Path(path)
@@ -77,16 +96,18 @@ def load_run(path: str, checkpoint: str = "auto") -> Trained:
         raise CheckpointError(f"{path} does not exist")
     if not is_run_dir(p):
         return Trained(str(p), {})
-    cfg = load_train_config(str(p / "config.yaml"))
     run = RunDir(p)
     if checkpoint == "auto":  # best by dev metric when the run evaluated, else the last step
         checkpoint = "best" if (p / "best").is_dir() else "last"
     ckpt = run.checkpoint(checkpoint)
     state = json.loads((ckpt / "state.json").read_text())
+    cfg = (TrainConfig(**state["config"]) if state.get("config")  # the config this checkpoint was trained with
+           else load_train_config(str(p / "config.yaml")))
     metrics = [m for m in run.read_metrics() if m.get("step") == state["step"]]
     info = dict(method=cfg.method, step=state["step"], steps=cfg.steps, checkpoint=checkpoint, task=cfg.task,
                 train_file=cfg.train_file, n_train=cfg.n_train, objective=cfg.objective, lr=cfg.lr, eps=cfg.eps,
                 batch_size=cfg.batch_size, seed=cfg.seed, base=cfg.model, trained_values=state.get("trained"),
+                dtype=cfg.dtype,
                 dev={k: v for m in metrics for k, v in m.items() if k.startswith("dev_")})
     return Trained(resolve_source(cfg.model), load_file(str(ckpt / "trained.safetensors")), info)
 
@@ -125,6 +146,7 @@ def export_gptq(t: Trained, tmp: Path, fmt: str, max_shard_bytes: int, report: E
             new = t.tensors[name]
             if tuple(new.shape) != tuple(tensor.shape):
                 raise CheckpointError(f"trained {name} has shape {tuple(new.shape)}, the base {tuple(tensor.shape)}")
+            report.count_change(new, tensor, tensor.dtype)
             tensor, n = checkpoint_scales(new, tensor.dtype)
             report.clamped += n
             report.replaced += 1
@@ -172,7 +194,10 @@ def export_hf(t: Trained, tmp: Path, dtype: torch.dtype, max_shard_bytes: int, r
                                               f"the base {tuple(layer.scales.shape)}")
                     report.replaced += 1
                 # the merge: W = Δ·(q − z) with the trained Δ, computed in fp32, then cast once
-                writer.add(f"{mod}.weight", layer.dequantize(scales, torch.float32).to(dtype))
+                weight = layer.dequantize(scales, torch.float32)
+                if scales is not None:
+                    report.count_change(weight, layer.dequantize(None, torch.float32), dtype)
+                writer.add(f"{mod}.weight", weight.to(dtype))
                 report.dequantized += 1
                 if f"{mod}.bias" in where:
                     writer.add(f"{mod}.bias", cast(read_tensor(where, f"{mod}.bias")))
@@ -192,6 +217,7 @@ def export_hf(t: Trained, tmp: Path, dtype: torch.dtype, max_shard_bytes: int, r
             if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
                 continue  # tied: transformers rebuilds it from the (possibly trained) embedding
             if name in t.tensors:
+                report.count_change(t.tensors[name], source.get(name), dtype)
                 writer.add(name, cast(t.tensors[name]))
                 report.replaced += 1
             else:
@@ -236,18 +262,33 @@ def model_card(t: Trained, fmt: str, dtype: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export(path: str, out: str, fmt: str = "gptq", dtype: str = "bf16", checkpoint: str = "auto",
+def default_dtype(t: Trained) -> str:
+    """--dtype when not given: the run's training dtype (an fp32 run exported in bf16 would lose most of its
+    change: MeZO's lr-1e-6 updates are far below a bf16 ulp), else the source config's dtype, else bf16."""
+    if t.run.get("dtype"):
+        return t.run["dtype"]
+    try:
+        named = json.loads((Path(t.base) / "config.json").read_text()).get("dtype")
+    except (OSError, ValueError):
+        named = None
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(named, "bf16")
+
+
+def export(path: str, out: str, fmt: str = "gptq", dtype: str | None = None, checkpoint: str = "auto",
            overwrite: bool = False, max_shard_bytes: int = 4 << 30) -> ExportReport:
+    """Export a run (or a model directory) to `out`; dtype (hf only) None = default_dtype. The report counts
+    what training changed and what the cast erased (report.loss_warning())."""
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown export format {fmt!r}; choose from {FORMATS}")
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose from {tuple(DTYPES)}")
     t = load_run(path, checkpoint)
+    dtype = dtype or default_dtype(t)
     if Path(out).resolve() in (Path(path).resolve(), Path(t.base).resolve()):
         raise CheckpointError(f"output {out} is the input; choose another directory")
     if Path(out).exists() and not overwrite:
         raise CheckpointError(f"output {out} already exists (pass --overwrite to replace it)")
-    report = ExportReport(Path(out), fmt)
+    report = ExportReport(Path(out), fmt, dtype=dtype if fmt == "hf" else "fp16")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if fmt == "hf":
             export_hf(t, tmp, DTYPES[dtype], max_shard_bytes, report)
@@ -257,4 +298,6 @@ def export(path: str, out: str, fmt: str = "gptq", dtype: str = "bf16", checkpoi
     if report.clamped:
         warnings.warn(f"{report.clamped} trained scales were outside the checkpoint dtype's range and were clamped",
                       stacklevel=2)
+    if report.loss_warning():
+        warnings.warn(report.loss_warning(), stacklevel=2)
     return report

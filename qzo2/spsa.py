@@ -22,7 +22,7 @@ the same machinery:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -86,6 +86,8 @@ class Target:
     path: str  # "model.layers.0.self_attn.q_proj.scales"
     module: nn.Module
     name: str
+    decay: bool = True  # weight decay applies (MeZO: not to biases and norm gains)
+    aliases: list = field(default_factory=list)  # other (module, name) reading the same tensor (a tied lm_head)
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -103,25 +105,32 @@ def qzo_targets(model: nn.Module) -> list[Target]:
 MEZO_KINDS = ("linear", "norm", "embedding")
 
 
+def module_kind(m: nn.Module) -> str | None:
+    return ("linear" if isinstance(m, nn.Linear) else "embedding" if isinstance(m, nn.Embedding)
+            else "norm" if "norm" in type(m).__name__.lower() else None)
+
+
 def mezo_targets(model: nn.Module, kinds: tuple[str, ...] = ("linear",)) -> list[Target]:
-    """Weights (and biases) of the chosen module kinds, each tensor once; a tied lm_head counts as the embedding."""
+    """Weights (and biases) of the chosen module kinds, each tensor once; a tied lm_head counts as the embedding.
+    A tensor read by several modules (a tied lm_head reads the embedding matrix) is one target whose `aliases`
+    name the other readers, so the perturbation reaches all of them. Biases and norm gains get decay=False."""
     bad = set(kinds) - set(MEZO_KINDS)
     if bad:
         raise ValueError(f"unknown MeZO parameter kind(s) {sorted(bad)}; choose from {MEZO_KINDS}")
     # a tied lm_head is the embedding matrix: train it only when embeddings are asked for
-    seen = set() if "embedding" in kinds else {m.weight.data_ptr() for m in model.modules()
-                                                if isinstance(m, nn.Embedding)}
-    out = []
+    embeddings = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    out, owner = [], {}
     for n, m in model.named_modules():
-        kind = ("linear" if isinstance(m, nn.Linear) else "embedding" if isinstance(m, nn.Embedding)
-                else "norm" if "norm" in type(m).__name__.lower() else None)
-        if kind not in kinds:
-            continue
+        kind = module_kind(m)
         for pname, p in m.named_parameters(recurse=False):
-            if p.data_ptr() in seen:
+            ptr = p.data_ptr()
+            if ptr in owner:
+                owner[ptr].aliases.append((m, pname))
                 continue
-            seen.add(p.data_ptr())
-            out.append(Target(len(out), f"{n}.{pname}", m, pname))
+            if kind not in kinds or (ptr in embeddings and "embedding" not in kinds):
+                continue
+            owner[ptr] = Target(len(out), f"{n}.{pname}", m, pname, decay=not (pname == "bias" or kind == "norm"))
+            out.append(owner[ptr])
     if not out:
         raise ValueError(f"no parameters of kind {kinds} to train")
     return out
@@ -138,16 +147,17 @@ def perturbed(t: Target, seed: int, eps: float, n_pairs: int) -> list[torch.Tens
     return out
 
 
-def _chunked_forward(module: nn.Module, targets: list[Target], seed: int, eps: float, n_pairs: int):
-    """A forward that runs input chunk c with each target tensor of `module` replaced by its c-th perturbation."""
+def _chunked_forward(module: nn.Module, targets: list[tuple[str, Target]], seed: int, eps: float, n_pairs: int):
+    """A forward that runs input chunk c with each (attribute, target) tensor of `module` replaced by the target's
+    c-th perturbation (the attribute is the target's own name, or the name an alias reads it under)."""
     cls_forward = type(module).forward
 
     def forward(x, *args, **kwargs):
-        values = {t.name: perturbed(t, seed, eps, n_pairs) for t in targets}
+        values = {name: perturbed(t, seed, eps, n_pairs) for name, t in targets}
         m = 2 * n_pairs
         if x.shape[0] % m:
             raise ValueError(f"batch of {x.shape[0]} rows cannot be split into {m} perturbation chunks")
-        stores = {t.name: module._parameters if t.name in module._parameters else module._buffers for t in targets}
+        stores = {name: module._parameters if name in module._parameters else module._buffers for name, _ in targets}
         originals = {name: store[name] for name, store in stores.items()}
         rows = x.shape[0]
 
@@ -183,7 +193,9 @@ def dual_forward(targets: list[Target], seed: int, eps: float, n_pairs: int = 1)
 
             handles += [t.module.register_forward_pre_hook(pre), t.module.register_forward_hook(post)]
         else:
-            by_module.setdefault(id(t.module), (t.module, []))[1].append(t)
+            by_module.setdefault(id(t.module), (t.module, []))[1].append((t.name, t))
+        for module, name in t.aliases:  # every reader of a shared tensor sees the same perturbation
+            by_module.setdefault(id(module), (module, []))[1].append((name, t))
     for module, ts in by_module.values():
         module.forward = _chunked_forward(module, ts, seed, eps, n_pairs)
     try:
@@ -207,7 +219,8 @@ def projected_gradients(losses: torch.Tensor, eps: float) -> torch.Tensor:
 @torch.no_grad()
 def apply_update(targets: list[Target], seed: int, coeffs: list[float], weight_decay: float = 0.0, lr: float = 0.0,
                  floor: float | None = None) -> None:
-    """θ ← θ − Σ_j coeffs[j]·z_j − lr·wd·θ, clamped at `floor`; z regenerated from the seed (coeffs[j] = lr·d'_j/k).
+    """θ ← θ − Σ_j coeffs[j]·z_j − lr·wd·θ (wd only where t.decay), clamped at `floor`; z regenerated from the seed
+    (coeffs[j] = lr·d'_j/k).
     Computed in fp32 and stored back stochastically rounded (round_stochastic) when θ is bf16/fp16."""
     for t in targets:
         theta = t.tensor
@@ -215,7 +228,7 @@ def apply_update(targets: list[Target], seed: int, coeffs: list[float], weight_d
         for j, c in enumerate(coeffs):
             if c:
                 new.sub_(z_for(theta.shape, seed, t.index, j, theta.device).mul_(c))
-        if weight_decay:
+        if weight_decay and t.decay:
             new.sub_(theta.float().mul(lr * weight_decay))
         if floor is not None:
             new.clamp_(min=floor)

@@ -8,12 +8,16 @@ to their next upload (engine.BlockStreamer.defer) and flushed before every check
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
+import os
 import re
 import shutil
 import signal
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +31,7 @@ from quant.checkpoint import atomic_dir
 
 from . import data as D
 from . import engine, spsa
-from .config import TrainConfig
+from .config import PATH_KEYS, SYMBOLIC, TrainConfig, resolve_paths
 from .model import is_quantized_dir, load_model, resolve_device, resolve_source
 
 
@@ -60,18 +64,26 @@ class Task:
     test: list
 
 
-def build_task(cfg: TrainConfig, tokenizer) -> Task:
+def read_data(cfg: TrainConfig) -> dict:
+    """Everything about the data that can be checked without a tokenizer, read before the model loads (minutes at
+    7B), so a bad file fails first: classification examples for a task, validated rows for text data."""
+    if cfg.task == "sentiment":
+        return D.sentiment_splits(cfg.seed, cfg.n_train, cfg.n_dev, cfg.n_test,
+                                  template=D.SENTIMENT_TEMPLATES[cfg.template])
     if cfg.task:
-        if cfg.task == "sentiment":
-            splits = D.sentiment_splits(cfg.seed, cfg.n_train, cfg.n_dev, cfg.n_test)
-            train, dev, test = splits["train"], splits["dev"], splits["test"]
-        else:
-            task = D.load_task_yaml(cfg.task)
-            if not cfg.train_file:
-                raise D.DataError(f"task {cfg.task} needs train_file=PATH with its examples")
-            train = D.load_task_examples(task, cfg.train_file)
-            dev = D.load_task_examples(task, cfg.dev_file) if cfg.dev_file else []
-            test = []
+        task = D.load_task_yaml(cfg.task)
+        if not cfg.train_file:
+            raise D.DataError(f"task {cfg.task} needs train_file=PATH with its examples")
+        dev = D.load_task_examples(task, cfg.dev_file) if cfg.dev_file else []
+        return dict(train=D.load_task_examples(task, cfg.train_file), dev=dev, test=[])
+    return dict(train=D.read_text_rows(cfg.train_file), dev=D.read_text_rows(cfg.dev_file) if cfg.dev_file else [])
+
+
+def build_task(cfg: TrainConfig, tokenizer, data: dict | None = None) -> Task:
+    """read_data's output (read now when not given) tokenized where the task needs it."""
+    data = read_data(cfg) if data is None else data
+    if cfg.task:
+        train, dev, test = data["train"], data["dev"], data["test"]
         if cfg.objective == "lm":  # LM on the gold answer: prompt + correct candidate as a prompt/completion row
             def as_lm(examples):
                 rows = [{"prompt": e.prompt, "completion": e.candidates[e.label]} for e in examples]
@@ -79,8 +91,9 @@ def build_task(cfg: TrainConfig, tokenizer) -> Task:
 
             return Task("lm", as_lm(train), dev, test)  # dev stays classification: accuracy is what we select on
         return Task("classification", train, dev, test)
-    train = D.load_text_dataset(cfg.train_file, tokenizer, cfg.max_length, cfg.train_on_prompt)
-    dev = D.load_text_dataset(cfg.dev_file, tokenizer, cfg.max_length, cfg.train_on_prompt) if cfg.dev_file else []
+    train = D.tokenize_rows(data["train"], tokenizer, cfg.max_length, cfg.train_on_prompt, source=cfg.train_file)
+    dev = (D.tokenize_rows(data["dev"], tokenizer, cfg.max_length, cfg.train_on_prompt, source=cfg.dev_file)
+           if data["dev"] else [])
     return Task("lm", train, dev, [])
 
 
@@ -190,6 +203,9 @@ class RunDir:
             if not (self.path / "best").is_dir():
                 raise TrainingError(f"{self.path} has no best checkpoint (no dev evaluation ran)")
             return self.path / "best"
+        which = str(which)
+        if which != "last" and not which.isdigit():
+            raise TrainingError(f"checkpoint must be best, last or a step number (got {which!r})")
         steps = self.steps()
         if not steps:
             raise TrainingError(f"{self.path} has no checkpoints")
@@ -245,6 +261,8 @@ def load_trained(path: Path, targets) -> dict:
 def load_for_training(cfg: TrainConfig):
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     source = resolve_source(cfg.model)
+    if cfg.model not in ("", "default") and not Path(source).exists():
+        raise TrainingError(f"model {cfg.model} does not exist")
     quantized = is_quantized_dir(Path(source))
     if cfg.method == "qzo" and not quantized:
         raise TrainingError(f"method=qzo trains the scales of a quantized model; {source} is not one "
@@ -333,128 +351,214 @@ def trained_count(targets) -> int:
     return sum(t.tensor.numel() for t in targets)
 
 
+# ---- starting, resuming, replacing a run ---------------------------------------------------------------------------
+# keys a resume may change: how long, how often, what is printed, where the model is placed (placement is tested
+# bit-identical: offload on/off, any gpu_memory and prefetch_depth give the same trained tensors). Everything else
+# changes what the run computes (data, dev set, schedule, z), so a run resumed with it would be two runs in one.
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep_last", "progress", "overwrite",
+                     "output_dir", "offload", "gpu_memory", "prefetch_depth")
+
+
+def saved_config(run: RunDir) -> dict:
+    """The config the run's last checkpoint was trained with (older runs: config.yaml), missing keys defaulted."""
+    state = json.loads((run.checkpoint("last") / "state.json").read_text())
+    old = state.get("config") or yaml.safe_load((run.path / "config.yaml").read_text()) or {}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return {**defaults, **old}
+
+
+def check_resume(run: RunDir, cfg: TrainConfig) -> None:
+    """Refuse to resume with a config that differs from the checkpoint's outside RESUMABLE_CHANGES."""
+    old = saved_config(run)
+    new = cfg.to_dict()
+    for key in PATH_KEYS:  # runs written before paths were stored resolved
+        if old.get(key) and old[key] not in SYMBOLIC.get(key, ()):
+            old[key] = os.path.abspath(os.path.expanduser(str(old[key])))
+    changed = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
+    if changed:
+        diff = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in changed)
+        raise TrainingError(f"cannot resume {run.path}: the config differs from its checkpoint in {diff} (a resume "
+                            f"may change only {', '.join(RESUMABLE_CHANGES[:6])} and the placement: "
+                            f"{', '.join(RESUMABLE_CHANGES[8:])}); use another output_dir or overwrite=true")
+
+
+def open_run(cfg: TrainConfig) -> tuple[RunDir, bool]:
+    """Decide, before anything is loaded, what output_dir means: (run, replace) where replace says an old run is
+    to be replaced once the new one can start. Resuming is run.steps() non-empty and replace False."""
+    run = RunDir(cfg.output_dir)
+    if run.path.exists() and not run.path.is_dir():
+        raise TrainingError(f"output_dir {run.path} is a file, not a directory")
+    if not run.path.exists() or not any(run.path.iterdir()):
+        return run, False
+    if cfg.overwrite:
+        if not is_run_dir(run.path):
+            raise TrainingError(f"output_dir {run.path} is not a qzo2 run directory (no config.yaml and checkpoints/)"
+                                f"; overwrite=true replaces only a run, so choose another output_dir")
+        return run, True
+    if not run.steps():
+        raise TrainingError(f"{run.path} exists and holds no checkpoint to resume (set overwrite=true)")
+    check_resume(run, cfg)
+    return run, False
+
+
+def write_config(run: RunDir, cfg: TrainConfig, given: TrainConfig) -> None:
+    """run/config.yaml: the config with resolved paths; a comment keeps the paths as they were typed."""
+    typed = {k: getattr(given, k) for k in PATH_KEYS if getattr(given, k) != getattr(cfg, k)}
+    head = "# qzo2 train config (paths resolved)"
+    if typed:
+        head += f"; as given in {os.getcwd()}: " + ", ".join(f"{k}={v!r}" for k, v in typed.items())
+    text = head.replace("\n", " ") + "\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    tmp = run.path / ".config.yaml.tmp"
+    tmp.write_text(text)
+    tmp.replace(run.path / "config.yaml")
+
+
+def replace_run(run: RunDir) -> None:
+    """Move the old run aside in one rename and delete it; the new one starts in its place."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{run.path.name}.old-", dir=run.path.parent))
+    os.replace(run.path, trash / "run")
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (SLURM, Kubernetes, torchrun) inside the loop: note the signal, let the step
+    finish, then the trainer saves and returns; handlers are put back on exit. Off the main thread, nothing is
+    installed (Python allows signal handlers only there)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 # ---- the loop -------------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> dict:
+    """Train per `cfg` into cfg.output_dir (new, resumed, or replacing an old run with overwrite=true); returns
+    {run, step, interrupted, signal, best_step, best_metric, skipped, trained}."""
     from tqdm.auto import tqdm
 
-    run = RunDir(cfg.output_dir)
-    if cfg.overwrite and run.path.exists():
-        shutil.rmtree(run.path)
-    resumed_from = run.steps()[-1] if run.steps() else None
-    if resumed_from is None and run.path.exists() and any(run.path.iterdir()):
-        raise TrainingError(f"{run.path} exists and holds no checkpoint to resume (set overwrite=true)")
-    if resumed_from is not None:
-        old = yaml.safe_load((run.path / "config.yaml").read_text())
-        changed = [k for k in ("method", "model", "task", "train_file", "seed", "batch_size", "n_pairs", "eps")
-                   if old.get(k) != getattr(cfg, k)]
-        if changed:
-            raise TrainingError(f"{run.path} was trained with a different {changed[0]}; "
-                                f"use another output_dir or overwrite=true")
+    given, cfg = cfg, resolve_paths(cfg)
+    run, replace = open_run(cfg)  # output_dir checked and the resume validated before anything loads
+    resuming = bool(run.steps()) and not replace
+    data = read_data(cfg)  # data errors before the model (minutes at 7B)
     model, tokenizer, targets = load_for_training(cfg)
     where = placement(model)
-    task = build_task(cfg, tokenizer)
+    task = build_task(cfg, tokenizer, data)
     if not task.train:
         raise TrainingError("no training examples")
+    if replace:  # the new run can start: only now does the old one go
+        replace_run(run)
     run.path.mkdir(parents=True, exist_ok=True)
-    (run.path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_config(run, cfg, given)
 
     state = {"step": 0, "skipped": 0, "consecutive_skips": 0, "clipped": 0, "best_step": None, "best_metric": None,
              "trained": trained_count(targets), "method": cfg.method}
 
     def save(state: dict) -> None:
         flush(model)
-        save_checkpoint(run, targets, state, cfg.keep_last)
+        save_checkpoint(run, targets, dict(state, config=cfg.to_dict()), cfg.keep_last)
+        state["saved_step"] = state["step"]
 
     dev_kind = "classification" if cfg.task else "lm"  # tasks are selected by accuracy even when trained as LM
-    if resumed_from is not None:
-        state = load_trained(run.checkpoint("last"), targets)
-        run.truncate_metrics(state["step"])
-    elif task.dev:
-        first = evaluate(model, dev_kind, task.dev, tokenizer, cfg)
-        run.log({"step": 0, **{f"dev_{k}": v for k, v in first.items()}})
-        state.update(best_step=0, best_metric=dev_metric(first))
-        save(state)
-        _copy_best(run)
+
+    def evaluate_dev(step: int) -> None:
+        m = evaluate(model, dev_kind, task.dev, tokenizer, cfg)
+        run.log({"step": step, **{f"dev_{k_}": v for k_, v in m.items()}})
+        if step:
+            bar.write(f"step {step}: " + ", ".join(f"dev {k_} {v:.4f}" for k_, v in m.items()))
+        if state["best_metric"] is None or dev_metric(m) > state["best_metric"]:
+            state.update(best_step=step, best_metric=dev_metric(m))
+            save(state)
+            _copy_best(run)
+
     k = cfg.n_pairs
-    interrupted = False
-
-    def on_sigint(signum, frame):
-        nonlocal interrupted
-        interrupted = True
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"{cfg.method} train", disable=not cfg.progress)
-    window = {"loss": 0.0, "d": 0.0, "n": 0, "clipped": 0, "tokens": 0, "t0": time.perf_counter()}
-    if where["streamed_blocks"]:
-        bar.write(f"{where['device']}: streaming {where['streamed_blocks']} of {where['blocks']} decoder blocks "
-                  f"(prefetch depth {where['prefetch_depth']})")
+    stop = StopSignals()
+    bar = tqdm(total=cfg.steps, initial=0, desc=f"{cfg.method} train", disable=not cfg.progress)
     try:
-        while state["step"] < cfg.steps and not interrupted:
-            step = state["step"]
-            seed = spsa.step_seed(cfg.seed, step)
-            batch = encode(task, D.batch_at(task.train, cfg.batch_size, cfg.seed, step), tokenizer, cfg)
-            stacked = spsa.repeat_batch(batch, 2 * k)
-            with torch.no_grad(), spsa.dual_forward(targets, seed, cfg.eps, k):
-                losses = chunk_losses(model, task, stacked, 2 * k)
-            state["step"] = step + 1
-            if not torch.isfinite(losses).all():
-                state["skipped"] += 1
-                state["consecutive_skips"] += 1
-                run.log({"step": step + 1, "skipped": True, "losses": [float(x) for x in losses]})
-                bar.write(f"step {step + 1}: non-finite loss, step skipped ({state['consecutive_skips']} in a row)")
-                if state["consecutive_skips"] >= cfg.max_skips:
-                    raise TrainingError(f"{cfg.max_skips} consecutive non-finite losses at step {step + 1}; "
-                                        f"last good checkpoint: {run.checkpoint('last') if run.steps() else 'none'}")
+        with stop:
+            if resuming:
+                state = load_trained(run.checkpoint("last"), targets)
+                state.pop("config", None)
+                run.truncate_metrics(state["step"])
+                bar.update(state["step"])
+            elif task.dev:
+                evaluate_dev(0)
+            window = {"loss": 0.0, "d": 0.0, "n": 0, "clipped": 0, "tokens": 0, "t0": time.perf_counter()}
+            if where["streamed_blocks"]:
+                bar.write(f"{where['device']}: streaming {where['streamed_blocks']} of {where['blocks']} decoder "
+                          f"blocks (prefetch depth {where['prefetch_depth']})")
+            while state["step"] < cfg.steps and stop.signum is None:
+                step = state["step"]
+                seed = spsa.step_seed(cfg.seed, step)
+                batch = encode(task, D.batch_at(task.train, cfg.batch_size, cfg.seed, step), tokenizer, cfg)
+                stacked = spsa.repeat_batch(batch, 2 * k)
+                with torch.no_grad(), spsa.dual_forward(targets, seed, cfg.eps, k):
+                    losses = chunk_losses(model, task, stacked, 2 * k)
+                state["step"] = step + 1
+                if torch.isfinite(losses).all():
+                    state["consecutive_skips"] = 0
+                    d = spsa.projected_gradients(losses, cfg.eps)
+                    dc = d.clamp(-cfg.clip, cfg.clip) if cfg.clip else d
+                    clipped = int((dc != d).sum())
+                    state["clipped"] += clipped
+                    lr = lr_at(cfg, step)
+                    apply_step_update(model, targets, seed, [lr * float(x) / k for x in dc], cfg.weight_decay, lr,
+                                      cfg.scale_floor if cfg.method == "qzo" else None)
+                    window["loss"] += float(losses.mean())
+                    window["d"] += float(d.abs().mean())
+                    window["clipped"] += clipped
+                    window["n"] += 1
+                    window["tokens"] += int(batch["attention_mask"].sum())
+                else:  # a non-finite loss never reaches the scales; the step's tail (log, eval, save) still runs
+                    state["skipped"] += 1
+                    state["consecutive_skips"] += 1
+                    run.log({"step": step + 1, "skipped": True, "losses": [float(x) for x in losses]})
+                    bar.write(f"step {step + 1}: non-finite loss, step skipped ({state['consecutive_skips']} in a row)")
+                    if state["consecutive_skips"] >= cfg.max_skips:
+                        raise TrainingError(f"{cfg.max_skips} consecutive non-finite losses at step {step + 1}; last "
+                                            f"good checkpoint: {run.checkpoint('last') if run.steps() else 'none'}")
                 bar.update()
-                continue
-            state["consecutive_skips"] = 0
-            d = spsa.projected_gradients(losses, cfg.eps)
-            dc = d.clamp(-cfg.clip, cfg.clip) if cfg.clip else d
-            clipped = int((dc != d).sum())
-            state["clipped"] += clipped
-            lr = lr_at(cfg, step)
-            apply_step_update(model, targets, seed, [lr * float(x) / k for x in dc], cfg.weight_decay, lr,
-                              cfg.scale_floor if cfg.method == "qzo" else None)
-            window["loss"] += float(losses.mean())
-            window["d"] += float(d.abs().mean())
-            window["clipped"] += clipped
-            window["n"] += 1
-            window["tokens"] += int(batch["attention_mask"].sum())
-            bar.update()
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                dt = time.perf_counter() - window["t0"]
-                rec = {"step": step + 1, "loss": window["loss"] / window["n"], "d": window["d"] / window["n"],
-                       "clip_rate": window["clipped"] / (window["n"] * k), "lr": lr,
-                       "tok_s": window["tokens"] / dt, "s_per_step": dt / window["n"], "skipped": state["skipped"]}
-                if where:  # the first training line of this process says where the model ran
-                    rec.update(where)
-                    where = None
-                run.log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", d=f"{rec['d']:.3g}", clip=f"{rec['clip_rate']:.2f}",
-                                lr=f"{lr:.2g}", tok_s=f"{rec['tok_s']:.0f}")
-                window = {"loss": 0.0, "d": 0.0, "n": 0, "clipped": 0, "tokens": 0, "t0": time.perf_counter()}
-            evaluate_now = task.dev and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps)
-            if evaluate_now:
-                t_eval = time.perf_counter()
-                m = evaluate(model, dev_kind, task.dev, tokenizer, cfg)
-                window["t0"] += time.perf_counter() - t_eval  # tokens/s counts training time only
-                run.log({"step": step + 1, **{f"dev_{k_}": v for k_, v in m.items()}})
-                bar.write(f"step {step + 1}: " + ", ".join(f"dev {k_} {v:.4f}" for k_, v in m.items()))
-                if state["best_metric"] is None or dev_metric(m) > state["best_metric"]:
-                    state.update(best_step=step + 1, best_metric=dev_metric(m))
+                last = step + 1 == cfg.steps
+                if window["n"] and ((step + 1) % cfg.log_every == 0 or last):
+                    dt = time.perf_counter() - window["t0"]
+                    rec = {"step": step + 1, "loss": window["loss"] / window["n"], "d": window["d"] / window["n"],
+                           "clip_rate": window["clipped"] / (window["n"] * k), "lr": lr_at(cfg, step),
+                           "tok_s": window["tokens"] / dt, "s_per_step": dt / window["n"], "skipped": state["skipped"]}
+                    if where:  # the first training line of this process says where the model ran
+                        rec.update(where)
+                        where = None
+                    run.log(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", d=f"{rec['d']:.3g}", clip=f"{rec['clip_rate']:.2f}",
+                                    lr=f"{rec['lr']:.2g}", tok_s=f"{rec['tok_s']:.0f}")
+                    window = {"loss": 0.0, "d": 0.0, "n": 0, "clipped": 0, "tokens": 0, "t0": time.perf_counter()}
+                if task.dev and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
+                    t_eval = time.perf_counter()
+                    evaluate_dev(step + 1)
+                    window["t0"] += time.perf_counter() - t_eval  # tokens/s counts training time only
+                if ((step + 1) % cfg.save_every == 0 or last) and state.get("saved_step") != step + 1:
                     save(state)
-                    _copy_best(run)
-                    continue
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            if stop.signum is not None and state.get("saved_step") != state["step"]:
                 save(state)
     finally:
         bar.close()
-        signal.signal(signal.SIGINT, previous)
-    if interrupted:
-        save(state)
     plot_metrics(run)
-    return {"run": str(run.path), "step": state["step"], "interrupted": interrupted, "best_step": state["best_step"],
-            "best_metric": state["best_metric"], "skipped": state["skipped"], "trained": state["trained"]}
+    return {"run": str(run.path), "step": state["step"], "interrupted": stop.signum is not None,
+            "signal": stop.signum, "best_step": state["best_step"], "best_metric": state["best_metric"],
+            "skipped": state["skipped"], "trained": state["trained"]}
 
 
 def _copy_best(run: RunDir) -> None:

@@ -74,3 +74,70 @@ def make_model_dir(tmp_path, tokenizer):
 
 def input_ids(batch: int = 2, seq: int = 12, vocab: int = 300, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def tiny(make_model_dir, tmp_path):
+    """(quantized dir, unquantized dir, train jsonl) for a tiny Llama."""
+    import json
+
+    from quant.checkpoint import atomic_dir, open_source, quantize
+    from quant.format import QuantConfig
+
+    src, model = make_model_dir("llama")
+    q = tmp_path / "q"
+    with atomic_dir(q) as tmp:
+        quantize(open_source(src), tmp, QuantConfig(bits=4, group_size=32), progress=False)
+    words = TEXT.split()
+    rows = [{"prompt": " ".join(words[i:i + 4]), "completion": " " + " ".join(words[i + 4:i + 8])} for i in range(0, 32, 8)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return q, src, data
+
+
+def train_config(tmp_path, model, data, **kw):
+    """A small TrainConfig for the tiny models: text data, 40 steps, dev = train, run dir under tmp_path."""
+    from qzo2.config import TrainConfig
+
+    base = dict(model=str(model), task="", train_file=str(data), dev_file=str(data), steps=40, batch_size=4, lr=1e-3,
+                eps=1e-3, max_length=32, eval_every=20, save_every=10, log_every=5, output_dir=str(tmp_path / "run"),
+                progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def patch_losses(monkeypatch, hook):
+    """Wrap the trainer's loss: hook(call number from 1, losses) -> losses, e.g. to send a signal in a given step
+    or to make its loss NaN. Returns the call counter."""
+    from qzo2 import trainer
+
+    real = trainer.chunk_losses
+    calls = {"n": 0}
+
+    def wrapped(*args):
+        calls["n"] += 1
+        return hook(calls["n"], real(*args))
+
+    monkeypatch.setattr(trainer, "chunk_losses", wrapped)
+    return calls
+
+
+def signal_at(call: int, signum: int):
+    """A patch_losses hook that sends `signum` to this process during the given loss call."""
+    import os
+
+    def hook(n, losses):
+        if n == call:
+            os.kill(os.getpid(), signum)
+        return losses
+
+    return hook
+
+
+def nan_at(*calls: int, from_call: int | None = None):
+    """A patch_losses hook making the losses of the given calls (and of every call >= from_call) NaN."""
+
+    def hook(n, losses):
+        return losses * float("nan") if n in calls or (from_call is not None and n >= from_call) else losses
+
+    return hook

@@ -166,7 +166,19 @@ def test_eval_perplexity(make_model_dir, tmp_path, capsys):
     assert main(["eval", str(dst), "--ppl", str(text), "--seqlen", "16", "--nseq", "4"]) == 0
     out = capsys.readouterr().out
     ppl = float([line for line in out.splitlines() if line.startswith("perplexity ")][0].split()[1])
-    assert 1 < ppl < 10_000  # random model over a ~320-token vocab: near-uniform
+    # independent: HF's own shifted LM loss (labels=input_ids) on the same 4 windows of 16 tokens
+    import math
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from quant.checkpoint import load_quantized
+
+    model = load_quantized(dst)
+    ids = AutoTokenizer.from_pretrained(dst)(TEXT, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    with torch.no_grad():
+        losses = [float(model(input_ids=w[None], labels=w[None]).loss) for w in ids[:64].view(4, 16)]
+    assert ppl == pytest.approx(math.exp(sum(losses) / 4), rel=1e-3)  # printed with 2 decimals
     run_bad(capsys, ["eval", str(dst), "--ppl", str(tmp_path / "missing.txt")], "does not exist")
 
 

@@ -436,3 +436,88 @@ def test_shared_prompt_scores_equal_per_candidate_rows(tokenizer):
             return candidate_logprobs(out.logits, b)
 
         torch.testing.assert_close(scores(shared), scores(rows), rtol=1e-5, atol=1e-5)
+
+
+def test_jsonl_lines_may_hold_unicode_line_separators(tmp_path):
+    """JSON Lines splits at \\n only: U+2028, U+2029, U+0085 and \\x1c are legal raw inside a JSON string."""
+    texts = ["one\u2028two", "three\u0085four\u2029five", "six\x1cseven"]
+    path = tmp_path / "u.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in texts), encoding="utf-8")
+    rows = D.read_rows(path)
+    assert [r for _, r in rows] == [{"text": t} for t in texts]
+    assert [where for where, _ in rows] == [f"{path} line {n}" for n in (1, 2, 3)]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tok():
+    """A real SentencePiece BPE model (trained here by the sentencepiece package) in Llama-2's hub tokenizer.json
+    form: normalizer Prepend('▁') + Replace(' ', '▁'), no pre-tokenizer, byte fallback, BOS added. Like Llama-2 it
+    encodes " great" alone as ['▁', '▁great'] but "It was great" as ['▁It', '▁was', '▁great']."""
+    import io
+    import tempfile
+
+    import sentencepiece as spm
+    from tokenizers import normalizers
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+    from conftest import TEXT
+
+    words = TEXT.split()
+    lines = [" ".join(words[i:i + 8]) for i in range(0, len(words), 8)]
+    lines += ["It was great", "It was terrible", "Is it true? Yes or No?"] * 30
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=proto, vocab_size=330,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True,
+                                   remove_extra_whitespaces=False, minloglevel=3)
+    with tempfile.TemporaryDirectory() as d:
+        with open(f"{d}/tokenizer.model", "wb") as f:
+            f.write(proto.getvalue())
+        backend = LlamaTokenizer.from_pretrained(d)._tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    from tokenizers.processors import TemplateProcessing
+
+    backend.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="</s>")
+    assert tok.tokenize(" great") == ["▁", "▁great"] and tok.tokenize("It was great")[-1] == "▁great"
+    return tok
+
+
+@pytest.mark.parametrize("prompt,cands,expect", [
+    ("the quick brown fox It was", [" terrible", " great"], [["▁terrible"], ["▁great"]]),
+    ("Is it true? Yes or No?\n", ["Yes", "No"], [["Y", "es"], ["No"]]),  # after a newline: no dummy-prefix '▁'
+])
+def test_sentencepiece_candidates_are_tokenized_in_context(sentencepiece_tok, prompt, cands, expect):
+    tok = sentencepiece_tok
+    assert tok.tokenize(cands[0])[0].startswith("▁")  # alone, each candidate would get a '▁' it never has here
+    b = encode_candidates([ClassificationExample(prompt, cands, 1)], tok, 64)
+    # the joint encoding of prompt + candidate, split as lm-evaluation-harness splits (context, continuation)
+    joint = [tok(prompt + c).input_ids for c in cands]
+    prompt_ids = tok(prompt).input_ids
+    assert all(j[:len(prompt_ids)] == prompt_ids for j in joint)
+    assert [tok.convert_ids_to_tokens(j[len(prompt_ids):]) for j in joint] == expect
+    if all(len(e) == 1 for e in expect):  # single tokens: one shared prompt row scores both
+        assert b["cand_ids"].tolist() == [[j[-1] for j in joint]]
+        assert b["input_ids"][0][b["attention_mask"][0].bool()].tolist() == prompt_ids
+    else:
+        assert [b["input_ids"][r][b["attention_mask"][r].bool()].tolist() for r in range(2)] == joint
+    # scores equal the joint sequences' own mean log-likelihoods (an untouched forward of prompt + candidate)
+    model = build_model("llama", vocab_size=len(tok) + 10)
+    with torch.no_grad():
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
+                    logits_to_keep=b["n_last"])
+        scores = candidate_logprobs(out.logits, b)
+        brute = []
+        for j in joint:
+            lp = torch.log_softmax(model(torch.tensor([j])).logits[0].double(), -1)
+            n = len(j) - len(prompt_ids)
+            brute.append(float(sum(lp[len(j) - n - 1 + i, j[len(j) - n + i]] for i in range(n)) / n))
+    torch.testing.assert_close(scores[0].double(), torch.tensor(brute, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_sentencepiece_completion_rows_are_tokenized_in_context(sentencepiece_tok):
+    tok = sentencepiece_tok
+    row = D.tokenize_row({"prompt": "It was", "completion": " great"}, tok, 32)
+    assert row["input_ids"] == tok("It was great").input_ids + [tok.eos_token_id]
+    assert [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != D.IGNORE] == \
+        tok.convert_tokens_to_ids(["▁great", "</s>"])
