@@ -127,29 +127,71 @@ class QuantLinear(nn.Module):
         s = self.scales if scales is None else scales
         return kernels.dequant(self.qweight, self.zeros, s, self._g_idx_or_none(), self.bits, self.codebook, dtype)
 
+    def _linear(self, x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """x @ (scales ⊙ (q − z))ᵀ + bias by the resolved backend (no autograd through the weight)."""
+        backend = self.resolved_backend(x.dtype)
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        if backend == "int4pack":
+            if self._packed is None:
+                self._packed = kernels.int4pack_weight(self.qweight, self.bits)
+            return kernels.int4pack_linear(x, self._packed, self.zeros, scales, self.group_size, self.bias)
+        if backend == "triton":
+            w = triton_dequant(self.qweight, self.zeros, scales, self._g_idx_or_none(), self.bits, self.codebook, dtype)
+            return F.linear(x, w, None if self.bias is None else self.bias.to(dtype))
+        return kernels.dequant_linear(x, self._base(dtype), scales, self._g_idx_or_none(), self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.chunk_scales is None and (self.scales.requires_grad or x.requires_grad):
+            return ScaledLinearFunction.apply(x, self.scales, self)
         scale_sets = self.chunk_scales if self.chunk_scales is not None else [self.scales]
         m = len(scale_sets)
         if x.shape[0] % m:
             raise ValueError(f"batch of {x.shape[0]} rows cannot be split into {m} equal scale chunks")
         xs = x.split(x.shape[0] // m) if m > 1 else (x,)
-        backend = self.resolved_backend(x.dtype)
-        dtype = x.dtype if x.is_floating_point() else torch.float32
-        bias = None if self.bias is None else self.bias.to(dtype)
-        if backend == "int4pack":
-            if self._packed is None:
-                self._packed = kernels.int4pack_weight(self.qweight, self.bits)
-            ys = [kernels.int4pack_linear(xi, self._packed, self.zeros, s, self.group_size, self.bias)
-                  for xi, s in zip(xs, scale_sets)]
-        elif backend == "triton":
-            g_idx = self._g_idx_or_none()
-            ys = [F.linear(xi, triton_dequant(self.qweight, self.zeros, s, g_idx, self.bits, self.codebook, dtype), bias)
-                  for xi, s in zip(xs, scale_sets)]
-        else:
-            base = self._base(dtype)
-            ys = [kernels.dequant_linear(xi, base, s, self._g_idx_or_none(), self.bias) for xi, s in zip(xs, scale_sets)]
+        ys = [self._linear(xi, s) for xi, s in zip(xs, scale_sets)]
         return ys[0] if m == 1 else torch.cat(ys)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}, backend={self.backend}")
+
+
+class ScaledLinearFunction(torch.autograd.Function):
+    """y = x @ Wᵀ + b with W = s ⊙ (q − z), differentiable in x and in the scales s, that keeps no dense weight
+    between forward and backward: it saves x and s (the codes are the layer's buffers), and backward recomputes
+    q − z for this one layer. The forward runs whichever backend the layer resolves (int4pack, Triton, torch), none of
+    which has a backward of its own.
+      ∂L/∂x = ∂L/∂y · W
+      ∂L/∂s[g, n] = Σ_{k in group g} ∂L/∂W[n, k] · (q − z)[n, k],   ∂L/∂W = (∂L/∂y)ᵀ x
+    Plain autograd through `dequant` would instead keep a dequantized copy of every layer alive until backward (2-4
+    bytes per weight). Backward holds one layer's dense (q − z), W and ∂L/∂W at a time, in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, scales, layer):
+        ctx.layer = layer
+        ctx.save_for_backward(x, scales)
+        return layer._linear(x, scales)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, scales = ctx.saved_tensors
+        layer = ctx.layer
+        g_idx = layer._g_idx_or_none()
+        base = layer._base(torch.float32)  # [N, K], q − z
+        n, k = base.shape
+        dy2 = dy.reshape(-1, n).float()
+        dx = ds = None
+        if ctx.needs_input_grad[0]:
+            w = kernels.apply_scales(base, scales.float(), g_idx)
+            dx = (dy2 @ w).reshape(x.shape).to(x.dtype)
+            del w
+        if ctx.needs_input_grad[1]:
+            dw = dy2.t() @ x.reshape(-1, k).float()  # [N, K]
+            dw.mul_(base)
+            if g_idx is None:
+                ds = dw.view(n, scales.shape[0], k // scales.shape[0]).sum(-1).t()
+            else:
+                ds = torch.zeros(scales.shape, dtype=torch.float32, device=dw.device).index_add_(
+                    0, g_idx.long(), dw.t())
+            ds = ds.to(scales.dtype)
+        return dx, ds, None

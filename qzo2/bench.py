@@ -246,7 +246,8 @@ def bench_accuracy(out: Path, seed: int, qzo_recipe: str, mezo_recipe: str, rows
     return results
 
 # ---- speed benchmark (`qzo2 bench`, BENCHMARKS.md): random-weight models built in place, one ZO step per mode -------
-MODES = ("forward", "qzo", "qzo-offload", "mezo", "zo2")
+FIRST_ORDER_MODES = ("lomo", "adalomo", "adamw")  # first-order steps on the int4 scales
+MODES = ("forward", "qzo", "qzo-offload", "mezo", "zo2") + FIRST_ORDER_MODES
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GB = 1 << 30  # every *_gb field is in GiB (2^30 bytes), as torch.cuda.max_memory_allocated() / 1024**3 is
 # one JSON line per mode, these keys in this order (see bench_mode); ratio_to_forward is 1.0 for forward itself
@@ -351,26 +352,15 @@ def random_batch(vocab_size: int, batch: int, seq: int, device, seed: int = 0) -
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def zo_step(model, targets, batch: dict, seed: int, floor: float | None = None, eps: float | None = None,
-            lr: float | None = None, clip: float | None = None) -> torch.Tensor:
-    """One zeroth-order step as `qzo2 train` takes it (n_pairs 1, the recipe defaults for eps/lr/clip): one batched
-    forward of the batch stacked twice inside spsa.dual_forward, chunked LM losses, the projected gradient, DDC
-    clip, the in-place update. A non-finite loss skips the update, as the trainer does. -> the two losses."""
-    from . import spsa
-    from .config import FIELDS
-    from .trainer import apply_step_update, lm_chunk_losses
+def bench_method(mode: str, model, targets, **overrides):
+    """The Method `qzo2 train` would build for a bench mode (recipe defaults for eps/lr/clip; overrides as keys of
+    TrainConfig), on the LM loss: bench times exactly the step the trainer runs."""
+    from .config import TrainConfig
+    from .methods import build_method
 
-    eps = FIELDS["eps"].default if eps is None else eps
-    lr = FIELDS["lr"].default if lr is None else lr
-    clip = FIELDS["clip"].default if clip is None else clip
-    stacked = spsa.repeat_batch(batch, 2)
-    with torch.no_grad(), spsa.dual_forward(targets, seed, eps, 1):
-        losses = lm_chunk_losses(model, stacked, 2)
-    if torch.isfinite(losses).all():
-        d = spsa.projected_gradients(losses, eps)
-        d = d.clamp(-clip, clip) if clip else d
-        apply_step_update(model, targets, seed, [lr * float(x) for x in d], 0.0, lr, floor)
-    return losses
+    method = {"qzo-offload": "qzo", "zo2": "mezo"}.get(mode, mode)
+    cfg = TrainConfig(method=method, task="sentiment", progress=False, **overrides)
+    return build_method(cfg, model, targets, "lm")
 
 
 def _sync(device: torch.device) -> None:
@@ -451,21 +441,21 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
     transfer floor a step cannot beat."""
     from quant.checkpoint import decoder_blocks
 
-    from . import engine, spsa
-    from .config import FIELDS
-    from .trainer import lm_chunk_losses, set_cache_base
+    from . import engine
+    from .methods import scale_targets, weight_targets
+    from .objective import lm_chunk_losses
 
-    quantized = mode in ("qzo", "qzo-offload")
+    quantized = mode in ("qzo", "qzo-offload") + FIRST_ORDER_MODES
     offload = mode in ("qzo-offload", "zo2")
     t0 = time.perf_counter()
     model = random_model(shape, dtype, device, quantized, bits, group_size,
                          codes_device="cpu" if offload else None, seed=seed)
     streamer = None
     if quantized:
-        targets = spsa.qzo_targets(model)
-        set_cache_base("auto", [t.module for t in targets], device)
+        targets = scale_targets(model)
+        engine.set_cache_base("auto", [t.module for t in targets], device)
     elif mode in ("mezo", "zo2"):
-        targets = spsa.mezo_targets(model, ("linear",))
+        targets = weight_targets(model, ("linear",))
     elif mode == "forward":
         targets = None
     else:
@@ -479,14 +469,15 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
     build_s = time.perf_counter() - t0
     floor_ms = h2d_floor_ms(streamer) if streamer is not None else None
     data = random_batch(model.config.vocab_size, batch, seq, device, seed)
-    floor = FIELDS["scale_floor"].default if quantized else None
+    method = bench_method(mode, model, targets, seed=seed) if targets is not None else None
 
-    def step(i: int):
-        if targets is None:  # the floor: two plain forwards (decoder + the same chunked LM head and loss)
+    def step(i: int) -> float:
+        if method is None:  # the floor: two plain forwards (decoder + the same chunked LM head and loss)
             with torch.no_grad():
                 lm_chunk_losses(model, data, 1)
-                return lm_chunk_losses(model, data, 1)
-        return zo_step(model, targets, data, spsa.step_seed(seed, i), floor)
+                return float(lm_chunk_losses(model, data, 1)[0])
+        metrics = method.step(data, i)
+        return metrics.get("loss", float("nan"))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -496,10 +487,10 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
             moved = (streamer.stats["h2d_bytes"], streamer.stats["d2h_bytes"])
         _sync(device)
         ts = time.perf_counter()
-        losses = step(i)
+        loss = step(i)
         _sync(device)
         times.append(time.perf_counter() - ts)
-    if not torch.isfinite(losses).all():
+    if not math.isfinite(loss):
         raise RuntimeError(f"{mode}: the random {shape} model gave a non-finite loss")
     step_ms = 1e3 * statistics.median(times[warmup:][steps // 2:])
     h2d = (streamer.stats["h2d_bytes"] - moved[0]) / steps if streamer else 0
@@ -514,7 +505,7 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
             "torch_peak_gb": torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None,
             "nvml_used_gb": _nvml_used_gb(device), "h2d_gb_per_step": h2d / GB, "d2h_gb_per_step": d2h / GB,
             "host_rss_gb": host_rss_gb(), "ratio_to_forward": 1.0 if mode == "forward" else None,
-            "loss": float(losses.float().mean()), "error": None}
+            "loss": loss, "error": None}
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -572,7 +563,7 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
         dtype = "bf16" if dev.type == "cuda" else "fp32"
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    if any(m in ("qzo", "qzo-offload") for m in modes):
+    if any(m in ("qzo", "qzo-offload") + FIRST_ORDER_MODES for m in modes):
         _check_quantizable(make_config(shape), bits, group_size)
     if compare and "forward" in modes:
         modes = ["forward"] + [m for m in modes if m != "forward"]

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--nseq", type=int, default=8)
     e.add_argument("--generate", action="append", default=[], metavar="PROMPT", help="greedy generation (repeatable)")
     e.add_argument("--max-new-tokens", type=int, default=40)
-    e.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+    e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="activations (default: a run's training dtype, else fp32)")
     e.add_argument("--device", default=None, help="auto, cpu or cuda (default: a run's device setting, else auto)")
     e.add_argument("--batch-size", type=int, default=None,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +38,22 @@ def _f(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+ZO_METHODS = ("qzo", "mezo")
+FO_METHODS = ("lomo", "adalomo", "adamw")
+METHODS = ZO_METHODS + FO_METHODS
+RENAMED = {"mezo_params": "params"}  # old key -> new key, still read from recipes and old run directories
+
+
 @dataclass
 class TrainConfig:
     # what is trained
-    method: str = _f("qzo", "qzo: the scales of a quantized model; mezo: the weights of an unquantized one",
-                     ("qzo", "mezo"))
+    method: str = _f("qzo", "qzo / mezo: zeroth-order on the scales of a quantized model / the weights of an "
+                            "unquantized one; lomo, adalomo: first-order with the update fused into backward (LOMO, "
+                            "AdaLomo), adamw: plain first-order AdamW (the non-lean reference) -- these three train "
+                            "the scales of a quantized model and the weights of an unquantized one", METHODS)
     model: str = _f("default", "quantized dir (qzo) or HF dir / .gguf (mezo); 'default' = embedded SmolLM2")
-    dtype: str = _f("fp32", "activation and non-quantized weight dtype", ("fp32", "bf16"))
+    dtype: str = _f("fp32", "activation and non-quantized weight dtype (fp16: first-order methods scale the loss)",
+                    ("fp32", "bf16", "fp16"))
     cache_base: str = _f("auto", "qzo on CPU: keep codes-zeros unpacked in fp32 (4 B/weight) to skip unpacking every "
                                  "forward; auto = when it takes < 1/4 of RAM", ("auto", "on", "off"))
     device: str = _f("auto", "where the model computes; auto = cuda when a GPU is available", ("auto", "cpu", "cuda"))
@@ -54,7 +64,8 @@ class TrainConfig:
                              "memory (on CPU: no budget, nothing streamed)")
     prefetch_depth: int = _f(2, "offload: device slots uploads are prefetched into (>= 2)")
     trainable: str = _f("", "regex on tensor names: train only matching ones (e.g. 'layers\\.(2[4-9])\\.'); '' = all")
-    mezo_params: str = _f("linear", "mezo: comma list of module kinds to train: linear, norm, embedding")
+    params: str = _f("linear", "unquantized model: comma list of module kinds whose weights are trained: linear, "
+                              "norm, embedding (was mezo_params)")
     # data
     task: str = _f("sentiment", "'sentiment' (built-in Rotten Tomatoes), a task .yaml, or '' for text data")
     template: str = _f("review", "task=sentiment: the prompt; review = 'Review: {text}\\nSentiment (positive or "
@@ -79,8 +90,15 @@ class TrainConfig:
     n_pairs: int = _f(1, "independent +-eps pairs per step, averaged")
     clip: float = _f(100.0, "DDC: clip the projected gradient to [-clip, clip]; 0 disables")
     scale_floor: float = _f(1e-7, "qzo: scales are clamped at this floor after each update")
-    weight_decay: float = _f(0.0, "mezo: weight decay theta -= lr*wd*theta on weights and embeddings, not on "
-                                  "biases or norm gains (as MeZO's reference); qzo: not allowed")
+    weight_decay: float = _f(0.0, "theta -= lr*wd*theta on weights, embeddings and scales, not on biases or norm "
+                                  "gains (MeZO's reference, HF Trainer); qzo: not allowed (the QZO paper)")
+    clip_grad_norm: float = _f(0.0, "first-order: clip the global gradient norm (LOMO/AdaLomo: two backward passes, "
+                                    "the first only measures); 0 = off")
+    clip_grad_value: float = _f(0.0, "first-order: clip each gradient entry to [-v, v]; 0 = off")
+    loss_scale_window: int = _f(1000, "first-order, dtype=fp16: dynamic loss scale (from 2^16), halved and the step "
+                                      "skipped on overflow, doubled after this many overflow-free steps")
+    gradient_accumulation_steps: int = _f(1, "adamw: micro-batches per step (batch_size is the whole step's); the "
+                                             "fused LOMO/AdaLomo update and ZO steps cannot accumulate")
     max_skips: int = _f(10, "stop with an error after this many consecutive non-finite steps")
     seed: int = _f(0, "seed of the data order, the perturbations and the sentiment splits")
     # evaluation, logging, checkpoints
@@ -117,6 +135,24 @@ class TrainConfig:
                 raise ConfigError(f"gpu_memory={e}") from None
         if not self.task and not self.train_file:
             raise ConfigError("set task (e.g. task=sentiment) or train_file=PATH.jsonl")
+        if self.gradient_accumulation_steps < 1:
+            raise ConfigError(f"gradient_accumulation_steps must be >= 1 (got {self.gradient_accumulation_steps})")
+        if self.gradient_accumulation_steps > 1:
+            why = {"lomo": "LOMO updates each tensor inside backward, as soon as its gradient exists, so there is "
+                           "nothing to accumulate into", "qzo": "a ZO step is one forward of the whole batch",
+                   "mezo": "a ZO step is one forward of the whole batch"}
+            why["adalomo"] = why["lomo"].replace("LOMO", "AdaLomo")
+            if self.method in why:
+                raise ConfigError(f"gradient_accumulation_steps > 1 does not work with method={self.method}: "
+                                  f"{why[self.method]}; raise batch_size instead")
+            if self.batch_size % self.gradient_accumulation_steps:
+                raise ConfigError(f"batch_size {self.batch_size} is not a multiple of gradient_accumulation_steps "
+                                  f"{self.gradient_accumulation_steps}")
+        if self.method in ZO_METHODS and (self.clip_grad_norm or self.clip_grad_value):
+            raise ConfigError("clip_grad_norm / clip_grad_value are for first-order methods; zeroth-order steps clip "
+                              "the projected gradient with clip (DDC)")
+        if self.clip_grad_norm < 0 or self.clip_grad_value < 0 or self.loss_scale_window < 1:
+            raise ConfigError("clip_grad_norm and clip_grad_value must be >= 0, loss_scale_window >= 1")
         if self.weight_decay and self.method == "qzo":
             raise ConfigError("weight_decay is for method=mezo; QZO trains the scales without weight decay (as the "
                               "QZO paper), so set weight_decay=0")
@@ -181,6 +217,24 @@ def _coerce(name: str, value):
     return "" if value is None else str(value)
 
 
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then constant / linear decay to 0 / cosine decay to 0."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1.0 - progress)
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr
+
+
+def renamed(values: dict) -> dict:
+    """Old key names (RENAMED) mapped to the current ones."""
+    return {RENAMED.get(k, k): v for k, v in values.items()}
+
+
 def _check_key(name: str, where: str) -> None:
     if name not in FIELDS:
         close = difflib.get_close_matches(name, FIELDS, n=1)
@@ -203,13 +257,14 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> TrainConfig:
             raise ConfigError(f"{recipe}: invalid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{recipe}: a recipe is a mapping of key: value")
-        for k, v in data.items():
-            _check_key(str(k), recipe)
-            values[str(k)] = _coerce(str(k), v)
+        for k, v in renamed({str(k): v for k, v in data.items()}).items():
+            _check_key(k, recipe)
+            values[k] = _coerce(k, v)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         k, v = item.split("=", 1)
+        k = RENAMED.get(k, k)
         _check_key(k, "overrides")
         values[k] = _coerce(k, yaml.safe_load(v) if v else "")
     return TrainConfig(**values)

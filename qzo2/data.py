@@ -601,6 +601,63 @@ def classification_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(scores, labels.to(scores.device))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# what a run trains on
+
+
+@dataclass
+class Task:
+    """What a run trains on: items, how they are batched (`encode`), and how the dev set is scored."""
+
+    kind: str  # "classification" | "lm": what the training batches are and which loss they take
+    train: list
+    dev: list
+    test: list
+    dev_kind: str = ""  # "classification" for tasks (selected by accuracy even when trained as LM), else "lm"
+
+
+def read_data(cfg) -> dict:
+    """Everything about a run's data that can be checked without a tokenizer (cfg: a TrainConfig), read before
+    the model loads (minutes at 7B), so a bad file fails first: classification examples for a task, validated
+    rows for text data."""
+    if cfg.task == "sentiment":
+        return sentiment_splits(cfg.seed, cfg.n_train, cfg.n_dev, cfg.n_test, template=SENTIMENT_TEMPLATES[cfg.template])
+    if cfg.task:
+        task = load_task_yaml(cfg.task)
+        if not cfg.train_file:
+            raise DataError(f"task {cfg.task} needs train_file=PATH with its examples")
+        dev = load_task_examples(task, cfg.dev_file) if cfg.dev_file else []
+        return dict(train=load_task_examples(task, cfg.train_file), dev=dev, test=[])
+    return dict(train=read_text_rows(cfg.train_file), dev=read_text_rows(cfg.dev_file) if cfg.dev_file else [])
+
+
+def build_task(cfg, tokenizer, data: dict | None = None) -> Task:
+    """read_data's output (read now when not given) tokenized where the task needs it."""
+    data = read_data(cfg) if data is None else data
+    if cfg.task:
+        train, dev, test = data["train"], data["dev"], data["test"]
+        if cfg.objective == "lm":  # LM on the gold answer: prompt + correct candidate as a prompt/completion row
+            rows = [{"prompt": e.prompt, "completion": e.candidates[e.label]} for e in train]
+            lm = [r for r in (tokenize_row(r, tokenizer, cfg.max_length) for r in rows) if r is not None]
+            return Task("lm", lm, dev, test, dev_kind="classification")
+        return Task("classification", train, dev, test, dev_kind="classification")
+    train = tokenize_rows(data["train"], tokenizer, cfg.max_length, cfg.train_on_prompt, source=cfg.train_file)
+    dev = (tokenize_rows(data["dev"], tokenizer, cfg.max_length, cfg.train_on_prompt, source=cfg.dev_file)
+           if data["dev"] else [])
+    return Task("lm", train, dev, [], dev_kind="lm")
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def encode(kind: str, items: list, tokenizer, max_length: int) -> dict:
+    """A batch of tokenized text rows (kind "lm") or classification examples, as tensors."""
+    if kind == "lm":
+        return collate_lm(items, pad_id(tokenizer))
+    return encode_candidates(items, tokenizer, max_length)
+
+
 if __name__ == "__main__":  # python -m qzo2.data chatterbot OUT.jsonl: the offline instruction-tuning data
     import sys
 

@@ -25,6 +25,7 @@ with plain synchronous copies and no events, and `trace` records the (op, block,
 """
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -179,7 +180,7 @@ class BlockStreamer:
     """Streams decoder blocks `streamed` of `model` into `depth` slots on `device` (see module doc).
 
     kind "codes" streams QuantLinear codes; kind "weights" streams nn.Linear parameters, and `trained` (objects with
-    `.module` and `.name`, e.g. spsa.Target) names those whose deferred updates are applied and copied back.
+    `.module` and `.name`, e.g. methods.Target) names those whose deferred updates are applied and copied back.
     Construction packs the streamed tensors into host buffers, points the layers at views of them, moves the rest
     of the model to `device`, allocates the slots and installs the hooks. `stats` counts uploads, downloads and
     bytes; with `trace=True`, `trace` lists ("upload" | "compute" | "update" | "download" | "release", block index,
@@ -395,3 +396,47 @@ class BlockStreamer:
             torch.cuda.synchronize(self.device)  # the copies back to the device read the host buffers
         self._unpin()
         self.model.qzo2_streamer = None
+
+
+# ---- placing a model (train, eval and bench) -------------------------------------------------------------------------
+def place_model(model, device, offload: str = "auto", gpu_memory: str = "", prefetch_depth: int = 2, targets=(),
+                streamable: bool = True) -> BlockStreamer | None:
+    """Move the model to `device`, streaming the decoder blocks that offload/gpu_memory say do not fit: their codes
+    for a quantized model; for a dense one their Linear weights, `targets` among them trained with deferred updates
+    (ZO2 mode) -> the streamer, also kept as `model.qzo2_streamer`, or None when everything is resident. With
+    `streamable` False (first-order training: backward needs every block again) a plan that streams is refused."""
+    kind = "codes" if any(isinstance(m, QuantLinear) for m in model.modules()) else "weights"
+    streamed = plan_for_model(model, device_budget(gpu_memory, device), prefetch_depth, offload, kind)
+    if streamed and not streamable:
+        raise ValueError(f"{'offload=on' if offload == 'on' else 'the model does not fit gpu_memory and'} streams "
+                         f"decoder blocks, which works for forwards only: first-order training needs every block "
+                         f"again in backward (use a ZO method, or offload=off with more gpu_memory)")
+    streamer = (BlockStreamer(model, device, streamed, prefetch_depth, kind=kind, trained=targets)
+                if streamed else None)
+    if streamer is None:
+        model.to(device)
+        model.qzo2_streamer = None
+    return streamer
+
+
+def placement(model) -> dict:
+    """Where the model runs, for the first metrics line: device and decoder blocks streamed."""
+    streamer = getattr(model, "qzo2_streamer", None)
+    out = {"device": str(model.get_input_embeddings().weight.device)}
+    if streamer is not None:
+        out.update(streamed_blocks=streamer.stats["streamed_blocks"], blocks=streamer.stats["blocks"],
+                   prefetch_depth=streamer.depth)
+    else:
+        out.update(streamed_blocks=0)
+    return out
+
+
+def set_cache_base(mode: str, layers, device) -> None:
+    """cache_base on/off/auto for QuantLinears computing on `device`: keep codes-minus-zeros unpacked (4 B/weight)
+    so the CPU torch backend skips unpacking every forward; auto = when that takes less than a quarter of host RAM.
+    Always off on a GPU, where the Triton kernel dequantizes on the fly."""
+    need = sum(m.in_features * m.out_features * 4 for m in layers)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    on = torch.device(device).type == "cpu" and (mode == "on" or (mode == "auto" and need < ram / 4))
+    for m in layers:
+        m.cache_base = on

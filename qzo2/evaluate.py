@@ -1,4 +1,4 @@
-"""Evaluation: perplexity on a text file, greedy generations, and `qzo2 eval` (task accuracy via trainer.evaluate)."""
+"""Evaluation: perplexity on a text file, greedy generations, and `qzo2 eval` (task accuracy via objective.evaluate)."""
 from __future__ import annotations
 
 import math
@@ -46,22 +46,24 @@ def load_for_eval(path: str | None, checkpoint: str = "best", dtype: str | None 
     """A run dir (its base model + trained tensors of `checkpoint`, placed as the run was: its dtype and device
     unless given) or any model (dtype default fp32, device default auto, streamed if it does not fit as training
     would) -> (model, tokenizer, run config or None)."""
-    from .config import TrainConfig, load_config
-    from .model import is_quantized_dir, load_model, resolve_source
-    from .trainer import RunDir, is_run_dir, load_for_training, load_trained, place_model
+    from .config import load_config
+    from .engine import place_model
+    from .methods import DTYPES, load_for_training
+    from .model import load_model, resolve_device, resolve_source
+    from .run import RunDir, is_run_dir, load_trained
 
     if path and is_run_dir(path):
         cfg = load_config(str(Path(path) / "config.yaml"))
         cfg.dtype = dtype or cfg.dtype
         cfg.device = device or cfg.device
-        model, tokenizer, targets = load_for_training(cfg)
-        load_trained(RunDir(path).checkpoint(checkpoint), targets)
+        model, tokenizer, method = load_for_training(cfg)
+        load_trained(RunDir(path).checkpoint(checkpoint), method.targets)
+        method.close()  # a plain model from here on: no hooks, nothing requires grad
         return model, tokenizer, cfg
     if path and not Path(resolve_source(path)).exists():
         raise ValueError(f"model {path} does not exist")
-    model, tokenizer = load_model(path, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
-    quantized = is_quantized_dir(Path(resolve_source(path)))
-    place_model(TrainConfig(method="qzo" if quantized else "mezo", device=device or "auto", task="sentiment"), model)
+    model, tokenizer = load_model(path, dtype=DTYPES[dtype or "fp32"])
+    place_model(model, resolve_device(device or "auto"))
     return model, tokenizer, None
 
 
@@ -72,7 +74,7 @@ def evaluate_cli(args) -> list[str]:
     from . import data as D
     from .config import TrainConfig
     from .model import default_text_path
-    from .trainer import evaluate
+    from .objective import evaluate
 
     model, tokenizer, cfg = load_for_eval(args.model, args.checkpoint, args.dtype, args.device)
     ecfg = cfg or TrainConfig()
@@ -90,7 +92,7 @@ def evaluate_cli(args) -> list[str]:
             if not args.data:
                 raise ValueError(f"--task {args.task} needs --data PATH with its examples")
             items = D.load_task_examples(D.load_task_yaml(args.task), args.data)
-        m = evaluate(model, "classification", items, tokenizer, ecfg)
+        m = evaluate(model, "classification", items, tokenizer, ecfg.max_length, ecfg.eval_batch_size)
         lines.append(f"{args.model or 'default'}: {args.task} "
                      f"{args.split if args.task == 'sentiment' else Path(args.data).name}: "
                      f"accuracy {m['accuracy']:.4f} on {len(items)} examples (candidate loss {m['loss']:.4f})")

@@ -89,7 +89,7 @@ def load_run(path: str, checkpoint: str = "auto") -> Trained:
     else last; best; last; or a step number); any model
     directory or .gguf -> itself with nothing trained (so `export --format hf` also dequantizes a plain GPTQ dir)."""
     from .config import TrainConfig, load_config as load_train_config
-    from .trainer import RunDir, is_run_dir
+    from .run import RunDir, is_run_dir
 
     p = Path(path)
     if not p.exists():

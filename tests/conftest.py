@@ -107,18 +107,18 @@ def train_config(tmp_path, model, data, **kw):
 
 
 def patch_losses(monkeypatch, hook):
-    """Wrap the trainer's loss: hook(call number from 1, losses) -> losses, e.g. to send a signal in a given step
-    or to make its loss NaN. Returns the call counter."""
-    from qzo2 import trainer
+    """Wrap the loss every method computes (objective.chunk_losses): hook(call number from 1, losses) -> losses,
+    e.g. to send a signal in a given step or to make its loss NaN. Returns the call counter."""
+    from qzo2 import objective
 
-    real = trainer.chunk_losses
+    real = objective.chunk_losses
     calls = {"n": 0}
 
     def wrapped(*args):
         calls["n"] += 1
         return hook(calls["n"], real(*args))
 
-    monkeypatch.setattr(trainer, "chunk_losses", wrapped)
+    monkeypatch.setattr(objective, "chunk_losses", wrapped)
     return calls
 
 

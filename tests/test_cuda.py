@@ -1,31 +1,33 @@
 """The CUDA paths of the engine and the estimator: pinned host buffers, side-stream uploads and downloads ordered by
 events, z and stochastic rounding drawn on the device. Each test compares against the resident model on the same
-GPU (bit for bit). The same code runs on CPU in test_engine.py / test_spsa.py; these run only where a GPU is."""
+GPU (bit for bit). The same code runs on CPU in test_engine.py / test_zo.py; these run only where a GPU is."""
 import pytest
 import torch
 
 from quant.checkpoint import decoder_blocks
-from qzo2 import engine, spsa
-from qzo2.bench import random_batch, random_model, run_bench, zo_step
+from qzo2 import engine
+from qzo2.methods import base, zo
+from qzo2.bench import bench_method, random_batch, random_model, run_bench
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU paths: test_engine.py)")
 DEV = torch.device("cuda", 0)
 
 
 def test_z_and_rounding_are_drawn_on_the_device_deterministically():
-    z = spsa.z_for((1000, 64), seed=5, index=3, pair=0, device=DEV)
+    z = zo.z_for((1000, 64), seed=5, index=3, pair=0, device=DEV)
     assert z.device.type == "cuda" and z.dtype == torch.float32
-    assert torch.equal(z, spsa.z_for((1000, 64), 5, 3, 0, DEV))
-    assert not torch.equal(z, spsa.z_for((1000, 64), 5, 4, 0, DEV))
+    assert torch.equal(z, zo.z_for((1000, 64), 5, 3, 0, DEV))
+    assert not torch.equal(z, zo.z_for((1000, 64), 5, 4, 0, DEV))
     assert abs(z.mean().item()) < 0.02 and abs(z.std().item() - 1) < 0.02
     x = torch.full((200000,), 1 + 2 ** -9, device=DEV)  # a quarter of the way from 1 to the next bf16
-    r = spsa.round_stochastic(x, torch.bfloat16, torch.Generator(device=DEV).manual_seed(0)).float()
+    r = base.round_stochastic(x, torch.bfloat16, torch.Generator(device=DEV).manual_seed(0)).float()
     assert set(r.unique().tolist()) == {1.0, 1 + 2 ** -7} and abs((r == 1 + 2 ** -7).float().mean() - 0.25) < 0.01
 
 
-def _steps(model, targets, n: int, floor=None):
+def _steps(model, targets, n: int, mode: str):
     batch = random_batch(model.config.vocab_size, 2, 64, DEV)
-    return [zo_step(model, targets, batch, spsa.step_seed(0, i), floor) for i in range(n)]
+    method = bench_method(mode, model, targets)
+    return [method.step(batch, i)["loss"] for i in range(n)]
 
 
 @pytest.mark.parametrize("shape", ["tiny", "tiny-opt"])
@@ -36,10 +38,10 @@ def test_streamed_qzo_on_cuda_is_bit_identical_to_resident(shape, depth):
     _, blocks = decoder_blocks(streamed)
     s = engine.BlockStreamer(streamed, DEV, set(range(len(blocks))), depth)
     assert all(h.is_pinned() for h in s.host) and all(slot.is_cuda for slot in s.slots)
-    want = _steps(resident, spsa.qzo_targets(resident), 4, floor=1e-7)
-    got = _steps(streamed, spsa.qzo_targets(streamed), 4, floor=1e-7)
-    assert all(torch.equal(a, b) for a, b in zip(want, got))
-    for a, b in zip(spsa.qzo_targets(resident), spsa.qzo_targets(streamed)):
+    want = _steps(resident, base.scale_targets(resident), 4, "qzo")
+    got = _steps(streamed, base.scale_targets(streamed), 4, "qzo")
+    assert want == got
+    for a, b in zip(base.scale_targets(resident), base.scale_targets(streamed)):
         assert torch.equal(a.tensor, b.tensor), a.path
     assert s.stats["uploads"] == 4 * len(blocks) and s.stats["d2h_bytes"] == 0
 
@@ -48,11 +50,11 @@ def test_streamed_qzo_on_cuda_is_bit_identical_to_resident(shape, depth):
 def test_zo2_on_cuda_is_bit_identical_to_resident_mezo(shape):
     resident = random_model(shape, torch.bfloat16, DEV, seed=2)
     streamed = random_model(shape, torch.bfloat16, DEV, seed=2)
-    ref, targets = spsa.mezo_targets(resident), spsa.mezo_targets(streamed)
+    ref, targets = base.weight_targets(resident), base.weight_targets(streamed)
     _, blocks = decoder_blocks(streamed)
     s = engine.BlockStreamer(streamed, DEV, set(range(len(blocks))), 2, kind="weights", trained=targets)
-    want, got = _steps(resident, ref, 4), _steps(streamed, targets, 4)
-    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    want, got = _steps(resident, ref, 4, "mezo"), _steps(streamed, targets, 4, "mezo")
+    assert want == got
     s.flush()
     for a, b in zip(ref, targets):
         assert torch.equal(a.tensor, b.tensor.to(DEV)), a.path
@@ -61,7 +63,7 @@ def test_zo2_on_cuda_is_bit_identical_to_resident_mezo(shape):
 
 
 def test_bench_runs_every_mode_on_cuda():
-    recs = run_bench("tiny", "forward,qzo,qzo-offload,mezo,zo2", batch=2, seq=64, steps=3, warmup=1, compare=True,
+    recs = run_bench("tiny", "forward,qzo,qzo-offload,mezo,zo2,lomo,adalomo,adamw", batch=2, seq=64, steps=3, warmup=1, compare=True,
                      echo=lambda line: None)
     assert all(r["error"] is None and r["torch_peak_gb"] > 0 and r["gpu"] for r in recs)
     by = {r["mode"]: r for r in recs}

@@ -10,7 +10,8 @@ from conftest import TEXT, build_model, input_ids
 from quant.checkpoint import atomic_dir, decoder_blocks, open_source, quantize
 from quant.format import QuantConfig
 from quant.linear import QuantLinear
-from qzo2 import engine, spsa, trainer
+from qzo2 import engine, trainer
+from qzo2.methods import base, zo
 from qzo2.config import ConfigError, TrainConfig, parse_size
 from qzo2.model import load_model
 
@@ -72,11 +73,11 @@ def test_dual_forward_uploads_each_block_once_and_matches(qdirs):
     streamed, _ = load_model(str(qdirs["llama"]))
     want_bytes = code_bytes(streamed, range(1, N_BLOCKS))
     s = engine.BlockStreamer(streamed, "cpu", set(range(1, N_BLOCKS)), depth=3)
-    ids = spsa.repeat_batch({"input_ids": input_ids(batch=2, seq=8)}, 4)["input_ids"]
+    ids = zo.repeat_batch({"input_ids": input_ids(batch=2, seq=8)}, 4)["input_ids"]
     logits = []
     for model in (resident, streamed):
-        targets = spsa.qzo_targets(model)
-        with torch.no_grad(), spsa.dual_forward(targets, seed=7, eps=1e-2, n_pairs=2):
+        targets = base.scale_targets(model)
+        with torch.no_grad(), zo.dual_forward(targets, seed=7, eps=1e-2, n_pairs=2):
             logits.append(model(input_ids=ids).logits)
     assert torch.equal(logits[0], logits[1])
     assert not torch.equal(logits[0][:2], logits[0][2:4])  # the chunks really saw different scales
@@ -215,9 +216,11 @@ def train_run(tmp_path, qdirs, family, name, monkeypatch, **kw):
                                 dev_file=str(qdirs["data"]), steps=5, batch_size=2, lr=1e-3, eps=1e-3, n_pairs=2,
                                 max_length=24, eval_every=0, save_every=5, log_every=5,
                                 output_dir=str(tmp_path / name), progress=False), **kw})
+    import qzo2.methods
+
     made = []
-    real = trainer.place_model
-    monkeypatch.setattr(trainer, "place_model", lambda *a: made.append(real(*a)) or made[-1])
+    real = qzo2.methods.place_model
+    monkeypatch.setattr(qzo2.methods, "place_model", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     trainer.train(cfg)
     run = trainer.RunDir(cfg.output_dir)
     rec = [r for r in run.read_metrics() if "loss" in r and "dev_loss" not in r][0]
@@ -304,15 +307,16 @@ def test_deferred_updates_apply_on_arrival_and_flush(dense_dirs):
     """A deferred update runs when its block arrives, before it computes, and only trained tensors come back."""
     resident, _ = load_model(str(dense_dirs["opt"]), dtype=torch.bfloat16)
     model, _ = load_model(str(dense_dirs["opt"]), dtype=torch.bfloat16)
-    pick = lambda m: [t for t in spsa.mezo_targets(m) if ".fc1." in t.path or "q_proj.bias" in t.path]  # noqa: E731
+    pick = lambda m: [t for t in base.weight_targets(m) if ".fc1." in t.path or "q_proj.bias" in t.path]  # noqa: E731
     ref, targets = pick(resident), pick(model)
     blocks = {1, 2, 4}
     s = engine.BlockStreamer(model, "cpu", blocks, depth=2, trace=True, kind="weights", trained=targets)
     assert s.stats["host_bytes"] == linear_bytes(model, blocks)
     ids = input_ids(batch=1, seq=6)
+    method = zo.ZeroOrder(model, TrainConfig(method="mezo"), targets, "lm")
     for seed in (11, 12):
-        spsa.apply_update(ref, seed, [1e-2], weight_decay=0.1, lr=0.5)
-        trainer.apply_step_update(model, targets, seed, [1e-2], 0.1, 0.5, None)
+        zo.apply_update(ref, seed, [1e-2], weight_decay=0.1, lr=0.5)
+        method.apply_step_update(seed, [1e-2], 0.1, 0.5)
     streamed = [t for t in targets if (id(t.module), t.name) in s.streamed_keys]
     assert streamed and len(streamed) < len(targets)  # block 0 and 3 are resident: updated at once
     assert all(torch.equal(a.tensor, b.tensor) for a, b in zip(ref, targets) if b not in streamed)
@@ -323,10 +327,10 @@ def test_deferred_updates_apply_on_arrival_and_flush(dense_dirs):
     assert [op for op, b, _ in s.trace if b == 2] == ["upload", "update", "download", "compute", "release"]
     assert all(torch.equal(a.tensor, b.tensor) for a, b in zip(ref, targets))  # host copies are current
     assert s.stats["d2h_bytes"] == sum(t.tensor.nbytes for t in streamed)  # fc1 + q_proj.bias only
-    spsa.apply_update(ref, 13, [-1e-2])
-    trainer.apply_step_update(model, targets, 13, [-1e-2], 0.0, 0.0, None)
+    zo.apply_update(ref, 13, [-1e-2])
+    method.apply_step_update(13, [-1e-2], 0.0, 0.0)
     uploads = s.stats["uploads"]
-    trainer.flush(model)
+    method.flush()
     assert s.stats["uploads"] == uploads + len(blocks) and all(not p for p in s._pending)
     assert all(torch.equal(a.tensor, b.tensor) for a, b in zip(ref, targets))
     s.remove()

@@ -10,7 +10,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import nan_at, patch_losses, signal_at, train_config as config
-from qzo2 import spsa, trainer
+from qzo2 import data as D, objective, trainer
+from qzo2.methods import base, zo
 from qzo2.cli import main
 from qzo2.config import ConfigError, TrainConfig, load_config
 
@@ -190,20 +191,20 @@ def test_eval_takes_the_run_dtype_and_its_options(tiny, tmp_path, capsys):
     assert main(argv + ["--device", "cpu", "--batch-size", "3"]) == 0
     acc = float(capsys.readouterr().out.split("accuracy")[1].split()[0])
     assert acc == pytest.approx(dev["dev_accuracy"], abs=5e-5)
-    # --max-length cuts the prompts from the left: the same numbers as trainer.evaluate at that max_length
+    # --max-length cuts the prompts from the left: the same numbers as objective.evaluate at that max_length
     assert main(argv + ["--max-length", "6"]) == 0
     loss4 = float(capsys.readouterr().out.split("candidate loss")[1].split(")")[0])
     model, tok, run_cfg = load_for_eval(cfg.output_dir, "last")
     from qzo2 import data as D
 
     items = D.load_task_examples(D.load_task_yaml(task), rows)
-    short = trainer.evaluate(model, "classification", items, tok, TrainConfig(max_length=6, eval_batch_size=16))
+    short = objective.evaluate(model, "classification", items, tok, max_length=6, batch_size=16)
     assert loss4 == pytest.approx(short["loss"], abs=5e-5)
     one_error(capsys, argv + ["--max-length", "2"], "max_length 2 leaves no prompt")  # it reaches the encoder
     if not torch.cuda.is_available():
         one_error(capsys, argv + ["--device", "cuda"], "no CUDA GPU is available")
         one_error(capsys, ["eval", str(q), "--device", "cuda"], "no CUDA GPU is available")  # a plain model too
-    one_error(capsys, ["eval", str(q), "--device", "tpu"], "device='tpu' is not one of auto, cpu, cuda")
+    one_error(capsys, ["eval", str(q), "--device", "tpu"], "unknown device 'tpu'; use auto, cpu or cuda")
 
 
 # ---- 9. run dirs hold resolved paths: export/eval work from anywhere ---------------------------------------------------
@@ -270,7 +271,9 @@ def test_data_errors_come_before_the_model_loads(tiny, tmp_path, monkeypatch):
     def loading(*a, **k):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(trainer, "load_model", loading)
+    import qzo2.methods
+
+    monkeypatch.setattr(qzo2.methods, "load_model", loading)
     with pytest.raises(ValueError, match="bad.jsonl line 2: prompt_completion row is missing"):
         trainer.train(config(tmp_path, q, bad, dev_file=""))
     task = tmp_path / "t.yaml"
@@ -285,9 +288,9 @@ def test_data_errors_come_before_the_model_loads(tiny, tmp_path, monkeypatch):
 def test_template_key_selects_the_sentiment_prompt():
     cfg = load_config("recipes/qzo-llama2-7b.yaml")
     assert cfg.template == "sst2" and cfg.task == "sentiment"
-    ex = trainer.read_data(TrainConfig(template="sst2", n_train=3, n_dev=3, n_test=3))["dev"][0]
+    ex = D.read_data(TrainConfig(template="sst2", n_train=3, n_dev=3, n_test=3))["dev"][0]
     assert ex.prompt.endswith(" It was") and ex.candidates == [" terrible", " great"]
-    ex = trainer.read_data(TrainConfig(n_train=3, n_dev=3, n_test=3))["dev"][0]
+    ex = D.read_data(TrainConfig(n_train=3, n_dev=3, n_test=3))["dev"][0]
     assert ex.prompt.startswith("Review: ") and ex.candidates == [" negative", " positive"]
     with pytest.raises(ConfigError, match="template"):
         TrainConfig(template="imdb")
@@ -300,9 +303,9 @@ def test_weight_decay_is_mezo_only_and_skips_biases_and_norms():
     with pytest.raises(ConfigError, match="weight_decay is for method=mezo"):
         TrainConfig(method="qzo", weight_decay=0.1)
     model = build_model("opt")
-    targets = spsa.mezo_targets(model, ("linear", "norm", "embedding"))
+    targets = base.weight_targets(model, ("linear", "norm", "embedding"))
     before = {t.path: t.tensor.clone() for t in targets}
-    spsa.apply_update(targets, seed=0, coeffs=[0.0], weight_decay=0.1, lr=0.5)
+    zo.apply_update(targets, seed=0, coeffs=[0.0], weight_decay=0.1, lr=0.5)
     kinds = {"bias": 0, "norm": 0, "decayed": 0}
     for t in targets:
         if t.name == "bias" or isinstance(t.module, torch.nn.LayerNorm):
@@ -318,5 +321,5 @@ def test_tied_lm_head_is_an_alias_of_the_trained_embedding():
     from conftest import build_model
 
     model = build_model("llama", tie_word_embeddings=True)
-    (emb,) = [t for t in spsa.mezo_targets(model, ("linear", "embedding")) if t.path == "model.embed_tokens.weight"]
+    (emb,) = [t for t in base.weight_targets(model, ("linear", "embedding")) if t.path == "model.embed_tokens.weight"]
     assert emb.aliases == [(model.lm_head, "weight")]

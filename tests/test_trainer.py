@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TEXT, nan_at, patch_losses, signal_at, train_config as config
-from qzo2 import trainer
-from qzo2.config import ConfigError, TrainConfig, load_config
+from qzo2 import data as D, objective, trainer
+from qzo2.config import ConfigError, TrainConfig, load_config, lr_at
 
 
 def dev_losses(run):
@@ -85,21 +85,22 @@ def test_nan_steps_are_skipped_then_training_stops(tiny, tmp_path, monkeypatch):
 def test_ddc_clips_the_update(tiny, tmp_path):
     """With C tiny every step is clipped: each scale moves by exactly -lr*C*sign(d)*z, where d's sign comes from an
     independent estimate (two plain forwards with the scales perturbed in place)."""
-    from qzo2 import spsa
+    from qzo2.methods import base, zo
 
     q, _, data = tiny
     cfg = config(tmp_path, q, data, steps=1, eval_every=0, clip=1e-6, lr=1.0, scale_floor=-1e9)
-    model, tok, targets = trainer.load_for_training(cfg)
+    model, tok, method = trainer.load_for_training(cfg)
+    targets = method.targets
     before = {t.path: t.tensor.clone() for t in targets}
-    seed = spsa.step_seed(cfg.seed, 0)
-    task = trainer.build_task(cfg, tok)
-    batch = trainer.encode(task, trainer.D.batch_at(task.train, cfg.batch_size, cfg.seed, 0), tok, cfg)
+    seed = base.step_seed(cfg.seed, 0)
+    task = D.build_task(cfg, tok)
+    batch = D.encode(task.kind, D.batch_at(task.train, cfg.batch_size, cfg.seed, 0), tok, cfg.max_length)
     losses = []
     with torch.no_grad():
         for sign in (1, -1):
             for t in targets:
-                t.tensor.copy_(before[t.path] + sign * cfg.eps * spsa.z_for(t.tensor.shape, seed, t.index, 0))
-            losses.append(float(trainer.lm_chunk_losses(model, batch, 1)[0]))
+                t.tensor.copy_(before[t.path] + sign * cfg.eps * zo.z_for(t.tensor.shape, seed, t.index, 0))
+            losses.append(float(objective.lm_chunk_losses(model, batch, 1)[0]))
         for t in targets:
             t.tensor.copy_(before[t.path])
     d = (losses[0] - losses[1]) / (2 * cfg.eps)
@@ -109,7 +110,7 @@ def test_ddc_clips_the_update(tiny, tmp_path):
     rec = [r for r in trainer.RunDir(cfg.output_dir).read_metrics() if "clip_rate" in r][0]
     assert rec["clip_rate"] == 1.0 and rec["d"] == pytest.approx(abs(d), rel=1e-3)
     for t in targets:
-        z = spsa.z_for(t.tensor.shape, seed, t.index, 0)
+        z = zo.z_for(t.tensor.shape, seed, t.index, 0)
         expect = before[t.path] - cfg.lr * cfg.clip * math.copysign(1.0, d) * z
         torch.testing.assert_close(after[t.path], expect, rtol=0, atol=1e-9)
 
@@ -121,7 +122,7 @@ def test_ddc_clips_the_update(tiny, tmp_path):
 ])
 def test_lr_schedules(schedule, expect):
     cfg = TrainConfig(lr=1.0, steps=6, warmup_steps=2, lr_schedule=schedule, task="sentiment")
-    assert [trainer.lr_at(cfg, s) for s in range(6)] == pytest.approx(expect)
+    assert [lr_at(cfg, s) for s in range(6)] == pytest.approx(expect)
 
 
 def test_ctrl_c_saves_and_exits_cleanly(tiny, tmp_path, monkeypatch):
@@ -193,7 +194,8 @@ def test_config_overrides_and_errors(tmp_path):
 def test_trainable_regex_limits_what_changes(tiny, tmp_path):
     q, _, data = tiny
     cfg = config(tmp_path, q, data, steps=2, eval_every=0, trainable=r"layers\.1\.mlp")
-    model, _, targets = trainer.load_for_training(cfg)
+    model, _, method = trainer.load_for_training(cfg)
+    targets = method.targets
     assert sorted(t.path for t in targets) == [f"model.layers.1.mlp.{p}.scales" for p in ("down_proj", "gate_proj",
                                                                                          "up_proj")]
     trainer.train(cfg)

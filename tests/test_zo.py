@@ -1,5 +1,4 @@
 """The estimator: batched dual forward == separate forwards, z from counters, SPSA points along the gradient, DDC."""
-import math
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ import torch
 from conftest import FAMILIES, build_model, input_ids
 from quant.checkpoint import atomic_dir, load_quantized, open_source, quantize
 from quant.format import QuantConfig
-from qzo2 import spsa
+from qzo2.methods import base, zo
 
 
 def quantized_model(family, make_model_dir, tmp_path, backend="torch", **overrides):
@@ -26,7 +25,7 @@ def separate_logits(model, targets, ids, seed, eps, n_pairs):
             saved = [t.tensor.clone() for t in targets]
             with torch.no_grad():
                 for t in targets:
-                    z = spsa.z_for(t.tensor.shape, seed, t.index, j)
+                    z = zo.z_for(t.tensor.shape, seed, t.index, j)
                     t.tensor.copy_((t.tensor.float() + sign * eps * z).to(t.tensor.dtype))
                 outs.append(model(ids).logits)
                 for t, s in zip(targets, saved):
@@ -39,10 +38,10 @@ def separate_logits(model, targets, ids, seed, eps, n_pairs):
 def test_qzo_dual_forward_equals_separate_forwards(family, tied, n_pairs, make_model_dir, tmp_path):
     model, vocab = quantized_model(family, make_model_dir, tmp_path, tie_word_embeddings=tied)
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
-    targets = spsa.qzo_targets(model)
+    targets = base.scale_targets(model)
     ids = input_ids(batch=2, seq=10, vocab=vocab)
     seed, eps = 1234, 1e-2
-    with torch.no_grad(), spsa.dual_forward(targets, seed, eps, n_pairs):
+    with torch.no_grad(), zo.dual_forward(targets, seed, eps, n_pairs):
         batched = model(ids.repeat(2 * n_pairs, 1)).logits
     separate = separate_logits(model, targets, ids, seed, eps, n_pairs)
     # QuantLinear runs each chunk alone (same shapes as the separate run); the shared layers (attention, norms,
@@ -59,11 +58,11 @@ def test_mezo_dual_forward_equals_separate_forwards(family, tied, kinds):
     perturbation exactly when the embedding does."""
     model = build_model(family, tie_word_embeddings=tied)
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
-    targets = spsa.mezo_targets(model, kinds)
+    targets = base.weight_targets(model, kinds)
     assert any(t.path.endswith("bias") for t in targets) == (family == "opt")
     ids = input_ids(batch=2, seq=10, vocab=300)
     seed, eps = 99, 1e-3
-    with torch.no_grad(), spsa.dual_forward(targets, seed, eps, 1):
+    with torch.no_grad(), zo.dual_forward(targets, seed, eps, 1):
         batched = model(ids.repeat(2, 1)).logits
     separate = separate_logits(model, targets, ids, seed, eps, 1)
     torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-5)
@@ -76,7 +75,7 @@ def test_mezo_estimate_matches_the_true_directional_derivative(tied):
     model whose lm_head may be tied to it (before aliases were perturbed: relative error ~3, signs flipped)."""
     torch.manual_seed(0)
     model = build_model("llama", tie_word_embeddings=tied).double()
-    targets = spsa.mezo_targets(model, ("linear", "embedding"))
+    targets = base.weight_targets(model, ("linear", "embedding"))
     ids = input_ids(batch=2, seq=10, vocab=300)
 
     def loss(logits):
@@ -86,31 +85,31 @@ def test_mezo_estimate_matches_the_true_directional_derivative(tied):
         p.requires_grad_(True)
     loss(model(ids).logits).backward()
     seed, eps = 5, 1e-4
-    true = sum(float((t.tensor.grad * spsa.z_for(t.tensor.shape, seed, t.index, 0).double()).sum()) for t in targets)
+    true = sum(float((t.tensor.grad * zo.z_for(t.tensor.shape, seed, t.index, 0).double()).sum()) for t in targets)
     model.zero_grad(set_to_none=True)
     for p in model.parameters():
         p.requires_grad_(False)
-    with torch.no_grad(), spsa.dual_forward(targets, seed, eps, 1):
+    with torch.no_grad(), zo.dual_forward(targets, seed, eps, 1):
         logits = model(ids.repeat(2, 1)).logits
-    est = float(spsa.projected_gradients(torch.stack([loss(logits[:2]), loss(logits[2:])]), eps)[0])
+    est = float(zo.projected_gradients(torch.stack([loss(logits[:2]), loss(logits[2:])]), eps)[0])
     assert est == pytest.approx(true, rel=1e-3), (est, true)
 
 
 def test_z_is_a_function_of_seed_index_pair_only():
-    a = spsa.z_for((3, 5), 7, 2, 0)
-    spsa.z_for((100,), 7, 1, 0)  # other draws in between change nothing
+    a = zo.z_for((3, 5), 7, 2, 0)
+    zo.z_for((100,), 7, 1, 0)  # other draws in between change nothing
     torch.manual_seed(123)  # nor does the global RNG
-    assert torch.equal(a, spsa.z_for((3, 5), 7, 2, 0))
-    assert not torch.equal(a, spsa.z_for((3, 5), 7, 3, 0))
-    assert not torch.equal(a, spsa.z_for((3, 5), 7, 2, 1))
-    assert not torch.equal(a, spsa.z_for((3, 5), 8, 2, 0))
-    assert spsa.mix_seed(1, 2) != spsa.mix_seed(2, 1) and 0 <= spsa.mix_seed(2**70, -5) < 2**63
+    assert torch.equal(a, zo.z_for((3, 5), 7, 2, 0))
+    assert not torch.equal(a, zo.z_for((3, 5), 7, 3, 0))
+    assert not torch.equal(a, zo.z_for((3, 5), 7, 2, 1))
+    assert not torch.equal(a, zo.z_for((3, 5), 8, 2, 0))
+    assert base.mix_seed(1, 2) != base.mix_seed(2, 1) and 0 <= base.mix_seed(2**70, -5) < 2**63
 
 
 def test_z_same_in_any_generation_order():
     shapes = [(4, 8), (16,), (2, 3, 5)]
-    forward = [spsa.z_for(s, 11, i, 0) for i, s in enumerate(shapes)]
-    backward = [spsa.z_for(s, 11, i, 0) for i, s in reversed(list(enumerate(shapes)))][::-1]
+    forward = [zo.z_for(s, 11, i, 0) for i, s in enumerate(shapes)]
+    backward = [zo.z_for(s, 11, i, 0) for i, s in reversed(list(enumerate(shapes)))][::-1]
     assert all(torch.equal(a, b) for a, b in zip(forward, backward))
 
 
@@ -133,14 +132,14 @@ def test_spsa_mean_points_along_true_gradient():
     s = q.scales.double().clone().requires_grad_(True)
     loss_of(s).backward()
     true = s.grad.flatten()
-    target = spsa.Target(0, "scales", q, "scales")
+    target = base.Target(0, "scales", q, "scales")
     est = torch.zeros_like(true)
     n, eps = 400, 1e-4
     for seed in range(n):
         with torch.no_grad():
-            (sp, sm) = spsa.perturbed(target, seed, eps, 1)
+            (sp, sm) = zo.perturbed(target, seed, eps, 1)
             d = (loss_of(sp.double()) - loss_of(sm.double())) / (2 * eps)
-        est += d * spsa.z_for(q.scales.shape, seed, 0, 0).double().flatten()
+        est += d * zo.z_for(q.scales.shape, seed, 0, 0).double().flatten()
     cos = torch.nn.functional.cosine_similarity(est / n, true, dim=0).item()
     # a random direction in 2*8=16... dims: 16 scales -> chance level ~ 1/sqrt(16) = 0.25
     assert cos > 0.9, cos
@@ -148,38 +147,38 @@ def test_spsa_mean_points_along_true_gradient():
 
 def test_projected_gradient_and_update():
     losses = torch.tensor([2.0, 1.0, 0.5, 0.7])
-    d = spsa.projected_gradients(losses, eps=0.5)
+    d = zo.projected_gradients(losses, eps=0.5)
     assert d.tolist() == pytest.approx([1.0, -0.2])
     p = torch.nn.Parameter(torch.ones(3, 4), requires_grad=False)
     m = torch.nn.Module()
     m.w = p
-    t = spsa.Target(5, "w", m, "w")
+    t = base.Target(5, "w", m, "w")
     before = p.clone()
-    spsa.apply_update([t], seed=3, coeffs=[0.1, -0.05])
-    z0, z1 = spsa.z_for((3, 4), 3, 5, 0), spsa.z_for((3, 4), 3, 5, 1)
+    zo.apply_update([t], seed=3, coeffs=[0.1, -0.05])
+    z0, z1 = zo.z_for((3, 4), 3, 5, 0), zo.z_for((3, 4), 3, 5, 1)
     assert torch.allclose(p, before - 0.1 * z0 + 0.05 * z1)
-    spsa.apply_update([t], seed=3, coeffs=[100.0], floor=1e-7)
+    zo.apply_update([t], seed=3, coeffs=[100.0], floor=1e-7)
     assert p.min() >= 1e-7
     q = torch.ones(2)
     m.v = torch.nn.Parameter(q.clone(), requires_grad=False)
-    spsa.apply_update([spsa.Target(0, "v", m, "v")], seed=1, coeffs=[0.0], weight_decay=0.1, lr=0.5)
+    zo.apply_update([base.Target(0, "v", m, "v")], seed=1, coeffs=[0.0], weight_decay=0.1, lr=0.5)
     assert torch.allclose(m.v, torch.full((2,), 1 - 0.05))
 
 
 def test_mezo_targets_treat_a_tied_lm_head_as_the_embedding():
     model = build_model("llama", tie_word_embeddings=True)
-    linear = {t.path for t in spsa.mezo_targets(model, ("linear",))}
+    linear = {t.path for t in base.weight_targets(model, ("linear",))}
     assert "lm_head.weight" not in linear and len(linear) == 14
-    everything = [t.path for t in spsa.mezo_targets(model, ("linear", "embedding"))]
+    everything = [t.path for t in base.weight_targets(model, ("linear", "embedding"))]
     assert "model.embed_tokens.weight" in everything and "lm_head.weight" not in everything
-    untied = {t.path for t in spsa.mezo_targets(build_model("llama"), ("linear",))}
+    untied = {t.path for t in base.weight_targets(build_model("llama"), ("linear",))}
     assert "lm_head.weight" in untied
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stochastic_rounding_is_unbiased_between_the_two_neighbours(dtype):
     x = torch.tensor([1.0 + 2 ** -9, -3.3, 1e-3, 0.1234567, 1.0, -0.0], dtype=torch.float32)
-    draws = torch.stack([spsa.round_stochastic(x.clone(), dtype, torch.Generator().manual_seed(i))
+    draws = torch.stack([base.round_stochastic(x.clone(), dtype, torch.Generator().manual_seed(i))
                          for i in range(4000)]).float()
     nearest = x.to(dtype).float()
     below = torch.where(nearest > x, torch.nextafter(x.to(dtype), torch.tensor(-1e9, dtype=dtype)).float(), nearest)
@@ -190,7 +189,7 @@ def test_stochastic_rounding_is_unbiased_between_the_two_neighbours(dtype):
     p_up = (x - below) / (above - below)
     frac = (draws == above).double().mean(0)
     assert torch.allclose(frac[~exact], p_up[~exact].double(), atol=0.03), (frac, p_up)
-    again = spsa.round_stochastic(x.clone(), dtype, torch.Generator().manual_seed(0))
+    again = base.round_stochastic(x.clone(), dtype, torch.Generator().manual_seed(0))
     assert torch.equal(again.float(), draws[0])  # a function of the generator's seed
 
 
@@ -199,11 +198,11 @@ def test_bf16_updates_below_half_an_ulp_survive_in_expectation():
     moves the mean by what was asked."""
     m = torch.nn.Module()
     m.w = torch.nn.Parameter(torch.ones(20000, dtype=torch.bfloat16), requires_grad=False)
-    t = spsa.Target(0, "w", m, "w")
+    t = base.Target(0, "w", m, "w")
     step = 2 ** -11  # a quarter of bf16's ulp at 1.0 (2^-7 ... half-ulp 2^-8)
     m.v = torch.nn.Parameter(torch.ones(20000, dtype=torch.bfloat16), requires_grad=False)
     for i in range(40):  # weight decay alone, no z: θ ← θ − lr·wd·θ with lr·wd = step
-        spsa.apply_update([t], seed=i, coeffs=[0.0], weight_decay=step, lr=1.0)
+        zo.apply_update([t], seed=i, coeffs=[0.0], weight_decay=step, lr=1.0)
         m.v.copy_((m.v.float() * (1 - step)).to(torch.bfloat16))  # what round-to-nearest would keep
     want = (1 - step) ** 40
     assert torch.equal(m.v, torch.ones_like(m.v))  # nearest: nothing moved

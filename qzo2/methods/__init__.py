@@ -1,0 +1,75 @@
+"""Training methods, one module per family, each a `base.Method` the trainer and `qzo2 bench` drive the same way:
+
+  zo.py    qzo (scales of a quantized model), mezo (weights of an unquantized one; ZO2 mode with offload)
+  lomo.py  lomo, adalomo (first-order, update fused into backward), adamw (first-order reference)
+
+`load_for_training(cfg)` loads the model, picks what is trained (the model decides: scales if it is quantized,
+weights of the `params` kinds if not; `trainable` narrows by regex), places it and builds the method.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..config import FO_METHODS
+from ..engine import place_model, set_cache_base
+from ..model import is_quantized_dir, load_model, resolve_device, resolve_source
+from ..run import TrainingError
+from .base import Method, Target, scale_targets, weight_targets
+from .lomo import AdaLomo, AdamW, Lomo
+from .zo import ZeroOrder
+
+CLASSES = {"qzo": ZeroOrder, "mezo": ZeroOrder, "lomo": Lomo, "adalomo": AdaLomo, "adamw": AdamW}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+__all__ = ["CLASSES", "Method", "Target", "build_method", "load_for_training", "objective_kind", "select_targets"]
+
+
+def objective_kind(cfg) -> str:
+    """The loss a run trains: candidates' cross-entropy for a task trained as classification, else the LM loss."""
+    return "classification" if cfg.task and cfg.objective == "classification" else "lm"
+
+
+def select_targets(cfg, model, quantized: bool) -> list[Target]:
+    """Scales of a quantized model, or the weights of `params` kinds of an unquantized one; `trainable` filters by
+    regex, keeping each target's index in the full list (so z does not depend on the filter)."""
+    if quantized:
+        targets = scale_targets(model)
+    else:
+        targets = weight_targets(model, tuple(k.strip() for k in cfg.params.split(",") if k.strip()))
+    if cfg.trainable:
+        targets = [t for t in targets if re.search(cfg.trainable, t.path)]
+        if not targets:
+            raise TrainingError(f"trainable={cfg.trainable!r} matches no trainable tensor")
+    return targets
+
+
+def build_method(cfg, model, targets: list[Target], kind: str) -> Method:
+    return CLASSES[cfg.method](model, cfg, targets, kind)
+
+
+def load_for_training(cfg):
+    """cfg -> (model, tokenizer, method): the model loaded (eval mode: dropout off, no gradients but the trained
+    tensors'), placed on its device (streamed blocks for ZO methods when offload says so), the method built."""
+    source = resolve_source(cfg.model)
+    if cfg.model not in ("", "default") and not Path(source).exists():
+        raise TrainingError(f"model {cfg.model} does not exist")
+    quantized = is_quantized_dir(Path(source))
+    if cfg.method == "qzo" and not quantized:
+        raise TrainingError(f"method=qzo trains the scales of a quantized model; {source} is not one "
+                            f"(run `qzo2 quantize {cfg.model if cfg.model != 'default' else ''} -o DIR` first)")
+    if cfg.method == "mezo" and quantized:
+        raise TrainingError(f"method=mezo trains full weights; {source} is quantized (use method=qzo)")
+    model, tokenizer = load_model(source, dtype=DTYPES[cfg.dtype])
+    model.eval()  # dropout off: every ZO forward is deterministic, and first-order steps see the same model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = select_targets(cfg, model, quantized)
+    device = resolve_device(cfg.device)
+    if quantized:
+        set_cache_base(cfg.cache_base, [m for m in model.modules() if hasattr(m, "cache_base")], device)
+    place_model(model, device, cfg.offload, cfg.gpu_memory, cfg.prefetch_depth, targets,
+                streamable=cfg.method not in FO_METHODS)
+    return model, tokenizer, build_method(cfg, model, targets, objective_kind(cfg))
