@@ -189,14 +189,31 @@ def _accuracy(output: str) -> float:
     return float(line.split(" accuracy ")[1].split()[0])
 
 
-def bench_accuracy(out: Path, seed: int, qzo_recipe: str, mezo_recipe: str, rows: list[str],
-                   overrides: list[str], gptq_nsamples: int = 128, tag: str = "") -> list[dict]:
-    """The accuracy table: zero-shot fp32/bf16/int4 RTN/int4 GPTQ, QZO on int4 RTN, MeZO on fp32; test accuracy
-    (500 examples, the same for every seed) of each, with train steps, wall time and peak RSS. JSON lines to
-    out/results.jsonl."""
+ACCURACY_ROWS = {  # row key -> (row name, recipe, base: "rtn" (int4 RTN scales) or "default" (fp32 weights), export)
+    "qzo": ("QZO int4 RTN", "recipes/accuracy-qzo.yaml", "rtn", "gptq"),
+    "mezo": ("MeZO fp32", "recipes/accuracy-mezo.yaml", "default", "hf"),
+    "lomo": ("LOMO int4 RTN scales", "recipes/accuracy-lomo.yaml", "rtn", "gptq"),
+    "adalomo": ("AdaLomo int4 RTN scales", "recipes/accuracy-adalomo.yaml", "rtn", "gptq"),
+    "adamw": ("AdamW int4 RTN scales", "recipes/accuracy-adamw.yaml", "rtn", "gptq"),
+    "lomo-weights": ("LOMO fp32 weights", "recipes/accuracy-lomo-weights.yaml", "default", "hf"),
+    "adalomo-weights": ("AdaLomo fp32 weights", "recipes/accuracy-adalomo-weights.yaml", "default", "hf"),
+    "adamw-weights": ("AdamW fp32 weights", "recipes/accuracy-adamw-weights.yaml", "default", "hf"),
+    "hift": ("HiFT int4 RTN scales", "recipes/accuracy-hift.yaml", "rtn", "gptq"),
+    "hift-weights": ("HiFT fp32 weights", "recipes/accuracy-hift-weights.yaml", "default", "hf"),
+    "grass": ("GRASS fp32 weights", "recipes/accuracy-grass.yaml", "default", "hf"),
+}
+
+
+def bench_accuracy(out: Path, seed: int, rows: list[str], overrides: list[str], gptq_nsamples: int = 128,
+                   tag: str = "", recipes: dict | None = None) -> list[dict]:
+    """The accuracy table: zero-shot fp32/bf16/int4 RTN/int4 GPTQ and every trained row of ACCURACY_ROWS (QZO and
+    MeZO, LOMO / AdaLomo / AdamW on the int4 scales and on the fp32 weights); test accuracy (500 examples, the same
+    for every seed) of each trained run's exported checkpoint, with train steps, wall time and peak RSS. JSON lines
+    to out/results.jsonl. `recipes` maps a row key to another recipe."""
     qzo2 = [sys.executable, "-m", "qzo2.cli"]
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    recipes = recipes or {}
 
     def record(row: str, **kw):
         rec = dict(row=row + (f" ({tag.strip('-')})" if tag else ""), seed=seed, **kw)
@@ -218,26 +235,28 @@ def bench_accuracy(out: Path, seed: int, qzo_recipe: str, mezo_recipe: str, rows
         record(row, steps=0, test_accuracy=_accuracy(m["output"]), eval_wall_s=m["wall_s"],
                eval_peak_rss_gib=m["peak_rss_gib"])
 
-    def trained(row: str, recipe: str, model: str, fmt: str):
-        run = out / f"{row.split()[0].lower()}{tag}-seed{seed}"
+    def trained(key: str):
+        row, recipe, base, fmt = ACCURACY_ROWS[key]
+        recipe = recipes.get(key, recipe)
+        model = str(quantized("rtn")) if base == "rtn" else "default"
+        run = out / f"{key}{tag}-seed{seed}"
         t = run_measured(qzo2 + ["train", recipe, f"model={model}", f"seed={seed}", f"output_dir={run}",
                                  "overwrite=true", "progress=false", *overrides])
         exported = Path(f"{run}-{fmt}")
-        run_measured(qzo2 + ["export", str(run), "-o", str(exported), "--format", fmt, "--overwrite"]
-                     + (["--dtype", "fp32"] if fmt == "hf" else []))
+        run_measured(qzo2 + ["export", str(run), "-o", str(exported), "--format", fmt, "--overwrite"])
         e = run_measured(qzo2 + ["eval", str(exported), "--task", "sentiment", "--seed", str(seed)])
         best = json.loads((run / "best" / "state.json").read_text()) if (run / "best").is_dir() else {}
-        steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-        record(row, steps=max(steps), best_step=best.get("step"), test_accuracy=_accuracy(e["output"]),
-               train_wall_s=t["wall_s"], train_peak_rss_gib=t["peak_rss_gib"], eval_wall_s=e["wall_s"],
-               exported=str(exported))
+        metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        dev = {r["step"]: r["dev_accuracy"] for r in metrics if "dev_accuracy" in r}
+        record(row, recipe=recipe, steps=max(r["step"] for r in metrics), best_step=best.get("step"),
+               dev_accuracy=dev, test_accuracy=_accuracy(e["output"]), train_wall_s=t["wall_s"],
+               train_peak_rss_gib=t["peak_rss_gib"], eval_wall_s=e["wall_s"], exported=str(exported))
 
     jobs = {"fp32": lambda: zero_shot("zero-shot fp32", "default"),
             "bf16": lambda: zero_shot("zero-shot bf16", "default", "--dtype", "bf16"),
             "rtn": lambda: zero_shot("zero-shot int4 RTN", str(quantized("rtn"))),
-            "gptq": lambda: zero_shot("zero-shot int4 GPTQ", str(quantized("gptq"))),
-            "qzo": lambda: trained("QZO int4 RTN", qzo_recipe, str(quantized("rtn")), "gptq"),
-            "mezo": lambda: trained("MeZO fp32", mezo_recipe, "default", "hf")}
+            "gptq": lambda: zero_shot("zero-shot int4 GPTQ", str(quantized("gptq")))}
+    jobs.update({key: (lambda key=key: trained(key)) for key in ACCURACY_ROWS})
     unknown = [r for r in rows if r not in jobs]
     if unknown:
         raise ValueError(f"unknown row {unknown[0]!r}; choose from {list(jobs)}")
@@ -245,9 +264,10 @@ def bench_accuracy(out: Path, seed: int, qzo_recipe: str, mezo_recipe: str, rows
         jobs[row]()
     return results
 
+
 # ---- speed benchmark (`qzo2 bench`, BENCHMARKS.md): random-weight models built in place, one ZO step per mode -------
-FIRST_ORDER_MODES = ("lomo", "adalomo", "adamw")  # first-order steps on the int4 scales
-MODES = ("forward", "qzo", "qzo-offload", "mezo", "zo2") + FIRST_ORDER_MODES
+FIRST_ORDER_MODES = ("lomo", "adalomo", "adamw", "hift")  # first-order steps on the int4 scales
+MODES = ("forward", "qzo", "qzo-offload", "mezo", "zo2") + FIRST_ORDER_MODES + ("grass",)  # grass: dense weights
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GB = 1 << 30  # every *_gb field is in GiB (2^30 bytes), as torch.cuda.max_memory_allocated() / 1024**3 is
 # one JSON line per mode, these keys in this order (see bench_mode); ratio_to_forward is 1.0 for forward itself
@@ -433,7 +453,10 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
     (RECORD_FIELDS; ratio_to_forward is left to run_bench). The model dies with this call (run_bench collects it).
     forward: two plain forwards of the batch (decoder + the same chunked LM head and loss as a ZO step: the
     floor); qzo: quantized model resident, ZO step on the scales; qzo-offload: the same with every decoder block's
-    codes streamed by engine.BlockStreamer (h2d/d2h from its counters); mezo: dense model resident, ZO step on
+    codes streamed by engine.BlockStreamer (h2d/d2h from its counters); lomo/adalomo/adamw/hift: quantized model
+    resident, a first-order step (forward + backward: fused update, AdamW, or AdamW on one group of layers) on the
+    scales; grass: dense model, a GRASS step on the Linear weights; mezo: dense model
+    resident, ZO step on
     the Linear weights; zo2: the same with every block's Linear weights streamed, each step's update applied when
     the block next arrives and copied back. Timing is host wall time around each step, with
     torch.cuda.synchronize() on CUDA; torch_peak_gb is reset after the model is built (weights + step activations). For the streamed modes
@@ -454,7 +477,7 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
     if quantized:
         targets = scale_targets(model)
         engine.set_cache_base("auto", [t.module for t in targets], device)
-    elif mode in ("mezo", "zo2"):
+    elif mode in ("mezo", "zo2", "grass"):
         targets = weight_targets(model, ("linear",))
     elif mode == "forward":
         targets = None
@@ -614,16 +637,18 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("-o", "--output", default="runs/accuracy", help="work and result directory")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--rows", default="fp32,rtn,gptq,qzo,mezo",
-                   help="comma list of fp32,bf16,rtn,gptq,qzo,mezo (bf16 is slow on CPUs without bf16 GEMM)")
-    a.add_argument("--qzo-recipe", default="recipes/accuracy-qzo.yaml")
-    a.add_argument("--mezo-recipe", default="recipes/accuracy-mezo.yaml")
+                   help="comma list of fp32,bf16,rtn,gptq," + ",".join(ACCURACY_ROWS) +
+                        " (bf16 is slow on CPUs without bf16 GEMM)")
+    a.add_argument("--recipe", action="append", default=[], metavar="ROW=PATH",
+                   help="another recipe for a trained row (repeatable), e.g. lomo=my-lomo.yaml")
     a.add_argument("--gptq-nsamples", type=int, default=128, help="GPTQ calibration sequences (512 tokens each)")
     a.add_argument("--tag", default="", help="suffix of the trained runs' directories and rows, e.g. -600steps")
     a.add_argument("overrides", nargs="*", help="key=value overrides for both training recipes")
     args = p.parse_args(argv)
     if args.verb == "accuracy":
-        bench_accuracy(Path(args.output), args.seed, args.qzo_recipe, args.mezo_recipe, args.rows.split(","),
-                       args.overrides, args.gptq_nsamples, args.tag)
+        recipes = dict(r.split("=", 1) for r in args.recipe)
+        bench_accuracy(Path(args.output), args.seed, args.rows.split(","), args.overrides, args.gptq_nsamples,
+                       args.tag, recipes)
         return 0
     if args.verb == "kernels":
         bench_kernels(args.rows, args.repeats)

@@ -31,6 +31,7 @@ EPILOG_BENCH = """examples:
   qzo2 bench --shape tiny --mode forward,qzo,qzo-offload,mezo,zo2 --batch 2 --seq 64 --compare   # CPU smoke run
   qzo2 bench --shape llama2-7b --mode forward,qzo,qzo-offload --batch 16 --seq 256 --compare -o runs/bench.jsonl
   qzo2 bench --shape opt-6.7b --mode qzo-offload,zo2,mezo --batch 1 --seq 2048 --compare
+  qzo2 bench --shape llama2-7b --mode forward,qzo,lomo,adalomo,adamw --batch 1 --seq 512 --compare
 
 Models are random (random codes and scales for the quantized modes), built directly on the device. One JSON line
 per mode: step_ms (median of the last half of the measured steps), tok_s (batch*seq per step), torch_peak_gb,
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--trust-remote-code", action="store_true", help="allow model code from the source directory")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
-    t = sub.add_parser("train", help="fine-tune by zeroth-order optimization (QZO scales / MeZO weights)",
+    t = sub.add_parser("train", help="fine-tune: zeroth-order (QZO scales / MeZO weights) or first-order (LOMO, "
+                                     "AdaLomo, AdamW) on scales or weights",
                        description="Train from a YAML recipe with key=value overrides, e.g.\n"
                                    "  qzo2 train recipes/sentiment.yaml model=runs/smollm2-int4 steps=200",
                        epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--mode", default="qzo",
                    help="comma list of forward (two plain forwards: the floor), qzo (quantized, resident), "
                         "qzo-offload (decoder blocks' codes streamed), mezo (dense weights resident), zo2 (dense "
-                        "blocks' Linear weights streamed, updated on arrival, copied back) (default qzo)")
+                        "blocks' Linear weights streamed, updated on arrival, copied back), lomo, adalomo, adamw, "
+                        "hift (first-order steps on the int4 scales: forward + backward), grass (GRASS on the "
+                        "dense Linear weights) (default qzo)")
     b.add_argument("--batch", type=int, default=1, help="rows per step (default 1)")
     b.add_argument("--seq", type=int, default=512, help="tokens per row (default 512)")
     b.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")

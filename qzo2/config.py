@@ -39,7 +39,7 @@ def _f(default, help: str, choices: tuple | None = None):
 
 
 ZO_METHODS = ("qzo", "mezo")
-FO_METHODS = ("lomo", "adalomo", "adamw")
+FO_METHODS = ("lomo", "adalomo", "adamw", "hift", "grass")
 METHODS = ZO_METHODS + FO_METHODS
 RENAMED = {"mezo_params": "params"}  # old key -> new key, still read from recipes and old run directories
 
@@ -49,8 +49,10 @@ class TrainConfig:
     # what is trained
     method: str = _f("qzo", "qzo / mezo: zeroth-order on the scales of a quantized model / the weights of an "
                             "unquantized one; lomo, adalomo: first-order with the update fused into backward (LOMO, "
-                            "AdaLomo), adamw: plain first-order AdamW (the non-lean reference) -- these three train "
-                            "the scales of a quantized model and the weights of an unquantized one", METHODS)
+                            "AdaLomo); hift: one group of layers per step (HiFT); adamw: plain first-order AdamW "
+                            "(the non-lean reference) -- these train the scales of a quantized model or the weights "
+                            "of an unquantized one; grass: row-sparse projected gradients (GRASS), unquantized "
+                            "weights only", METHODS)
     model: str = _f("default", "quantized dir (qzo) or HF dir / .gguf (mezo); 'default' = embedded SmolLM2")
     dtype: str = _f("fp32", "activation and non-quantized weight dtype (fp16: first-order methods scale the loss)",
                     ("fp32", "bf16", "fp16"))
@@ -98,7 +100,17 @@ class TrainConfig:
     loss_scale_window: int = _f(1000, "first-order, dtype=fp16: dynamic loss scale (from 2^16), halved and the step "
                                       "skipped on overflow, doubled after this many overflow-free steps")
     gradient_accumulation_steps: int = _f(1, "adamw: micro-batches per step (batch_size is the whole step's); the "
-                                             "fused LOMO/AdaLomo update and ZO steps cannot accumulate")
+                                             "fused LOMO/AdaLomo update, HiFT, GRASS and ZO steps cannot accumulate")
+    hift_group_size: int = _f(1, "hift: units (embedding, each decoder block, norm + head) trained together per step")
+    hift_strategy: str = _f("down2up", "hift: order of the groups: down2up (embedding to head), up2down, random (one "
+                                       "seeded permutation)", ("down2up", "up2down", "random"))
+    grass_rank: int = _f(64, "grass: rows r of each weight matrix whose projected gradient is trained")
+    grass_refresh: int = _f(100, "grass: steps between row selections (each takes one full gradient)")
+    grass_select: str = _f("top", "grass: top = the r largest-norm gradient rows; sample = r rows drawn with "
+                                  "probability proportional to their norm, unbiased scaling", ("top", "sample"))
+    grass_reset: bool = _f(True, "grass: restart the r x n Adam moments at each row selection (else keep the rows "
+                                 "that stay selected)")
+    grass_scale: float = _f(1.0, "grass: scale alpha of the row update")
     max_skips: int = _f(10, "stop with an error after this many consecutive non-finite steps")
     seed: int = _f(0, "seed of the data order, the perturbations and the sentiment splits")
     # evaluation, logging, checkpoints
@@ -142,6 +154,8 @@ class TrainConfig:
                            "nothing to accumulate into", "qzo": "a ZO step is one forward of the whole batch",
                    "mezo": "a ZO step is one forward of the whole batch"}
             why["adalomo"] = why["lomo"].replace("LOMO", "AdaLomo")
+            why["hift"] = "each step trains another group of layers, so gradients of one group never add up"
+            why["grass"] = "each step's rows are selected and updated within the step"
             if self.method in why:
                 raise ConfigError(f"gradient_accumulation_steps > 1 does not work with method={self.method}: "
                                   f"{why[self.method]}; raise batch_size instead")
@@ -151,6 +165,8 @@ class TrainConfig:
         if self.method in ZO_METHODS and (self.clip_grad_norm or self.clip_grad_value):
             raise ConfigError("clip_grad_norm / clip_grad_value are for first-order methods; zeroth-order steps clip "
                               "the projected gradient with clip (DDC)")
+        if self.hift_group_size < 1 or self.grass_rank < 1 or self.grass_refresh < 1:
+            raise ConfigError("hift_group_size, grass_rank and grass_refresh must be >= 1")
         if self.clip_grad_norm < 0 or self.clip_grad_value < 0 or self.loss_scale_window < 1:
             raise ConfigError("clip_grad_norm and clip_grad_value must be >= 0, loss_scale_window >= 1")
         if self.weight_decay and self.method == "qzo":

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU measurements of issue #5 in one place, for a lent H100/H200 (run from the repo root there: its python3
 # already has torch, transformers, triton and pytest; qzo2 runs from the source tree, nothing is installed).
-#   scripts/gpu_proof.sh [all|tests|llama7b|opt|peak|70b] ...
+#   scripts/gpu_proof.sh [all|tests|llama7b|opt|peak|70b|fo] ...
 # JSON lines go to $OUT/bench.jsonl (or runs/gpu/), the --compare tables and test output to *.log beside it.
 #   tests    CUDA tests (engine streams/events/pinned buffers, z and rounding on the device, bench modes) + Triton
 #   llama7b  Llama-2-7B int4 g128, 16x256: QZO resident and offloaded against the two-forward bf16 floor
 #   opt      OPT-6.7B, 1x2048: QZO offloaded, ZO2 mode and MeZO resident against the floor (ZO2 anchor: 4,150 tok/s)
 #   peak     Llama-2-7B int4, 1x512: torch peak memory resident and offloaded
 #   70b      Llama-2-70B int4 offloaded, 1x512 (h2d_floor_ms in the record is the transfer floor)
+#   fo       issue #11: Llama-2-7B int4 scales, 1x512: LOMO, AdaLomo and torch AdamW steps against the floor and QZO
 set -euo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 out="${OUT:-runs/gpu}"
@@ -19,7 +20,7 @@ bench() { python3 -m qzo2.cli bench "$@" --compare -o "$out/bench.jsonl" 2>&1 | 
 for part in "${@:-all}"; do
   case "$part" in
     tests|all) python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton_kernels.py \
-                 tests/test_engine.py tests/test_spsa.py 2>&1 | tee -a "$out/tests.log" ||
+                 tests/test_engine.py tests/test_zo.py tests/test_lomo.py 2>&1 | tee -a "$out/tests.log" ||
                  echo "gpu_proof.sh: tests failed" | tee -a "$out/tests.log" ;;&
     llama7b|all) bench --shape llama2-7b --mode forward,qzo,qzo-offload --batch 16 --seq 256 --steps 10 --warmup 3 ;;&
     opt|all) bench --shape opt-6.7b --mode forward,qzo-offload,zo2,mezo --batch 1 --seq 2048 --steps 10 --warmup 3
@@ -27,7 +28,8 @@ for part in "${@:-all}"; do
              bench --shape opt-6.7b --mode zo2 --depth 3 --batch 1 --seq 2048 --steps 10 --warmup 3 ;;&
     peak|all) bench --shape llama2-7b --mode qzo,qzo-offload --batch 1 --seq 512 --steps 10 --warmup 3 ;;&
     70b|all) bench --shape llama2-70b --mode qzo-offload --batch 1 --seq 512 --steps 5 --warmup 2 ;;&
-    tests|llama7b|opt|peak|70b|all) ;;
-    *) echo "gpu_proof.sh: unknown part '$part' (all, tests, llama7b, opt, peak, 70b)" >&2; exit 2 ;;
+    fo|all) bench --shape llama2-7b --mode forward,qzo,lomo,adalomo,adamw --batch 1 --seq 512 --steps 10 --warmup 3 ;;&
+    tests|llama7b|opt|peak|70b|fo|all) ;;
+    *) echo "gpu_proof.sh: unknown part '$part' (all, tests, llama7b, opt, peak, 70b, fo)" >&2; exit 2 ;;
   esac
 done

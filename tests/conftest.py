@@ -141,3 +141,23 @@ def nan_at(*calls: int, from_call: int | None = None):
         return losses * float("nan") if n in calls or (from_call is not None and n >= from_call) else losses
 
     return hook
+
+
+def straight_and_resumed(tmp_path, model, data, steps: int, stop_at: int, files=("trained.safetensors",), **kw):
+    """Train `steps` straight (run a), and again stopped by Ctrl-C in step `stop_at` then resumed (run b); assert
+    the last checkpoints' `files` are bit-identical. -> (result a, result b)."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from qzo2 import trainer
+
+    straight = trainer.train(train_config(tmp_path / "a", model, data, steps=steps, **kw))
+    with pytest.MonkeyPatch.context() as mp:
+        patch_losses(mp, signal_at(stop_at, signal.SIGINT))
+        assert trainer.train(train_config(tmp_path / "b", model, data, steps=steps, **kw))["step"] == stop_at
+    resumed = trainer.train(train_config(tmp_path / "b", model, data, steps=steps, **kw))
+    for f in files:
+        ta, tb = (load_file(str(trainer.RunDir(r["run"]).checkpoint("last") / f)) for r in (straight, resumed))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), f
+    return straight, resumed

@@ -195,3 +195,19 @@ def test_opt_shapes_have_the_published_parameter_counts():
               for name in ("opt-13b", "opt-175b")}
     assert counts["opt-13b"] == 12_853_473_280  # facebook/opt-13b
     assert 174e9 < counts["opt-175b"] < 176e9
+
+
+def test_bench_first_order_modes_time_the_trainers_step():
+    """lomo/adalomo/adamw: one first-order step on the int4 scales, the same Method the trainer builds; the loss
+    of the first step is the same random quantized model's before any update, so all three agree on it."""
+    from qzo2.bench import run_bench
+
+    recs = run_bench("tiny", "forward,lomo,adalomo,adamw,hift,grass", batch=2, seq=16, steps=1, warmup=0,
+                     compare=True, echo=lambda line: None)
+    by = {r["mode"]: r for r in recs}
+    assert all(r["error"] is None and r["bits"] == 4 for m, r in by.items() if m not in ("forward", "grass"))
+    assert by["grass"]["error"] is None and by["grass"]["bits"] is None  # dense weights
+    assert by["hift"]["loss"] == pytest.approx(by["adamw"]["loss"], rel=1e-6)
+    assert by["lomo"]["loss"] == pytest.approx(by["adalomo"]["loss"], rel=1e-6)
+    assert by["lomo"]["loss"] == pytest.approx(by["adamw"]["loss"], rel=1e-6)
+    assert all(by[m]["ratio_to_forward"] > 0 for m in ("lomo", "adalomo", "adamw"))

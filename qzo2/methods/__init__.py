@@ -2,6 +2,8 @@
 
   zo.py    qzo (scales of a quantized model), mezo (weights of an unquantized one; ZO2 mode with offload)
   lomo.py  lomo, adalomo (first-order, update fused into backward), adamw (first-order reference)
+  hift.py  hift (one group of layers per step, AdamW, the other groups' state in host memory)
+  grass.py grass (Adam on row-sparse projected gradients of the weight matrices)
 
 `load_for_training(cfg)` loads the model, picks what is trained (the model decides: scales if it is quantized,
 weights of the `params` kinds if not; `trainable` narrows by regex), places it and builds the method.
@@ -13,15 +15,20 @@ from pathlib import Path
 
 import torch
 
+from quant.linear import QuantLinear
+
 from ..config import FO_METHODS
 from ..engine import place_model, set_cache_base
 from ..model import is_quantized_dir, load_model, resolve_device, resolve_source
 from ..run import TrainingError
 from .base import Method, Target, scale_targets, weight_targets
+from .grass import Grass
+from .hift import HiFT
 from .lomo import AdaLomo, AdamW, Lomo
 from .zo import ZeroOrder
 
-CLASSES = {"qzo": ZeroOrder, "mezo": ZeroOrder, "lomo": Lomo, "adalomo": AdaLomo, "adamw": AdamW}
+CLASSES = {"qzo": ZeroOrder, "mezo": ZeroOrder, "lomo": Lomo, "adalomo": AdaLomo, "adamw": AdamW, "hift": HiFT,
+           "grass": Grass}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 __all__ = ["CLASSES", "Method", "Target", "build_method", "load_for_training", "objective_kind", "select_targets"]
@@ -60,8 +67,9 @@ def load_for_training(cfg):
     if cfg.method == "qzo" and not quantized:
         raise TrainingError(f"method=qzo trains the scales of a quantized model; {source} is not one "
                             f"(run `qzo2 quantize {cfg.model if cfg.model != 'default' else ''} -o DIR` first)")
-    if cfg.method == "mezo" and quantized:
-        raise TrainingError(f"method=mezo trains full weights; {source} is quantized (use method=qzo)")
+    if cfg.method in ("mezo", "grass") and quantized:
+        raise TrainingError(f"method={cfg.method} trains full weights; {source} is quantized (use method=qzo, or a "
+                            f"first-order method on its scales: lomo, adalomo, adamw, hift)")
     model, tokenizer = load_model(source, dtype=DTYPES[cfg.dtype])
     model.eval()  # dropout off: every ZO forward is deterministic, and first-order steps see the same model
     for p in model.parameters():
@@ -69,7 +77,7 @@ def load_for_training(cfg):
     targets = select_targets(cfg, model, quantized)
     device = resolve_device(cfg.device)
     if quantized:
-        set_cache_base(cfg.cache_base, [m for m in model.modules() if hasattr(m, "cache_base")], device)
+        set_cache_base(cfg.cache_base, [m for m in model.modules() if isinstance(m, QuantLinear)], device)
     place_model(model, device, cfg.offload, cfg.gpu_memory, cfg.prefetch_depth, targets,
                 streamable=cfg.method not in FO_METHODS)
     return model, tokenizer, build_method(cfg, model, targets, objective_kind(cfg))

@@ -73,16 +73,21 @@ class Target:
         return getattr(self.module, self.name)
 
 
+def to_dtype(new: torch.Tensor, dtype: torch.dtype, seed: int, index: int) -> torch.Tensor:
+    """An fp32 value as `dtype`: itself for fp32, stochastically rounded (the random stream of (seed, tensor index))
+    for bf16/fp16."""
+    if dtype == torch.float32:
+        return new
+    return round_stochastic(new, dtype, generator(seed, index, ROUNDING_STREAM, new.device))
+
+
 @torch.no_grad()
 def store(t: Target, new: torch.Tensor, seed: int, floor: float | None = None) -> None:
     """Write the fp32 value `new` into the target: clamped at `floor` (scales stay positive), stochastically
     rounded (seeded by (seed, tensor index)) when the tensor is bf16/fp16, exact when it is fp32."""
-    theta = t.tensor
     if floor is not None:
         new = new.clamp_(min=floor)
-    if theta.dtype != torch.float32:
-        new = round_stochastic(new, theta.dtype, generator(seed, t.index, ROUNDING_STREAM, theta.device))
-    theta.copy_(new)
+    t.tensor.copy_(to_dtype(new, t.tensor.dtype, seed, t.index))
 
 
 def scale_targets(model: nn.Module) -> list[Target]:

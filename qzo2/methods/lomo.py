@@ -69,6 +69,46 @@ class FirstOrder(Method):
     def loss(self, batch: dict) -> torch.Tensor:
         return objective.loss(self.model, self.kind, batch)
 
+    def adamw_step(self, optimizer, params: list, batch, lr: float) -> dict:
+        """Backward over the (micro-)batches, unscale / overflow check (fp16), clip, one optimizer step at `lr`,
+        gradients freed, scales floored: the step AdamW and HiFT (on its active group) share."""
+        micro = batch if isinstance(batch, list) else [batch]
+        total = sum(objective.loss_weight(self.kind, b) for b in micro)
+        scale = float(self.scaler.scale) if self.scaler else 1.0
+        loss_sum = 0.0
+        for b in micro:
+            w = objective.loss_weight(self.kind, b) / total
+            loss = self.loss(b)
+            if not torch.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                return {"skipped": "nonfinite", "losses": [float(loss.detach())]}
+            (loss * (w * scale)).backward()
+            loss_sum += float(loss.detach()) * w
+        with torch.no_grad():
+            if scale != 1.0:
+                for p in params:
+                    p.grad.mul_(1.0 / scale)
+            out = {"loss": loss_sum}
+            if self.scaler:
+                overflow = not all(torch.isfinite(p.grad).all() for p in params)
+                self.scaler.update(overflow)
+                out["loss_scale"] = scale
+                if overflow:
+                    optimizer.zero_grad(set_to_none=True)
+                    return {"skipped": "overflow", "losses": [loss_sum], "loss_scale": scale}
+            if self.cfg.clip_grad_value:
+                torch.nn.utils.clip_grad_value_(params, self.cfg.clip_grad_value)
+            if self.cfg.clip_grad_norm:
+                out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if self.floor is not None:
+                for p in params:
+                    p.clamp_(min=self.floor)
+        return out
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return self.scaler.state_tensors() if self.scaler else {}
 
@@ -208,6 +248,22 @@ class AdaLomo(Lomo):
         return out
 
 
+def adamw_for(targets, cfg, device=None) -> torch.optim.AdamW:
+    """torch.optim.AdamW over the targets (weight decay only where t.decay), its state made up front (on `device`,
+    default each tensor's own), so a checkpoint always holds the same tensors."""
+    decay = [t.tensor for t in targets if t.decay]
+    rest = [t.tensor for t in targets if not t.decay]
+    groups = ([{"params": decay, "weight_decay": cfg.weight_decay}] if decay else []) + (
+        [{"params": rest, "weight_decay": 0.0}] if rest else [])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, foreach=False)
+    for t in targets:
+        p = t.tensor
+        dev = device or p.device
+        opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros(p.shape, dtype=p.dtype, device=dev),
+                        "exp_avg_sq": torch.zeros(p.shape, dtype=p.dtype, device=dev)}
+    return opt
+
+
 class AdamW(FirstOrder):
     """torch.optim.AdamW after a full backward (every gradient alive at once, two fp32 moments per trained value):
     the reference the memory-lean methods are measured against. Gradient accumulation: a step may be a list of
@@ -217,54 +273,10 @@ class AdamW(FirstOrder):
 
     def __init__(self, model, cfg, targets, kind):
         super().__init__(model, cfg, targets, kind)
-        decay = [t.tensor for t in targets if t.decay]
-        rest = [t.tensor for t in targets if not t.decay]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}] + ([{"params": rest, "weight_decay": 0.0}]
-                                                                          if rest else [])
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, foreach=False)
-        for t in targets:  # state up front, so a checkpoint always holds the same tensors
-            p = t.tensor
-            self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                       "exp_avg_sq": torch.zeros_like(p)}
+        self.optimizer = adamw_for(targets, cfg)
 
     def step(self, batch, step: int) -> dict:
-        micro = batch if isinstance(batch, list) else [batch]
-        total = sum(objective.loss_weight(self.kind, b) for b in micro)
-        scale = float(self.scaler.scale) if self.scaler else 1.0
-        loss_sum = 0.0
-        for b in micro:
-            w = objective.loss_weight(self.kind, b) / total
-            loss = self.loss(b)
-            if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                return {"skipped": "nonfinite", "losses": [float(loss.detach())]}
-            (loss * (w * scale)).backward()
-            loss_sum += float(loss.detach()) * w
-        params = [t.tensor for t in self.targets]
-        with torch.no_grad():
-            if scale != 1.0:
-                for p in params:
-                    p.grad.mul_(1.0 / scale)
-            out = {"loss": loss_sum}
-            if self.scaler:
-                overflow = not all(torch.isfinite(p.grad).all() for p in params)
-                self.scaler.update(overflow)
-                out["loss_scale"] = scale
-                if overflow:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    return {"skipped": "overflow", "losses": [loss_sum], "loss_scale": scale}
-            if self.cfg.clip_grad_value:
-                torch.nn.utils.clip_grad_value_(params, self.cfg.clip_grad_value)
-            if self.cfg.clip_grad_norm:
-                out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm))
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_at(step)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.floor is not None:
-                for p in params:
-                    p.clamp_(min=self.floor)
-        return out
+        return self.adamw_step(self.optimizer, [t.tensor for t in self.targets], batch, self.lr_at(step))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = dict(super().state_tensors())
