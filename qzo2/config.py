@@ -90,7 +90,17 @@ class TrainConfig:
     warmup_steps: int = _f(0, "linear warmup steps")
     eps: float = _f(1e-3, "perturbation size epsilon")
     n_pairs: int = _f(1, "independent +-eps pairs per step, averaged")
-    clip: float = _f(100.0, "DDC: clip the projected gradient to [-clip, clip]; 0 disables")
+    clip: float = _f(100.0, "DDC: clip the projected gradient to [-clip, clip] (with zo_normalize: in units of its "
+                            "running RMS, e.g. 3); 0 disables")
+    zo_normalize: bool = _f(False, "ZO: divide each step's projected gradients by their running RMS (EMA of d^2, "
+                                   "FZOO/MEAZO style): a scale-free step whose lr transfers")
+    zo_rms_beta: float = _f(0.9, "ZO, zo_normalize: decay of the running mean of d^2")
+    zo_mask: str = _f("none", "ZO: perturb and update only a fixed subset: magnitude = the smallest-magnitude "
+                              "entries (Sparse-MeZO), fisher = the largest diagonal Fisher from a gradient pass over "
+                              "zo_mask_samples examples at batch 1 (SensZOQ); the rest stays bitwise unchanged",
+                      ("none", "magnitude", "fisher"))
+    zo_mask_fraction: float = _f(0.01, "ZO, zo_mask: fraction of the trained entries in the mask")
+    zo_mask_samples: int = _f(32, "ZO, zo_mask=fisher: training examples of the one-off gradient pass (batch 1)")
     scale_floor: float = _f(1e-7, "qzo: scales are clamped at this floor after each update")
     weight_decay: float = _f(0.0, "theta -= lr*wd*theta on weights, embeddings and scales, not on biases or norm "
                                   "gains (MeZO's reference, HF Trainer); qzo: not allowed (the QZO paper)")
@@ -162,6 +172,10 @@ class TrainConfig:
             if self.batch_size % self.gradient_accumulation_steps:
                 raise ConfigError(f"batch_size {self.batch_size} is not a multiple of gradient_accumulation_steps "
                                   f"{self.gradient_accumulation_steps}")
+        if self.method not in ZO_METHODS and (self.zo_normalize or self.zo_mask != "none"):
+            raise ConfigError(f"zo_normalize / zo_mask are for zeroth-order methods (qzo, mezo), not {self.method}")
+        if not 0 < self.zo_mask_fraction <= 1 or not 0 <= self.zo_rms_beta < 1 or self.zo_mask_samples < 1:
+            raise ConfigError("zo_mask_fraction must be in (0, 1], zo_rms_beta in [0, 1), zo_mask_samples >= 1")
         if self.method in ZO_METHODS and (self.clip_grad_norm or self.clip_grad_value):
             raise ConfigError("clip_grad_norm / clip_grad_value are for first-order methods; zeroth-order steps clip "
                               "the projected gradient with clip (DDC)")

@@ -127,8 +127,11 @@ def train(cfg: TrainConfig) -> dict:
                 state.pop("config", None)
                 run.truncate_metrics(state["step"])
                 bar.update(state["step"])
-            elif task.dev:
-                evaluate_dev(0)
+            else:
+                method.prepare(lambda i, size: D.encode(task.kind, D.batch_at(task.train, size, cfg.seed + 1, i),
+                                                        tokenizer, cfg.max_length))
+                if task.dev:
+                    evaluate_dev(0)
             window = Window()
             if where["streamed_blocks"]:
                 bar.write(f"{where['device']}: streaming {where['streamed_blocks']} of {where['blocks']} decoder "

@@ -143,9 +143,11 @@ def nan_at(*calls: int, from_call: int | None = None):
     return hook
 
 
-def straight_and_resumed(tmp_path, model, data, steps: int, stop_at: int, files=("trained.safetensors",), **kw):
+def straight_and_resumed(tmp_path, model, data, steps: int, stop_at: int, files=("trained.safetensors",),
+                         calls_before: int = 0, **kw):
     """Train `steps` straight (run a), and again stopped by Ctrl-C in step `stop_at` then resumed (run b); assert
-    the last checkpoints' `files` are bit-identical. -> (result a, result b)."""
+    the last checkpoints' `files` are bit-identical. `calls_before`: loss calls a run makes before its first step
+    (a Fisher pass). -> (result a, result b)."""
     import signal
 
     from safetensors.torch import load_file
@@ -154,7 +156,7 @@ def straight_and_resumed(tmp_path, model, data, steps: int, stop_at: int, files=
 
     straight = trainer.train(train_config(tmp_path / "a", model, data, steps=steps, **kw))
     with pytest.MonkeyPatch.context() as mp:
-        patch_losses(mp, signal_at(stop_at, signal.SIGINT))
+        patch_losses(mp, signal_at(calls_before + stop_at, signal.SIGINT))
         assert trainer.train(train_config(tmp_path / "b", model, data, steps=steps, **kw))["step"] == stop_at
     resumed = trainer.train(train_config(tmp_path / "b", model, data, steps=steps, **kw))
     for f in files:

@@ -67,6 +67,7 @@ class Target:
     name: str
     decay: bool = True  # weight decay applies (not to biases and norm gains)
     aliases: list = field(default_factory=list)  # other (module, name) reading the same tensor (a tied lm_head)
+    mask: torch.Tensor | None = None  # ZO: sorted flat indices of the entries perturbed and updated (None: all)
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -140,6 +141,7 @@ class Method:
                                      update: a non-finite loss) or "overflow" (fp16 loss-scale overflow) with
                                      "losses" when the step changed nothing.
       lr_at(step)                    the learning rate of a step (the schedule; a method may change its clock)
+      prepare(batch_at)              once before a new run's first step (e.g. a ZO mask from a gradient pass)
       state_tensors()                optimizer state as named tensors (a checkpoint's method.safetensors)
       load_state_tensors(tensors)    restore it, so a resumed run continues bit for bit
       flush()                        make every trained tensor current (ZO2 mode defers updates), before a save
@@ -173,6 +175,11 @@ class Method:
             current = self.state_tensors()
             for k, v in tensors.items():
                 current[k].copy_(v)
+
+    def prepare(self, batch_at) -> None:
+        """Once at the start of a new run (not on resume: what it computes is in the state tensors): batch_at(i,
+        size) -> the i-th encoded batch of `size` training examples, for methods that look at data first (a ZO
+        Fisher mask)."""
 
     def flush(self) -> None:
         streamer = getattr(self.model, "qzo2_streamer", None)

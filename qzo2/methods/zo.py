@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 from torch import nn
@@ -39,13 +40,25 @@ def z_for(shape, seed: int, index: int, pair: int, device="cpu") -> torch.Tensor
                        device=device)
 
 
+def target_z(t: Target, seed: int, pair: int) -> torch.Tensor:
+    """z of a target for (step seed, pair): N(0, I) on every entry, or, with a mask, N(0, I) drawn only for the
+    masked entries (from the same counter-based generator) and exactly 0 elsewhere."""
+    theta = t.tensor
+    if t.mask is None:
+        return z_for(theta.shape, seed, t.index, pair, theta.device)
+    z = torch.zeros(theta.numel(), dtype=torch.float32, device=theta.device)
+    if len(t.mask):
+        z[t.mask] = z_for((len(t.mask),), seed, t.index, pair, theta.device)
+    return z.view(theta.shape)
+
+
 def perturbed(t: Target, seed: int, eps: float, n_pairs: int) -> list[torch.Tensor]:
     """[θ+εz_0, θ−εz_0, θ+εz_1, ...] for one target, out of place, in the tensor's dtype."""
     theta = t.tensor
     base = theta.float()
     out = []
     for j in range(n_pairs):
-        ez = z_for(theta.shape, seed, t.index, j, theta.device).mul_(eps)
+        ez = target_z(t, seed, j).mul_(eps)
         out += [(base + ez).to(theta.dtype), (base - ez).to(theta.dtype)]
     return out
 
@@ -130,10 +143,64 @@ def apply_update(targets: list[Target], seed: int, coeffs: list[float], weight_d
         new = theta.float() if theta.dtype != torch.float32 else theta.clone()
         for j, c in enumerate(coeffs):
             if c:
-                new.sub_(z_for(theta.shape, seed, t.index, j, theta.device).mul_(c))
+                new.sub_(target_z(t, seed, j).mul_(c))
         if weight_decay and t.decay:
-            new.sub_(theta.float().mul(lr * weight_decay))
+            decay = theta.float().mul(lr * weight_decay)
+            if t.mask is not None:  # outside the mask nothing moves, decay included
+                keep = torch.zeros(theta.numel(), dtype=torch.bool, device=theta.device)
+                keep[t.mask] = True
+                decay.view(-1).masked_fill_(~keep, 0.0)
+            new.sub_(decay)
+        if floor is not None and t.mask is not None:  # the floor, too, only where the update acted
+            floor_t = torch.full_like(new, -float("inf"))
+            floor_t.view(-1)[t.mask] = floor
+            new = torch.maximum(new, floor_t)
+            floor = None
         store(t, new, seed, floor)
+
+
+# ---- masks: which entries a ZO step perturbs (the rest stays bitwise unchanged) ------------------------------------------
+def magnitude_scores(targets: list[Target]) -> list[torch.Tensor]:
+    """Sparse-MeZO's gradient-free choice: the smallest-magnitude entries score highest."""
+    return [-t.tensor.detach().float().abs().flatten() for t in targets]
+
+
+def fisher_scores(model, targets: list[Target], kind: str, batches: list[dict]) -> list[torch.Tensor]:
+    """SensZOQ's choice: the diagonal empirical Fisher Σ_i (∂L_i/∂θ)² over `batches` (one example each). Each
+    gradient is folded into its fp32 accumulator by a post-accumulate hook and freed at once (LOMO-style), so the
+    pass needs the activations of one example plus one fp32 value per trained entry, nothing else."""
+    acc = [torch.zeros(t.tensor.numel(), dtype=torch.float32, device=t.tensor.device) for t in targets]
+    handles = []
+    for t, a in zip(targets, acc):
+        t.tensor.requires_grad_(True)
+
+        def fold(tensor, a=a):
+            a.add_(tensor.grad.float().flatten().pow(2))
+            tensor.grad = None
+
+        handles.append(t.tensor.register_post_accumulate_grad_hook(fold))
+    try:
+        for b in batches:
+            objective.loss(model, kind, b).backward()
+    finally:
+        for t, h in zip(targets, handles):
+            h.remove()
+            t.tensor.grad = None
+            t.tensor.requires_grad_(False)
+    return acc
+
+
+def set_masks(targets: list[Target], scores: list[torch.Tensor], fraction: float) -> None:
+    """Each target's mask: its entries among the top `fraction` of all scores (one global threshold, ties by
+    order), as sorted flat indices."""
+    flat = torch.cat([s.float().cpu() for s in scores])
+    n = max(1, int(round(fraction * flat.numel())))
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[torch.topk(flat, n, sorted=False).indices] = True
+    start = 0
+    for t, s in zip(targets, scores):
+        t.mask = chosen[start:start + s.numel()].nonzero().flatten().to(t.tensor.device)
+        start += s.numel()
 
 
 def repeat_batch(batch: dict, times: int) -> dict:
@@ -153,6 +220,43 @@ class ZeroOrder(Method):
         super().__init__(model, cfg, targets, kind)
         self.name = cfg.method
         self.floor = cfg.scale_floor if cfg.method == "qzo" else None
+        # zo_normalize: the EMA of mean_j d_j² (bias-corrected like Adam's v), one scalar of state
+        self.rms = {"v": torch.zeros((), dtype=torch.float64), "t": torch.zeros((), dtype=torch.int64)}
+        if cfg.zo_mask == "magnitude":
+            set_masks(targets, magnitude_scores(targets), cfg.zo_mask_fraction)
+
+    def prepare(self, batch_at) -> None:
+        if self.cfg.zo_mask == "fisher":
+            scores = fisher_scores(self.model, self.targets, self.kind,
+                                   [batch_at(i, 1) for i in range(self.cfg.zo_mask_samples)])
+            set_masks(self.targets, scores, self.cfg.zo_mask_fraction)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"zo.rms_v": self.rms["v"], "zo.rms_t": self.rms["t"]} if self.cfg.zo_normalize else {}
+        if self.cfg.zo_mask != "none":
+            out.update({f"{t.path}.zo_mask": t.mask for t in self.targets if t.mask is not None})
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = dict(tensors)
+        for t in self.targets:  # masks may differ in size from the ones made at init: take the checkpoint's
+            key = f"{t.path}.zo_mask"
+            if key in tensors:
+                t.mask = tensors.pop(key).to(t.tensor.device)
+        if self.cfg.zo_normalize:
+            self.rms["v"].copy_(tensors.pop("zo.rms_v"))
+            self.rms["t"].copy_(tensors.pop("zo.rms_t"))
+        if tensors:
+            raise ValueError(f"unexpected {self.name} state {sorted(tensors)[:3]}")
+
+    def normalized(self, d: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """zo_normalize: d / √v̂ with v̂ the bias-corrected EMA of mean(d²) (updated with this step's d first), so
+        the step is scale-free (a loss 100× larger gives the same update) -> (d / √v̂, √v̂)."""
+        beta = self.cfg.zo_rms_beta
+        self.rms["v"].mul_(beta).add_((1 - beta) * float(d.pow(2).mean()))
+        self.rms["t"] += 1
+        rms = math.sqrt(float(self.rms["v"]) / (1 - beta ** int(self.rms["t"])))
+        return d / rms if rms > 0 else d, rms
 
     def step(self, batch: dict, step: int) -> dict:
         cfg, k = self.cfg, self.cfg.n_pairs
@@ -163,10 +267,14 @@ class ZeroOrder(Method):
         if not torch.isfinite(losses).all():
             return {"skipped": "nonfinite", "losses": [float(x) for x in losses]}
         d = projected_gradients(losses, cfg.eps)
+        out = {"loss": float(losses.mean()), "d": float(d.abs().mean())}
+        if cfg.zo_normalize:  # the clip is then in units of the running RMS
+            d, out["d_rms"] = self.normalized(d)
         dc = d.clamp(-cfg.clip, cfg.clip) if cfg.clip else d
         lr = self.lr_at(step)
         self.apply_step_update(seed, [lr * float(x) / k for x in dc], cfg.weight_decay, lr)
-        return {"loss": float(losses.mean()), "d": float(d.abs().mean()), "clip_rate": int((dc != d).sum()) / k}
+        out["clip_rate"] = int((dc != d).sum()) / k
+        return out
 
     def apply_step_update(self, seed: int, coeffs: list[float], weight_decay: float, lr: float) -> None:
         """apply_update, now for resident targets; for the tensors a streamer streams (ZO2 mode), deferred until

@@ -1,0 +1,195 @@
+"""The ZO options of the convergence work: masks (magnitude, Fisher) frozen outside, the z of the forward is the z of
+the update, the normalized step is scale-free, a masked estimator on a quadratic converges in ~|S|/d of the steps,
+resume keeps the mask and the running RMS."""
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from conftest import build_model, input_ids, straight_and_resumed, train_config as config
+from qzo2 import objective, trainer
+from qzo2.config import ConfigError, TrainConfig
+from qzo2.methods import base, build_method, zo
+
+
+def zo_method(model, quantized=False, **kw):
+    cfg = TrainConfig(method="qzo" if quantized else "mezo", task="", train_file="x.jsonl", lr=kw.pop("lr", 1e-3),
+                      **kw)
+    targets = base.scale_targets(model) if quantized else base.weight_targets(model, ("linear",))
+    return build_method(cfg, model, targets, "lm")
+
+
+def batches(n, rows=2, seq=10):
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+            for ids in (input_ids(batch=rows, seq=seq, vocab=300, seed=s) for s in range(n))]
+
+
+def test_magnitude_mask_picks_the_smallest_entries_and_nothing_else_moves():
+    model = build_model("llama")
+    method = zo_method(model, zo_mask="magnitude", zo_mask_fraction=0.02, lr=1e-2)
+    total = sum(t.tensor.numel() for t in method.targets)
+    assert sum(len(t.mask) for t in method.targets) == round(0.02 * total)
+    everything = torch.cat([t.tensor.detach().abs().flatten() for t in method.targets])
+    threshold = everything.kthvalue(round(0.02 * total)).values
+    for t in method.targets:
+        assert (t.tensor.detach().abs().flatten()[t.mask] <= threshold).all()
+    before = {t.path: t.tensor.detach().clone() for t in method.targets}
+    for i, b in enumerate(batches(3)):
+        method.step(b, i)
+    for t in method.targets:
+        keep = torch.ones(t.tensor.numel(), dtype=torch.bool)
+        keep[t.mask] = False
+        assert torch.equal(t.tensor.flatten()[keep], before[t.path].flatten()[keep]), t.path  # bitwise frozen
+    assert any(not torch.equal(t.tensor.flatten()[t.mask], before[t.path].flatten()[t.mask])
+               for t in method.targets if len(t.mask))
+
+
+def test_fisher_mask_is_the_top_of_the_summed_squared_gradients():
+    model = build_model("llama")
+    method = zo_method(model, zo_mask="fisher", zo_mask_fraction=0.01, zo_mask_samples=3)
+    data = batches(3, rows=1)
+    method.prepare(lambda i, size: data[i])
+    # reference: plain autograd, one example at a time, squared gradients summed
+    ref = build_model("llama")
+    params = [t.tensor for t in base.weight_targets(ref, ("linear",))]
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    fisher = [torch.zeros_like(p) for p in params]
+    for b in data:
+        objective.loss(ref, "lm", b).backward()
+        for f, p in zip(fisher, params):
+            f += p.grad ** 2
+            p.grad = None
+    flat = torch.cat([f.flatten() for f in fisher])
+    n = round(0.01 * flat.numel())
+    want = set(torch.topk(flat, n).indices.tolist())
+    got, start = set(), 0
+    for t in method.targets:
+        got |= {start + i for i in t.mask.tolist()}
+        start += t.tensor.numel()
+    assert len(got ^ want) <= 2  # ties at the threshold aside
+    assert all(not t.tensor.requires_grad and t.tensor.grad is None for t in method.targets)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_z_of_the_forward_is_the_z_of_the_update(make_model_dir, tmp_path, masked):
+    from quant.checkpoint import atomic_dir, load_quantized, open_source, quantize
+    from quant.format import QuantConfig
+
+    src, _ = make_model_dir("llama")
+    with atomic_dir(tmp_path / "q") as tmp:
+        quantize(open_source(src), tmp, QuantConfig(bits=4, group_size=32), progress=False)
+    model = load_quantized(tmp_path / "q")
+    method = zo_method(model, quantized=True, zo_mask="magnitude" if masked else "none", zo_mask_fraction=0.1,
+                       n_pairs=2, eps=1e-3)
+    t = method.targets[3]
+    seen = {}
+    orig = type(t.module).forward
+
+    def spy(self, x):
+        if self is t.module and self.chunk_scales is not None:
+            seen["chunks"] = [c.clone() for c in self.chunk_scales]
+        return orig(self, x)
+
+    type(t.module).forward = spy
+    try:
+        before = t.tensor.clone()
+        seed = base.step_seed(0, 0)
+        with torch.no_grad(), zo.dual_forward(method.targets, seed, 1e-3, 2):
+            model(input_ids(batch=4, seq=6))
+    finally:
+        type(t.module).forward = orig
+    for j in range(2):
+        z = zo.target_z(t, seed, j)
+        torch.testing.assert_close(seen["chunks"][2 * j], before + 1e-3 * z, rtol=0, atol=1e-9)
+        torch.testing.assert_close(seen["chunks"][2 * j + 1], before - 1e-3 * z, rtol=0, atol=1e-9)
+    zo.apply_update([t], seed, [0.5, -0.25])
+    expect = before - 0.5 * zo.target_z(t, seed, 0) + 0.25 * zo.target_z(t, seed, 1)
+    torch.testing.assert_close(t.tensor, expect, rtol=0, atol=1e-9)
+    if masked:
+        assert (zo.target_z(t, seed, 0).flatten().ne(0).nonzero().flatten() == t.mask).all()
+
+
+def test_the_normalized_step_is_unchanged_when_the_loss_is_scaled(monkeypatch):
+    runs = {}
+    for factor in (1.0, 100.0):
+        model = build_model("llama")
+        method = zo_method(model, zo_normalize=True, clip=3.0, lr=1e-3, n_pairs=2)
+        real = objective.chunk_losses
+        monkeypatch.setattr(objective, "chunk_losses", lambda *a, f=factor: real(*a) * f)
+        ds = [method.step(b, i)["d"] for i, b in enumerate(batches(4))]
+        runs[factor] = ([t.tensor.detach().clone() for t in method.targets], ds)
+        monkeypatch.setattr(objective, "chunk_losses", real)
+    assert runs[100.0][1][0] == pytest.approx(100 * runs[1.0][1][0], rel=1e-6)  # the raw d did scale
+    for a, b in zip(runs[1.0][0], runs[100.0][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_normalization_off_is_todays_step():
+    a, b = build_model("llama"), build_model("llama")
+    plain = zo_method(a, lr=1e-3)
+    off = zo_method(b, lr=1e-3, zo_normalize=False, zo_rms_beta=0.5)
+    for i, batch in enumerate(batches(3)):
+        assert plain.step(batch, i) == off.step(batch, i)
+    assert all(torch.equal(x.tensor, y.tensor) for x, y in zip(plain.targets, off.targets))
+    assert plain.state_tensors() == {}  # nothing new in today's checkpoints
+
+
+class Quadratic(nn.Module):
+    """L(θ) = ½‖θ_S − 1‖² + ½‖θ_rest‖² from θ = 0: the gradient lives on S (the first s entries), and every other
+    direction has curvature too, so a random walk there costs loss. Each output row is the loss of its chunk."""
+
+    def __init__(self, d: int, s: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d), requires_grad=False)
+        self.s = s
+
+    def forward(self, x):
+        w = self.weight
+        return (0.5 * (w[: self.s] - 1).pow(2).sum() + 0.5 * w[self.s:].pow(2).sum()).expand(x.shape[0])
+
+
+def steps_to_converge(d, s, masked, lr, cap=4000):
+    model = Quadratic(d, s)
+    t = base.Target(0, "weight", model, "weight")
+    if masked:
+        t.mask = torch.arange(s)
+    start = 0.5 * s
+    for step in range(cap):
+        seed = base.step_seed(0, step)
+        with torch.no_grad(), zo.dual_forward([t], seed, 1e-3, 1):
+            losses = model(torch.zeros(2, 1)).double()
+        dproj = float(zo.projected_gradients(losses, 1e-3)[0])
+        zo.apply_update([t], seed, [lr * dproj])
+        if float(model(torch.zeros(1, 1))[0]) < 0.05 * start:
+            return step + 1
+    return cap
+
+
+def test_a_masked_estimator_converges_in_about_s_over_d_of_the_steps():
+    d, s = 400, 10
+    # the best constant lr of each from a grid wide enough to hold it (SPSA's stable lr scales like 1/(dim + 2))
+    grid = (0.25, 0.5, 1, 2, 4, 8)
+    full = min(steps_to_converge(d, s, False, c / (d + 2)) for c in grid)
+    masked = min(steps_to_converge(d, s, True, c / (s + 2)) for c in grid)
+    ratio = masked / full
+    assert s / d / 4 < ratio < s / d * 4, (masked, full, ratio)  # ~|S|/d of the steps
+
+
+def test_zo_options_are_refused_for_first_order_methods():
+    with pytest.raises(ConfigError, match="zo_normalize / zo_mask are for zeroth-order methods"):
+        TrainConfig(method="lomo", zo_mask="fisher")
+    with pytest.raises(ConfigError, match="zo_mask_fraction"):
+        TrainConfig(zo_mask="magnitude", zo_mask_fraction=0.0)
+
+
+def test_resume_keeps_the_fisher_mask_and_the_running_rms(tiny, tmp_path):
+    q, _, data = tiny
+    kw = dict(eval_every=3, save_every=2, log_every=1, zo_mask="fisher", zo_mask_fraction=0.05, zo_mask_samples=4,
+              zo_normalize=True, clip=3.0, n_pairs=2)
+    straight, _ = straight_and_resumed(tmp_path, q, data, 7, 5, ("trained.safetensors", "method.safetensors"),
+                                       calls_before=4, **kw)
+    state = load_file(str(trainer.RunDir(straight["run"]).checkpoint("last") / "method.safetensors"))
+    assert int(state["zo.rms_t"]) == 7 and sum(v.numel() for k, v in state.items() if k.endswith(".zo_mask")) > 0
