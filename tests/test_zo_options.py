@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import build_model, input_ids, straight_and_resumed, train_config as config
+from conftest import build_model, input_ids, straight_and_resumed
 from qzo2 import objective, trainer
 from qzo2.config import ConfigError, TrainConfig
 from qzo2.methods import base, build_method, zo
