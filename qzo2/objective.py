@@ -70,17 +70,21 @@ def loss_weight(kind: str, batch: dict) -> float:
 
 @torch.no_grad()
 def evaluate(model, kind: str, items: list, tokenizer, max_length: int, batch_size: int) -> dict:
-    """Dev metrics: accuracy and mean candidate loss for classification; token loss and perplexity for text."""
+    """Dev metrics: accuracy, mean candidate loss and the rate at which each class is predicted (a 0.6 accuracy may
+    be a label prior) for classification; token loss and perplexity for text."""
     if not items:
         return {}
     if kind == "classification":
-        correct, total = 0, 0.0
+        correct, total, predicted = 0, 0.0, torch.zeros(len(items[0].candidates))
         for i in range(0, len(items), batch_size):
             batch = D.encode_candidates(items[i:i + batch_size], tokenizer, max_length)
             scores = classification_scores(model, batch)
-            correct += int((scores.argmax(-1).cpu() == batch["labels"]).sum())
+            pred = scores.argmax(-1).cpu()
+            correct += int((pred == batch["labels"]).sum())
+            predicted += torch.bincount(pred, minlength=len(predicted)).float()
             total += float(D.classification_loss(scores, batch["labels"])) * len(batch["labels"])
-        return {"accuracy": correct / len(items), "loss": total / len(items)}
+        return {"accuracy": correct / len(items), "loss": total / len(items),
+                "predicted": [round(float(x), 4) for x in predicted / len(items)]}  # how often each class is chosen
     total, count = 0.0, 0
     for i in range(0, len(items), batch_size):
         batch = D.collate_lm(items[i:i + batch_size], D.pad_id(tokenizer))

