@@ -147,8 +147,11 @@ def export_gptq(t: Trained, tmp: Path, fmt: str, max_shard_bytes: int, report: E
             if tuple(new.shape) != tuple(tensor.shape):
                 raise CheckpointError(f"trained {name} has shape {tuple(new.shape)}, the base {tuple(tensor.shape)}")
             report.count_change(new, tensor, tensor.dtype)
-            tensor, n = checkpoint_scales(new, tensor.dtype)
-            report.clamped += n
+            if name.endswith(".scales"):
+                tensor, n = checkpoint_scales(new, tensor.dtype)
+                report.clamped += n
+            else:  # an unquantized tensor trained beside the scales (also_train: a norm gain, the head)
+                tensor = new.to(tensor.dtype)
             report.replaced += 1
         elif name.endswith(".qzeros") and src_fmt != fmt:
             tensor = convert_qzeros(tensor, int(qc["bits"]), src_fmt, fmt)
@@ -180,7 +183,7 @@ def export_hf(t: Trained, tmp: Path, dtype: torch.dtype, max_shard_bytes: int, r
         suffix, read_layer = quantized_layer_reader(base, where, qc)
         quantized = {n[: -len(suffix)] for n in names if n.endswith(suffix)}
         skeleton = empty_model(config)  # meta tensors: only the Linears' shapes are read from it
-        unknown = sorted(n for n in t.tensors if n.rpartition(".")[0] not in quantized)
+        unknown = sorted(n for n in t.tensors if n.rpartition(".")[0] not in quantized and n not in where)
         if unknown:
             raise CheckpointError(f"trained tensor {unknown[0]} is not a quantized layer's scales in {base}")
         for name in names:
@@ -203,6 +206,10 @@ def export_hf(t: Trained, tmp: Path, dtype: torch.dtype, max_shard_bytes: int, r
                     writer.add(f"{mod}.bias", cast(read_tensor(where, f"{mod}.bias")))
             elif is_quantized_part(name, quantized):
                 continue  # codes, zeros, scales, g_idx, bias (written above), bitsandbytes state
+            elif name in t.tensors:  # trained beside the scales (also_train)
+                report.count_change(t.tensors[name], read_tensor(where, name), dtype)
+                writer.add(name, cast(t.tensors[name]))
+                report.replaced += 1
             else:
                 writer.add(name, cast(read_tensor(where, name)))
                 report.copied += 1

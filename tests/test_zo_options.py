@@ -193,3 +193,49 @@ def test_resume_keeps_the_fisher_mask_and_the_running_rms(tiny, tmp_path):
                                        calls_before=4, **kw)
     state = load_file(str(trainer.RunDir(straight["run"]).checkpoint("last") / "method.safetensors"))
     assert int(state["zo.rms_t"]) == 7 and sum(v.numel() for k, v in state.items() if k.endswith(".zo_mask")) > 0
+
+
+def test_also_train_norms_and_a_tied_head_beside_the_scales(make_model_dir, tmp_path):
+    """QZO on the scales plus the RMSNorm gains and the (tied) embedding: the new tensors are indexed after the
+    scales (whose z is unchanged), are not floored like scales, and export as GPTQ (scales and gains replaced, codes
+    byte for byte) and as merged HF."""
+    import json
+
+    from quant.checkpoint import atomic_dir, checkpoint_tensors, open_source, quantize, read_tensor
+    from quant.format import QuantConfig
+    from qzo2.export import export
+
+    src, _ = make_model_dir("llama", tie_word_embeddings=True)
+    with atomic_dir(tmp_path / "q") as tmp:
+        quantize(open_source(src), tmp, QuantConfig(bits=4, group_size=32), progress=False)
+    rows = tmp_path / "d.jsonl"
+    rows.write_text("".join(json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 2}) + "\n"
+                            for _ in range(4)))
+    from conftest import train_config
+
+    cfg = train_config(tmp_path, tmp_path / "q", rows, steps=3, lr=1e-2, eval_every=0, also_train="norm,embedding")
+    model, _, method = trainer.load_for_training(cfg)
+    scales = [t for t in method.targets if t.name == "scales"]
+    extra = [t for t in method.targets if t.name != "scales"]
+    assert [t.index for t in scales] == list(range(len(scales)))
+    assert [t.index for t in extra] == list(range(len(scales), len(method.targets)))
+    assert "model.embed_tokens.weight" in {t.path for t in extra} and any("norm" in t.path for t in extra)
+    with torch.no_grad():
+        extra[0].tensor.fill_(-0.5)  # a negative gain stays negative: only scales are floored
+    method.step(batches(1)[0], 0)
+    assert (extra[0].tensor < 0).all()
+    trainer.train(cfg)
+    trained = load_file(str(trainer.RunDir(cfg.output_dir).checkpoint("last") / "trained.safetensors"))
+    export(cfg.output_dir, str(tmp_path / "gptq"), checkpoint="last")
+    names, where = checkpoint_tensors(tmp_path / "gptq")
+    _, base_where = checkpoint_tensors(tmp_path / "q")
+    for n in names:
+        got = read_tensor(where, n)
+        if n in trained:
+            assert torch.equal(got, trained[n].to(got.dtype)), n
+        else:
+            assert torch.equal(got, read_tensor(base_where, n)), n
+    report = export(cfg.output_dir, str(tmp_path / "hf"), fmt="hf", checkpoint="last")
+    assert report.replaced == len(trained)
+    with pytest.raises(trainer.TrainingError, match="also_train adds unquantized tensors"):
+        trainer.load_for_training(train_config(tmp_path, src, rows, also_train="norm"))

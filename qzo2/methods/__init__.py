@@ -40,10 +40,17 @@ def objective_kind(cfg) -> str:
 
 
 def select_targets(cfg, model, quantized: bool) -> list[Target]:
-    """Scales of a quantized model, or the weights of `params` kinds of an unquantized one; `trainable` filters by
-    regex, keeping each target's index in the full list (so z does not depend on the filter)."""
+    """Scales of a quantized model (plus the `also_train` kinds of its unquantized tensors), or the weights of
+    `params` kinds of an unquantized one; `trainable` filters by regex, keeping each target's index in the full
+    list (so z does not depend on the filter)."""
     if quantized:
         targets = scale_targets(model)
+        kinds = tuple(k.strip() for k in cfg.also_train.split(",") if k.strip())
+        if kinds:  # unquantized tensors beside the scales, indexed after them (the scales' z stay the same)
+            extra = weight_targets(model, kinds)
+            for i, t in enumerate(extra):
+                t.index = len(targets) + i
+            targets = targets + extra
     else:
         targets = weight_targets(model, tuple(k.strip() for k in cfg.params.split(",") if k.strip()))
     if cfg.trainable:
@@ -64,6 +71,9 @@ def load_for_training(cfg):
     if cfg.model not in ("", "default") and not Path(source).exists():
         raise TrainingError(f"model {cfg.model} does not exist")
     quantized = is_quantized_dir(Path(source))
+    if cfg.also_train and not quantized:
+        raise TrainingError(f"also_train adds unquantized tensors to a quantized model's scales; {source} is not "
+                            f"quantized (choose its trained kinds with params)")
     if cfg.method == "qzo" and not quantized:
         raise TrainingError(f"method=qzo trains the scales of a quantized model; {source} is not one "
                             f"(run `qzo2 quantize {cfg.model if cfg.model != 'default' else ''} -o DIR` first)")

@@ -84,9 +84,10 @@ def to_dtype(new: torch.Tensor, dtype: torch.dtype, seed: int, index: int) -> to
 
 @torch.no_grad()
 def store(t: Target, new: torch.Tensor, seed: int, floor: float | None = None) -> None:
-    """Write the fp32 value `new` into the target: clamped at `floor` (scales stay positive), stochastically
-    rounded (seeded by (seed, tensor index)) when the tensor is bf16/fp16, exact when it is fp32."""
-    if floor is not None:
+    """Write the fp32 value `new` into the target: clamped at `floor` if it is a quantization scale (scales stay
+    positive; other tensors trained beside them are not floored), stochastically rounded (seeded by (seed, tensor
+    index)) when the tensor is bf16/fp16, exact when it is fp32."""
+    if floor is not None and t.name == "scales":
         new = new.clamp_(min=floor)
     t.tensor.copy_(to_dtype(new, t.tensor.dtype, seed, t.index))
 

@@ -64,7 +64,8 @@ class FirstOrder(Method):
         for t in targets:
             t.tensor.requires_grad_(True)
         self.scaler = DynamicLossScale(cfg.loss_scale_window) if cfg.dtype == "fp16" else None
-        self.floor = cfg.scale_floor if targets and targets[0].name == "scales" else None
+        self.floor = cfg.scale_floor  # store() floors only quantization scales
+        self.floored = {id(t.tensor) for t in targets if t.name == "scales"}
 
     def loss(self, batch: dict) -> torch.Tensor:
         return objective.loss(self.model, self.kind, batch)
@@ -104,8 +105,8 @@ class FirstOrder(Method):
                 group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if self.floor is not None:
-                for p in params:
+            for p in params:
+                if id(p) in self.floored:
                     p.clamp_(min=self.floor)
         return out
 

@@ -151,12 +151,13 @@ def apply_update(targets: list[Target], seed: int, coeffs: list[float], weight_d
                 keep[t.mask] = True
                 decay.view(-1).masked_fill_(~keep, 0.0)
             new.sub_(decay)
-        if floor is not None and t.mask is not None:  # the floor, too, only where the update acted
+        if floor is not None and t.mask is not None and t.name == "scales":  # floored only where the update acted
             floor_t = torch.full_like(new, -float("inf"))
             floor_t.view(-1)[t.mask] = floor
             new = torch.maximum(new, floor_t)
-            floor = None
-        store(t, new, seed, floor)
+            store(t, new, seed)
+        else:
+            store(t, new, seed, floor)
 
 
 # ---- masks: which entries a ZO step perturbs (the rest stays bitwise unchanged) ------------------------------------------
