@@ -265,6 +265,31 @@ def bench_accuracy(out: Path, seed: int, rows: list[str], overrides: list[str], 
     return results
 
 
+def accuracy_table(results: Path, rows: list[str] | None = None) -> str:
+    """The README's accuracy table from results.jsonl: one line per row name (the latest record of each seed), test
+    accuracy per seed and their mean, steps, mean train wall time, peak RSS."""
+    latest: dict = {}
+    for line in results.read_text().splitlines():
+        rec = json.loads(line)
+        if "test_accuracy" in rec:
+            latest.setdefault(rec["row"], {})[rec["seed"]] = rec
+    names = rows or list(latest)
+    out = ["| row | seeds | test accuracy per seed | mean | steps | train wall (mean) | peak RSS |",
+           "|---|---|---|---|---|---|---|"]
+    for name in names:
+        recs = [latest[name][s] for s in sorted(latest.get(name, {}))]
+        if not recs:
+            continue
+        accs = [r["test_accuracy"] for r in recs]
+        walls = [r["train_wall_s"] for r in recs if r.get("train_wall_s")]
+        rss = [r.get("train_peak_rss_gib") or r.get("eval_peak_rss_gib") for r in recs]
+        out.append(f"| {name} | {', '.join(str(r['seed']) for r in recs)} | {' / '.join(f'{a:.3f}' for a in accs)} "
+                   f"| **{sum(accs) / len(accs):.3f}** | {recs[0].get('steps', 0)} | "
+                   f"{f'{sum(walls) / len(walls) / 60:.1f} min' if walls else '-'} | "
+                   f"{max(r for r in rss if r):.2f} GiB |")
+    return "\n".join(out)
+
+
 # ---- speed benchmark (`qzo2 bench`, BENCHMARKS.md): random-weight models built in place, one ZO step per mode -------
 FIRST_ORDER_MODES = ("lomo", "adalomo", "adamw", "hift")  # first-order steps on the int4 scales
 MODES = ("forward", "qzo", "qzo-offload", "mezo", "zo2") + FIRST_ORDER_MODES + ("grass",)  # grass: dense weights
@@ -630,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     r.add_argument("--max-shard-size-gb", type=float, default=2.0, help="safetensors shard size in GiB (default 2)")
     r.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("accuracy-table", help="the README table from an accuracy results.jsonl")
+    t.add_argument("-o", "--output", default="runs/accuracy", help="the accuracy benchmark's directory")
+    t.add_argument("--rows", default="", help="comma list of row names, in order (default: all, as recorded)")
     kb = sub.add_parser("kernels", help="CPU quantized-matmul paths, median ms per product (JSON lines)")
     kb.add_argument("--rows", type=int, default=1536, help="activation rows (tokens) per product")
     kb.add_argument("--repeats", type=int, default=5)
@@ -649,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
         recipes = dict(r.split("=", 1) for r in args.recipe)
         bench_accuracy(Path(args.output), args.seed, args.rows.split(","), args.overrides, args.gptq_nsamples,
                        args.tag, recipes)
+        return 0
+    if args.verb == "accuracy-table":
+        print(accuracy_table(Path(args.output) / "results.jsonl", [r for r in args.rows.split(",") if r] or None))
         return 0
     if args.verb == "kernels":
         bench_kernels(args.rows, args.repeats)

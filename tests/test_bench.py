@@ -211,3 +211,18 @@ def test_bench_first_order_modes_time_the_trainers_step():
     assert by["lomo"]["loss"] == pytest.approx(by["adalomo"]["loss"], rel=1e-6)
     assert by["lomo"]["loss"] == pytest.approx(by["adamw"]["loss"], rel=1e-6)
     assert all(by[m]["ratio_to_forward"] > 0 for m in ("lomo", "adalomo", "adamw"))
+
+
+def test_accuracy_table_means_the_latest_record_of_each_seed(tmp_path):
+    from qzo2.bench import accuracy_table
+
+    recs = [dict(row="AdaLomo", seed=0, steps=150, test_accuracy=0.5, train_wall_s=600, train_peak_rss_gib=3.0),
+            dict(row="AdaLomo", seed=0, steps=150, test_accuracy=0.86, train_wall_s=540, train_peak_rss_gib=2.9),
+            dict(row="AdaLomo", seed=1, steps=150, test_accuracy=0.84, train_wall_s=660, train_peak_rss_gib=3.1),
+            dict(row="quantize rtn", seed=0, wall_s=18.6),
+            dict(row="zero-shot", seed=0, steps=0, test_accuracy=0.602, eval_peak_rss_gib=0.88)]
+    f = tmp_path / "results.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    lines = accuracy_table(f).splitlines()
+    assert lines[2] == "| AdaLomo | 0, 1 | 0.860 / 0.840 | **0.850** | 150 | 10.0 min | 3.10 GiB |"
+    assert lines[3] == "| zero-shot | 0 | 0.602 | **0.602** | 0 | - | 0.88 GiB |" and len(lines) == 4
