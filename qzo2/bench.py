@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 # HF config kwargs (plus model_type) of well-known shapes; the weights are random, only the sizes matter.
@@ -244,7 +245,9 @@ def bench_accuracy(out: Path, seed: int, rows: list[str], overrides: list[str], 
                                  "overwrite=true", "progress=false", *overrides])
         exported = Path(f"{run}-{fmt}")
         run_measured(qzo2 + ["export", str(run), "-o", str(exported), "--format", fmt, "--overwrite"])
-        e = run_measured(qzo2 + ["eval", str(exported), "--task", "sentiment", "--seed", str(seed)])
+        template = yaml.safe_load((run / "config.yaml").read_text()).get("template", "review")
+        e = run_measured(qzo2 + ["eval", str(exported), "--task", "sentiment", "--seed", str(seed),
+                                 "--template", template])
         best = json.loads((run / "best" / "state.json").read_text()) if (run / "best").is_dir() else {}
         metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         dev = {r["step"]: r["dev_accuracy"] for r in metrics if "dev_accuracy" in r}
@@ -255,6 +258,8 @@ def bench_accuracy(out: Path, seed: int, rows: list[str], overrides: list[str], 
     jobs = {"fp32": lambda: zero_shot("zero-shot fp32", "default"),
             "bf16": lambda: zero_shot("zero-shot bf16", "default", "--dtype", "bf16"),
             "rtn": lambda: zero_shot("zero-shot int4 RTN", str(quantized("rtn"))),
+            "rtn-goodbad": lambda: zero_shot("zero-shot int4 RTN, template goodbad", str(quantized("rtn")),
+                                             "--template", "goodbad"),
             "gptq": lambda: zero_shot("zero-shot int4 GPTQ", str(quantized("gptq")))}
     jobs.update({key: (lambda key=key: trained(key)) for key in ACCURACY_ROWS})
     unknown = [r for r in rows if r not in jobs]
@@ -665,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("-o", "--output", default="runs/accuracy", help="work and result directory")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--rows", default="fp32,rtn,gptq,qzo,mezo",
-                   help="comma list of fp32,bf16,rtn,gptq," + ",".join(ACCURACY_ROWS) +
+                   help="comma list of fp32,bf16,rtn,rtn-goodbad,gptq," + ",".join(ACCURACY_ROWS) +
                         " (bf16 is slow on CPUs without bf16 GEMM)")
     a.add_argument("--recipe", action="append", default=[], metavar="ROW=PATH",
                    help="another recipe for a trained row (repeatable), e.g. lomo=my-lomo.yaml")

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples (perplexity: windows) per forward (default: a run's eval_batch_size, else 16; 4)")
     e.add_argument("--max-length", type=int, default=None,
                    help="task prompt tokens (default: a run's max_length, else 256)")
-    e.add_argument("--template", choices=["review", "sst2"], default=None,
+    e.add_argument("--template", choices=["review", "sst2", "goodbad"], default=None,
                    help="sentiment prompt template (default: a run's template, else review)")
 
     b = sub.add_parser("bench", help="speed benchmark: one ZO step per mode on a random model of a named shape",

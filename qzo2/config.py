@@ -75,7 +75,8 @@ class TrainConfig:
     task: str = _f("sentiment", "'sentiment' (built-in Rotten Tomatoes), a task .yaml, or '' for text data")
     template: str = _f("review", "task=sentiment: the prompt; review = 'Review: {text}\\nSentiment (positive or "
                                  "negative):' + negative/positive; sst2 = MeZO's SST-2 prompt '{text} It was' + "
-                                 "terrible/great", ("review", "sst2"))
+                                 "terrible/great; goodbad = 'Review: {text}\\nThe movie was' + bad/good",
+                       ("review", "sst2", "goodbad"))
     objective: str = _f("classification", "tasks: cross-entropy over candidates, or LM loss on the gold answer",
                         ("classification", "lm"))
     train_file: str = _f("", "jsonl/json: text rows (text, prompt/completion, messages, alpaca) or task rows")

@@ -335,7 +335,9 @@ class ClassificationExample:
 SENTIMENT_TEMPLATE = ClassificationTask("sentiment", "Review: {text}\nSentiment (positive or negative):",
                                         [" negative", " positive"])
 SST2_TEMPLATE = ClassificationTask("sst2", "{text} It was", [" terrible", " great"])  # MeZO's SST-2 prompt
-SENTIMENT_TEMPLATES = {"review": SENTIMENT_TEMPLATE, "sst2": SST2_TEMPLATE}  # the `template:` key's choices
+GOODBAD_TEMPLATE = ClassificationTask("goodbad", "Review: {text}\nThe movie was", [" bad", " good"])
+SENTIMENT_TEMPLATES = {"review": SENTIMENT_TEMPLATE, "sst2": SST2_TEMPLATE,  # the `template:` key's choices
+                       "goodbad": GOODBAD_TEMPLATE}
 
 TASK_KEYS = {"name", "template", "candidates", "label_field", "text_fields"}
 
