@@ -104,7 +104,10 @@ class TrainConfig:
                               "zo_mask_samples examples at batch 1 (SensZOQ); the rest stays bitwise unchanged",
                       ("none", "magnitude", "fisher"))
     zo_mask_fraction: float = _f(0.01, "ZO, zo_mask: fraction of the trained entries in the mask")
-    zo_mask_samples: int = _f(32, "ZO, zo_mask=fisher: training examples of the one-off gradient pass (batch 1)")
+    zo_mask_samples: int = _f(32, "ZO, zo_mask=fisher / zo_subspace: training examples of the one-off gradient "
+                                   "pass (batch 1)")
+    zo_subspace: int = _f(0, "ZO: perturb only within the span of the per-example gradients of that one-off pass "
+                             "(an orthonormal basis of up to this many directions, over the masked entries); 0 = off")
     scale_floor: float = _f(1e-7, "qzo: scales are clamped at this floor after each update")
     weight_decay: float = _f(0.0, "theta -= lr*wd*theta on weights, embeddings and scales, not on biases or norm "
                                   "gains (MeZO's reference, HF Trainer); qzo: not allowed (the QZO paper)")
@@ -176,8 +179,10 @@ class TrainConfig:
             if self.batch_size % self.gradient_accumulation_steps:
                 raise ConfigError(f"batch_size {self.batch_size} is not a multiple of gradient_accumulation_steps "
                                   f"{self.gradient_accumulation_steps}")
-        if self.method not in ZO_METHODS and (self.zo_normalize or self.zo_mask != "none"):
+        if self.method not in ZO_METHODS and (self.zo_normalize or self.zo_mask != "none" or self.zo_subspace):
             raise ConfigError(f"zo_normalize / zo_mask are for zeroth-order methods (qzo, mezo), not {self.method}")
+        if self.zo_subspace < 0:
+            raise ConfigError(f"zo_subspace must be >= 0 (got {self.zo_subspace})")
         if not 0 < self.zo_mask_fraction <= 1 or not 0 <= self.zo_rms_beta < 1 or self.zo_mask_samples < 1:
             raise ConfigError("zo_mask_fraction must be in (0, 1], zo_rms_beta in [0, 1), zo_mask_samples >= 1")
         if self.method in ZO_METHODS and (self.clip_grad_norm or self.clip_grad_value):

@@ -239,3 +239,37 @@ def test_also_train_norms_and_a_tied_head_beside_the_scales(make_model_dir, tmp_
     assert report.replaced == len(trained)
     with pytest.raises(trainer.TrainingError, match="also_train adds unquantized tensors"):
         trainer.load_for_training(train_config(tmp_path, src, rows, also_train="norm"))
+
+
+def test_subspace_z_lies_in_the_span_of_the_sampled_gradients():
+    """zo_subspace: z = √(N/r)·B·u, B an orthonormal basis of the per-example gradients of the one-off pass
+    (restricted to the mask when there is one): the joint z of all targets has no component outside that span, and
+    the update moves the parameters only inside it."""
+    for mask in ("none", "fisher"):
+        model = build_model("llama")
+        method = zo_method(model, zo_subspace=3, zo_mask_samples=3, zo_mask=mask, zo_mask_fraction=0.05, lr=1e-2)
+        data = batches(3, rows=1)
+        method.prepare(lambda i, size: data[i])
+        ref = build_model("llama")
+        _, grads = zo.gradient_pass(ref, base.weight_targets(ref, ("linear",)), "lm", data, keep=True)
+        if mask == "fisher":
+            grads = [g[:, t.mask] for g, t in zip(grads, method.targets)]
+        g = torch.cat(grads, dim=1).double()  # [3, N]
+        z = torch.cat([zo.target_z(t, 123, 0).flatten()[t.mask] if t.mask is not None
+                       else zo.target_z(t, 123, 0).flatten() for t in method.targets]).double()
+        n = z.numel()
+        coef = torch.linalg.lstsq(g.t(), z).solution
+        assert (g.t() @ coef - z).norm() < 1e-4 * z.norm()  # z is a combination of the three gradients
+        u = zo.z_for((3,), 123, zo.SUBSPACE_STREAM, 0).double()
+        assert float(z.norm() ** 2) == pytest.approx(float(n / 3 * u.norm() ** 2), rel=1e-4)
+        before = torch.cat([t.tensor.detach().flatten() for t in method.targets]).double()
+        method.step(batches(1)[0], 0)
+        after = torch.cat([t.tensor.detach().flatten() for t in method.targets]).double()
+        delta = after - before
+        if mask == "fisher":
+            keep = torch.cat([torch.zeros(t.tensor.numel(), dtype=torch.bool).index_fill_(0, t.mask, True)
+                              for t in method.targets])
+            assert (delta[~keep] == 0).all()
+            delta = delta[keep]
+        coef = torch.linalg.lstsq(g.t(), delta).solution
+        assert delta.norm() > 0 and (g.t() @ coef - delta).norm() < 1e-3 * delta.norm()

@@ -40,15 +40,29 @@ def z_for(shape, seed: int, index: int, pair: int, device="cpu") -> torch.Tensor
                        device=device)
 
 
+SUBSPACE_STREAM = -2  # the `index` of the shared coefficients u of a subspace step (tensors use 0, 1, ...)
+
+
 def target_z(t: Target, seed: int, pair: int) -> torch.Tensor:
     """z of a target for (step seed, pair): N(0, I) on every entry, or, with a mask, N(0, I) drawn only for the
-    masked entries (from the same counter-based generator) and exactly 0 elsewhere."""
+    masked entries (from the same counter-based generator) and exactly 0 elsewhere. With a subspace basis
+    (t.basis [entries, r], its rows the target's slice of one orthonormal basis of all targets) z = √(N/r)·B·u with
+    u ~ N(0, I_r) shared by every target (drawn from (seed, SUBSPACE_STREAM, pair)), N the entries of all targets:
+    E‖z‖² = N, as for an unrestricted z, so lr and ε keep their meaning."""
     theta = t.tensor
-    if t.mask is None:
+    if t.basis is not None:
+        r = t.basis.shape[1]
+        u = z_for((r,), seed, SUBSPACE_STREAM, pair, theta.device)
+        vals = (t.basis @ u).mul_(math.sqrt(t.basis_entries / r))
+    elif t.mask is None:
         return z_for(theta.shape, seed, t.index, pair, theta.device)
+    else:
+        vals = z_for((len(t.mask),), seed, t.index, pair, theta.device) if len(t.mask) else None
+    if t.mask is None:
+        return vals.view(theta.shape)
     z = torch.zeros(theta.numel(), dtype=torch.float32, device=theta.device)
-    if len(t.mask):
-        z[t.mask] = z_for((len(t.mask),), seed, t.index, pair, theta.device)
+    if vals is not None:
+        z[t.mask] = vals
     return z.view(theta.shape)
 
 
@@ -166,17 +180,22 @@ def magnitude_scores(targets: list[Target]) -> list[torch.Tensor]:
     return [-t.tensor.detach().float().abs().flatten() for t in targets]
 
 
-def fisher_scores(model, targets: list[Target], kind: str, batches: list[dict]) -> list[torch.Tensor]:
-    """SensZOQ's choice: the diagonal empirical Fisher Σ_i (∂L_i/∂θ)² over `batches` (one example each). Each
-    gradient is folded into its fp32 accumulator by a post-accumulate hook and freed at once (LOMO-style), so the
-    pass needs the activations of one example plus one fp32 value per trained entry, nothing else."""
+def gradient_pass(model, targets: list[Target], kind: str, batches: list[dict], keep: bool = False):
+    """One backward per batch (one example each): -> (the diagonal empirical Fisher Σ_i (∂L_i/∂θ)² per target,
+    and with `keep` the per-example gradients, [examples, entries] per target, else None). Each gradient is folded
+    by a post-accumulate hook and freed at once (LOMO-style), so the pass needs one example's activations plus one
+    fp32 value per trained entry (and `keep`: one per entry and example)."""
     acc = [torch.zeros(t.tensor.numel(), dtype=torch.float32, device=t.tensor.device) for t in targets]
+    rows = [[] for _ in targets] if keep else None
     handles = []
-    for t, a in zip(targets, acc):
+    for i, (t, a) in enumerate(zip(targets, acc)):
         t.tensor.requires_grad_(True)
 
-        def fold(tensor, a=a):
-            a.add_(tensor.grad.float().flatten().pow(2))
+        def fold(tensor, a=a, i=i):
+            g = tensor.grad.float().flatten()
+            a.add_(g.pow(2))
+            if rows is not None:
+                rows[i].append(g.clone())
             tensor.grad = None
 
         handles.append(t.tensor.register_post_accumulate_grad_hook(fold))
@@ -188,7 +207,27 @@ def fisher_scores(model, targets: list[Target], kind: str, batches: list[dict]) 
             h.remove()
             t.tensor.grad = None
             t.tensor.requires_grad_(False)
-    return acc
+    return acc, ([torch.stack(r) if r else torch.zeros(len(batches), t.tensor.numel(), device=t.tensor.device)
+                  for r, t in zip(rows, targets)] if keep else None)
+
+
+def fisher_scores(model, targets: list[Target], kind: str, batches: list[dict]) -> list[torch.Tensor]:
+    """SensZOQ's choice: the diagonal empirical Fisher Σ_i (∂L_i/∂θ)² over `batches` (one example each)."""
+    return gradient_pass(model, targets, kind, batches)[0]
+
+
+def set_basis(targets: list[Target], grads: list[torch.Tensor], rank: int) -> None:
+    """An orthonormal basis (QR) of the span of the per-example gradients (restricted to each target's mask), its
+    rows split back per target as t.basis; rank = min(rank, examples)."""
+    cols = [g[:, t.mask] if t.mask is not None else g for g, t in zip(grads, targets)]
+    stacked = torch.cat([c.cpu() for c in cols], dim=1)  # [examples, N]
+    q, _ = torch.linalg.qr(stacked.t().double())  # [N, examples], orthonormal columns
+    q = q[:, :min(rank, q.shape[1])].float()
+    start = 0
+    for t, c in zip(targets, cols):
+        t.basis = q[start:start + c.shape[1]].contiguous().to(t.tensor.device)
+        t.basis_entries = q.shape[0]
+        start += c.shape[1]
 
 
 def set_masks(targets: list[Target], scores: list[torch.Tensor], fraction: float) -> None:
@@ -227,15 +266,21 @@ class ZeroOrder(Method):
             set_masks(targets, magnitude_scores(targets), cfg.zo_mask_fraction)
 
     def prepare(self, batch_at) -> None:
-        if self.cfg.zo_mask == "fisher":
-            scores = fisher_scores(self.model, self.targets, self.kind,
-                                   [batch_at(i, 1) for i in range(self.cfg.zo_mask_samples)])
-            set_masks(self.targets, scores, self.cfg.zo_mask_fraction)
+        cfg = self.cfg
+        if cfg.zo_mask == "fisher" or cfg.zo_subspace:
+            scores, grads = gradient_pass(self.model, self.targets, self.kind,
+                                          [batch_at(i, 1) for i in range(cfg.zo_mask_samples)], keep=cfg.zo_subspace > 0)
+            if cfg.zo_mask == "fisher":
+                set_masks(self.targets, scores, cfg.zo_mask_fraction)
+            if cfg.zo_subspace:
+                set_basis(self.targets, grads, cfg.zo_subspace)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {"zo.rms_v": self.rms["v"], "zo.rms_t": self.rms["t"]} if self.cfg.zo_normalize else {}
         if self.cfg.zo_mask != "none":
             out.update({f"{t.path}.zo_mask": t.mask for t in self.targets if t.mask is not None})
+        if self.cfg.zo_subspace:
+            out.update({f"{t.path}.zo_basis": t.basis for t in self.targets if t.basis is not None})
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -244,6 +289,11 @@ class ZeroOrder(Method):
             key = f"{t.path}.zo_mask"
             if key in tensors:
                 t.mask = tensors.pop(key).to(t.tensor.device)
+        bases = {t.path: tensors.pop(f"{t.path}.zo_basis") for t in self.targets if f"{t.path}.zo_basis" in tensors}
+        for t in self.targets:
+            if t.path in bases:
+                t.basis = bases[t.path].to(t.tensor.device)
+                t.basis_entries = sum(b.shape[0] for b in bases.values())
         if self.cfg.zo_normalize:
             self.rms["v"].copy_(tensors.pop("zo.rms_v"))
             self.rms["t"].copy_(tensors.pop("zo.rms_t"))
