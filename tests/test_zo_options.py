@@ -242,7 +242,7 @@ def test_also_train_norms_and_a_tied_head_beside_the_scales(make_model_dir, tmp_
 
 
 def test_subspace_z_lies_in_the_span_of_the_sampled_gradients():
-    """zo_subspace: z = √(N/r)·B·u, B an orthonormal basis of the per-example gradients of the one-off pass
+    """zo_subspace: z = B·u, B an orthonormal basis of the per-example gradients of the one-off pass
     (restricted to the mask when there is one): the joint z of all targets has no component outside that span, and
     the update moves the parameters only inside it."""
     for mask in ("none", "fisher"):
@@ -261,7 +261,8 @@ def test_subspace_z_lies_in_the_span_of_the_sampled_gradients():
         coef = torch.linalg.lstsq(g.t(), z).solution
         assert (g.t() @ coef - z).norm() < 1e-4 * z.norm()  # z is a combination of the three gradients
         u = zo.z_for((3,), 123, zo.SUBSPACE_STREAM, 0).double()
-        assert float(z.norm() ** 2) == pytest.approx(float(n / 3 * u.norm() ** 2), rel=1e-4)
+        assert float(z.norm()) == pytest.approx(float(u.norm()), rel=1e-4)  # B has orthonormal columns
+        assert n > 3
         before = torch.cat([t.tensor.detach().flatten() for t in method.targets]).double()
         method.step(batches(1)[0], 0)
         after = torch.cat([t.tensor.detach().flatten() for t in method.targets]).double()

@@ -69,7 +69,6 @@ class Target:
     aliases: list = field(default_factory=list)  # other (module, name) reading the same tensor (a tied lm_head)
     mask: torch.Tensor | None = None  # ZO: sorted flat indices of the entries perturbed and updated (None: all)
     basis: torch.Tensor | None = None  # ZO subspace: this target's rows of the orthonormal basis [entries, r]
-    basis_entries: int = 0  # ZO subspace: entries of all targets together (N)
 
     @property
     def tensor(self) -> torch.Tensor:

@@ -46,14 +46,15 @@ SUBSPACE_STREAM = -2  # the `index` of the shared coefficients u of a subspace s
 def target_z(t: Target, seed: int, pair: int) -> torch.Tensor:
     """z of a target for (step seed, pair): N(0, I) on every entry, or, with a mask, N(0, I) drawn only for the
     masked entries (from the same counter-based generator) and exactly 0 elsewhere. With a subspace basis
-    (t.basis [entries, r], its rows the target's slice of one orthonormal basis of all targets) z = √(N/r)·B·u with
-    u ~ N(0, I_r) shared by every target (drawn from (seed, SUBSPACE_STREAM, pair)), N the entries of all targets:
-    E‖z‖² = N, as for an unrestricted z, so lr and ε keep their meaning."""
+    (t.basis [entries, r], its rows the target's slice of one orthonormal basis of all targets) z = B·u with
+    u ~ N(0, I_r) shared by every target (drawn from (seed, SUBSPACE_STREAM, pair)): SPSA on the r coordinates c of
+    θ = θ₀ + B·c, so lr is that of SGD on c (E‖z‖² = r, not the number of entries: every bit of a step lands in a
+    direction that matters, where an unrestricted z spreads it over all of them)."""
     theta = t.tensor
     if t.basis is not None:
         r = t.basis.shape[1]
         u = z_for((r,), seed, SUBSPACE_STREAM, pair, theta.device)
-        vals = (t.basis @ u).mul_(math.sqrt(t.basis_entries / r))
+        vals = t.basis @ u
     elif t.mask is None:
         return z_for(theta.shape, seed, t.index, pair, theta.device)
     else:
@@ -226,7 +227,6 @@ def set_basis(targets: list[Target], grads: list[torch.Tensor], rank: int) -> No
     start = 0
     for t, c in zip(targets, cols):
         t.basis = q[start:start + c.shape[1]].contiguous().to(t.tensor.device)
-        t.basis_entries = q.shape[0]
         start += c.shape[1]
 
 
@@ -293,7 +293,6 @@ class ZeroOrder(Method):
         for t in self.targets:
             if t.path in bases:
                 t.basis = bases[t.path].to(t.tensor.device)
-                t.basis_entries = sum(b.shape[0] for b in bases.values())
         if self.cfg.zo_normalize:
             self.rms["v"].copy_(tensors.pop("zo.rms_v"))
             self.rms["t"].copy_(tensors.pop("zo.rms_t"))
