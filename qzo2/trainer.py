@@ -78,6 +78,11 @@ class Window:
         return {**{k: v / self.n for k, v in self.sums.items()}, "tok_s": self.tokens / dt, "s_per_step": dt / self.n}
 
 
+def trained_count(targets) -> int:
+    """Entries training can change: every entry of each target, or its masked ones (ZO zo_mask)."""
+    return sum(t.tensor.numel() if t.mask is None else len(t.mask) for t in targets)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train per `cfg` into cfg.output_dir (new, resumed, or replacing an old run with overwrite=true); returns
     {run, step, interrupted, signal, best_step, best_metric, skipped, trained}."""
@@ -99,7 +104,7 @@ def train(cfg: TrainConfig) -> dict:
 
     targets = method.targets
     state = {"step": 0, "skipped": 0, "consecutive_skips": 0, "best_step": None, "best_metric": None,
-             "trained": sum(t.tensor.numel() for t in targets), "method": cfg.method}
+             "trained": trained_count(targets), "method": cfg.method}
 
     def save(state: dict) -> None:
         method.flush()
@@ -130,6 +135,7 @@ def train(cfg: TrainConfig) -> dict:
             else:
                 method.prepare(lambda i, size: D.encode(task.kind, D.batch_at(task.train, size, cfg.seed + 1, i),
                                                         tokenizer, cfg.max_length))
+                state["trained"] = trained_count(targets)  # a ZO mask chosen by prepare() narrows it
                 if task.dev:
                     evaluate_dev(0)
             window = Window()
