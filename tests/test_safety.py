@@ -2,6 +2,7 @@
 should not be, a resume continues the same run or is refused, signals save, and each bad input gets one line."""
 import json
 import os
+from pathlib import Path
 import signal
 
 import pytest
@@ -294,6 +295,17 @@ def test_template_key_selects_the_sentiment_prompt():
     assert ex.prompt.startswith("Review: ") and ex.candidates == [" negative", " positive"]
     with pytest.raises(ConfigError, match="template"):
         TrainConfig(template="imdb")
+
+
+def test_every_shipped_recipe_loads_with_the_settings_it_names():
+    """A recipe with an unknown key, a bad value or a stale name fails here, not in a user's 10-minute run."""
+    recipes = sorted(Path("recipes").glob("*.yaml"))
+    assert len(recipes) >= 10
+    for path in recipes:
+        cfg = load_config(str(path))
+        raw = yaml.safe_load(path.read_text())
+        assert cfg.method == raw["method"] and cfg.steps == raw["steps"], path
+        assert cfg.lr == pytest.approx(float(raw["lr"])), path
 
 
 # ---- 12. weight decay does what its help says ---------------------------------------------------------------------
