@@ -10,7 +10,7 @@ from pathlib import Path
 from .config import keys_help, parse_size
 
 EPILOG_QUANTIZE = """examples:
-  qzo2 quantize -o runs/smollm2-int4                       # the embedded SmolLM2-135M, RTN int4 g128, GPTQ v1
+  qzo2 quantize -o runs/smollm2-int4                       # the embedded SmolLM2-135M, RTN int4 g64, GPTQ v1
   qzo2 quantize path/to/hf-model -o q8 --bits 8 --group-size -1
   qzo2 quantize path/to/hf-model -o q4 --method gptq --calib data.txt   # needs: pip install 'qzo2[gptq]'
   qzo2 quantize -o nf4 --format nf4 --group-size 64          # bitsandbytes NF4, fp32 absmax per block
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     t = sub.add_parser("train", help="fine-tune: zeroth-order (QZO scales / MeZO weights) or first-order (LOMO, "
-                                     "AdaLomo, AdamW) on scales or weights",
+                                     "AdaLomo, AdamW, HiFT, GRASS) on scales or weights",
                        description="Train from a YAML recipe with key=value overrides, e.g.\n"
                                    "  qzo2 train recipes/sentiment.yaml model=runs/smollm2-int4 steps=200",
                        epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -193,8 +193,10 @@ class TrainConfig:
         if self.clip_grad_norm < 0 or self.clip_grad_value < 0 or self.loss_scale_window < 1:
             raise ConfigError("clip_grad_norm and clip_grad_value must be >= 0, loss_scale_window >= 1")
         if self.weight_decay and self.method == "qzo":
-            raise ConfigError("weight_decay is for method=mezo; QZO trains the scales without weight decay (as the "
-                              "QZO paper), so set weight_decay=0")
+            raise ConfigError("weight_decay is not for method=qzo: QZO trains the scales without weight decay (as "
+                              "the QZO paper), so set weight_decay=0")
+        if self.method == "grass" and self.dtype == "fp16":  # its row-sparse backward has no loss scaler
+            raise ConfigError("method=grass does not scale the loss, which fp16 needs: use dtype=bf16 or fp32")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0 (got {self.weight_decay})")
         check_output_dir(self.output_dir)

@@ -109,7 +109,11 @@ def load_run(path: str, checkpoint: str = "auto") -> Trained:
                 batch_size=cfg.batch_size, seed=cfg.seed, base=cfg.model, trained_values=state.get("trained"),
                 dtype=cfg.dtype,
                 dev={k: v for m in metrics for k, v in m.items() if k.startswith("dev_")})
-    return Trained(resolve_source(cfg.model), load_file(str(ckpt / "trained.safetensors")), info)
+    tensors = load_file(str(ckpt / "trained.safetensors"))
+    scales = sum(k.endswith(".scales") for k in tensors)
+    info["trains"] = ("quantization scales" + (" and other tensors" if scales < len(tensors) else "")
+                      if scales else "weights")
+    return Trained(resolve_source(cfg.model), tensors, info)
 
 
 # ---- scales -----------------------------------------------------------------------------------------------------------
@@ -245,11 +249,12 @@ def model_card(t: Trained, fmt: str, dtype: str) -> str:
     r = t.run
     kind = {"gptq": "GPTQ (v1) checkpoint", "gptq_v2": "GPTQ v2 checkpoint",
             "hf": f"merged {dtype} Hugging Face checkpoint"}[fmt]
-    tags = ["qzo2", "zeroth-order"] + (["gptq"] if fmt != "hf" else [])
+    order = "zeroth-order" if r and r["method"] in ("qzo", "mezo") else "first-order"
+    tags = ["qzo2"] + ([order] if r else []) + (["gptq"] if fmt != "hf" else [])
     lines = ["---", yaml.safe_dump({"library_name": "transformers", "tags": tags}, sort_keys=False).strip(), "---",
              "", f"# {kind} exported by qzo2", ""]
     if r:
-        what = "quantization scales (QZO)" if r["method"] == "qzo" else "weights (MeZO)"
+        what = r["trains"]
         data = r["task"] or r["train_file"]
         lines += [f"- Base model: `{r['base']}`",
                   f"- Method: {r['method']}, trains the {what}; {r['trained_values']:,} trained values",

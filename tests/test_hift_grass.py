@@ -227,6 +227,9 @@ def test_grass_refuses_a_quantized_model_and_accumulation(tiny, tmp_path):
         TrainConfig(method="grass", gradient_accumulation_steps=2)
     with pytest.raises(ConfigError, match="method=hift"):
         TrainConfig(method="hift", gradient_accumulation_steps=2)
+    with pytest.raises(ConfigError, match="method=grass does not scale the loss"):
+        TrainConfig(method="grass", dtype="fp16")
+    TrainConfig(method="grass", dtype="bf16")
 
 
 # ---- through the trainer -------------------------------------------------------------------------------------------

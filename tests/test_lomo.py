@@ -279,11 +279,16 @@ def test_first_order_runs_export_as_gptq_and_hf(tiny, tmp_path):
             assert torch.equal(got, trained[n].half()) and not torch.equal(got, was)
         else:
             assert torch.equal(got, was), n  # codes, zeros, g_idx, norms, embeddings: byte for byte
+    card = (tmp_path / "gptq" / "README.md").read_text()
+    assert "Method: lomo, trains the quantization scales;" in card and "- first-order" in card
+    assert "zeroth-order" not in card
     export(cfg.output_dir, str(tmp_path / "hf"), fmt="hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "float32"
+    assert "Method: lomo, trains the quantization scales;" in (tmp_path / "hf" / "README.md").read_text()
     wcfg = config(tmp_path / "w", src, data, method="adalomo", steps=2, lr=1e-2, eval_every=0)
     trainer.train(wcfg)
     report = export(wcfg.output_dir, str(tmp_path / "whf"), fmt="hf")
+    assert "Method: adalomo, trains the weights;" in (tmp_path / "whf" / "README.md").read_text()
     assert report.replaced == len(load_file(str(trainer.RunDir(wcfg.output_dir).checkpoint("last") /
                                                 "trained.safetensors")))
 

@@ -312,7 +312,7 @@ def test_every_shipped_recipe_loads_with_the_settings_it_names():
 def test_weight_decay_is_mezo_only_and_skips_biases_and_norms():
     from conftest import build_model
 
-    with pytest.raises(ConfigError, match="weight_decay is for method=mezo"):
+    with pytest.raises(ConfigError, match="weight_decay is not for method=qzo"):
         TrainConfig(method="qzo", weight_decay=0.1)
     model = build_model("opt")
     targets = base.weight_targets(model, ("linear", "norm", "embedding"))

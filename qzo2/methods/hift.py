@@ -5,8 +5,8 @@ after the blocks (the final norm with the LM head); units holding no trained ten
 model, whose trained tensors are the blocks' scales) are left out. Groups are `hift_group_size` consecutive units in
 the order of `hift_strategy`: down2up (embedding to head, HiFT's default), up2down, or random (one permutation fixed
 at the start, seeded, as HiFT shuffles once). Step t trains group t mod k (k groups): only its tensors require
-grad, so backward stops at its lowest unit and keeps nothing below it, and the inner optimizer is AdamW (fp32
-state). The state of the other groups lives in host memory (pinned on CUDA) and comes to the device only for its
+grad, so backward stops at its lowest unit and keeps nothing below it, and the inner optimizer is AdamW (state in the
+trained dtype). The state of the other groups lives in host memory (pinned on CUDA) and comes to the device only for its
 group's step. The lr schedule advances once per full cycle ("delayed lr update"): step t uses the schedule's value
 at the start of its cycle, t − (t mod k), so every group of a cycle sees the same lr and the schedule still ends at
 `steps` (HiFT's code builds its scheduler for max_steps but steps it per cycle, so its lr never decays fully; we
