@@ -241,6 +241,32 @@ def test_also_train_norms_and_a_tied_head_beside_the_scales(make_model_dir, tmp_
         trainer.load_for_training(train_config(tmp_path, src, rows, also_train="norm"))
 
 
+def test_subspace_from_more_examples_than_its_rank_is_their_principal_subspace():
+    """zo_mask_samples > zo_subspace: the basis is the top-r right singular subspace of the per-example gradients
+    (numpy's SVD as the reference), not the span of the first r of them."""
+    import numpy as np
+    gen = torch.Generator().manual_seed(0)
+    m = torch.nn.Module()
+    m.a, m.b = (torch.nn.Parameter(torch.zeros(s), requires_grad=False) for s in ((6, 5), (40,)))
+    targets = [base.Target(0, "a", m, "a"), base.Target(1, "b", m, "b")]
+    strong = torch.linalg.qr(torch.randn(70, 2, generator=gen, dtype=torch.float64))[0]  # two dominant directions
+    g = (torch.randn(12, 2, generator=gen, dtype=torch.float64) * 10) @ strong.t() + \
+        0.1 * torch.randn(12, 70, generator=gen, dtype=torch.float64)
+    g[0] = 0.1 * torch.randn(70, generator=gen, dtype=torch.float64)  # the first example is mostly noise
+    zo.set_basis(targets, [g[:, :30].float(), g[:, 30:].float()], rank=2)
+    b = torch.cat([targets[0].basis, targets[1].basis]).double()  # [70, 2]
+    assert targets[0].basis.shape == (30, 2) and targets[1].basis.shape == (40, 2)
+    torch.testing.assert_close(b.t() @ b, torch.eye(2, dtype=torch.float64), atol=1e-5, rtol=0)
+    ref = np.linalg.svd(g.numpy(), full_matrices=False)[2][:2].T  # [70, 2]
+    proj = torch.from_numpy(ref @ ref.T)
+    assert (proj @ b - b).norm() < 1e-4  # the same subspace as numpy's top-2
+    first_two = torch.linalg.qr(g[:2].t())[0]
+    assert (first_two @ first_two.t() @ b - b).norm() > 0.1  # and not the span of the first two examples
+    zo.set_basis(targets, [g[:2, :30].float(), g[:2, 30:].float()], rank=2)  # examples <= rank: their span
+    b = torch.cat([targets[0].basis, targets[1].basis]).double()
+    assert (first_two @ first_two.t() @ b - b).norm() < 1e-4
+
+
 def test_subspace_z_lies_in_the_span_of_the_sampled_gradients():
     """zo_subspace: z = B·u, B an orthonormal basis of the per-example gradients of the one-off pass
     (restricted to the mask when there is one): the joint z of all targets has no component outside that span, and

@@ -218,11 +218,20 @@ def fisher_scores(model, targets: list[Target], kind: str, batches: list[dict]) 
 
 
 def set_basis(targets: list[Target], grads: list[torch.Tensor], rank: int) -> None:
-    """An orthonormal basis (QR) of the span of the per-example gradients (restricted to each target's mask), its
-    rows split back per target as t.basis; rank = min(rank, examples)."""
+    """An orthonormal basis of the per-example gradients (restricted to each target's mask), its rows split back per
+    target as t.basis. With as many examples as the rank or fewer: their span (QR). With more: the top-`rank` right
+    singular vectors of the [examples, N] gradient matrix, the rank-r subspace that holds most of the gradients'
+    energy (a PCA of the per-example gradients, uncentred), rather than the span of whichever r came first."""
     cols = [g[:, t.mask] if t.mask is not None else g for g, t in zip(grads, targets)]
     stacked = torch.cat([c.cpu() for c in cols], dim=1)  # [examples, N]
-    q, _ = torch.linalg.qr(stacked.t().double())  # [N, examples], orthonormal columns
+    if stacked.shape[0] <= rank:
+        q, _ = torch.linalg.qr(stacked.t().double())  # [N, examples], orthonormal columns
+    else:  # SVD through the small Gram matrix: G Gᵀ = U S² Uᵀ, V = Gᵀ U S⁻¹ (N can be millions, examples few)
+        g = stacked.double()
+        evals, u = torch.linalg.eigh(g @ g.t())
+        top = evals.argsort(descending=True)[:rank]
+        q = g.t() @ (u[:, top] / evals[top].clamp_min(1e-300).sqrt())
+        q, _ = torch.linalg.qr(q)  # re-orthonormalize (rounding in the Gram route)
     q = q[:, :min(rank, q.shape[1])].float()
     start = 0
     for t, c in zip(targets, cols):
