@@ -187,8 +187,9 @@ def gradient_pass(model, targets: list[Target], kind: str, batches: list[dict], 
     by a post-accumulate hook and freed at once (LOMO-style), so the pass needs one example's activations plus one
     fp32 value per trained entry (and `keep`: one per entry and example)."""
     acc = [torch.zeros(t.tensor.numel(), dtype=torch.float32, device=t.tensor.device) for t in targets]
-    rows = [[] for _ in targets] if keep else None
-    handles = []
+    rows = ([torch.zeros(len(batches), t.tensor.numel(), dtype=torch.float32, device=t.tensor.device)
+             for t in targets] if keep else None)  # filled in place: no second copy of every gradient
+    handles, at = [], [0]
     for i, (t, a) in enumerate(zip(targets, acc)):
         t.tensor.requires_grad_(True)
 
@@ -196,20 +197,19 @@ def gradient_pass(model, targets: list[Target], kind: str, batches: list[dict], 
             g = tensor.grad.float().flatten()
             a.add_(g.pow(2))
             if rows is not None:
-                rows[i].append(g.clone())
+                rows[i][at[0]] = g
             tensor.grad = None
 
         handles.append(t.tensor.register_post_accumulate_grad_hook(fold))
     try:
-        for b in batches:
+        for at[0], b in enumerate(batches):
             objective.loss(model, kind, b).backward()
     finally:
         for t, h in zip(targets, handles):
             h.remove()
             t.tensor.grad = None
             t.tensor.requires_grad_(False)
-    return acc, ([torch.stack(r) if r else torch.zeros(len(batches), t.tensor.numel(), device=t.tensor.device)
-                  for r, t in zip(rows, targets)] if keep else None)
+    return acc, rows
 
 
 def fisher_scores(model, targets: list[Target], kind: str, batches: list[dict]) -> list[torch.Tensor]:
