@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 # HF config kwargs (plus model_type) of well-known shapes; the weights are random, only the sizes matter.
@@ -212,6 +211,8 @@ def bench_accuracy(out: Path, seed: int, rows: list[str], overrides: list[str], 
     MeZO, LOMO / AdaLomo / AdamW on the int4 scales and on the fp32 weights); test accuracy (500 examples, the same
     for every seed) of each trained run's exported checkpoint, with train steps, wall time and peak RSS. JSON lines
     to out/results.jsonl. `recipes` maps a row key to another recipe."""
+    from .config import load_config
+
     qzo2 = [sys.executable, "-m", "qzo2.cli"]
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -246,7 +247,7 @@ def bench_accuracy(out: Path, seed: int, rows: list[str], overrides: list[str], 
                                  "overwrite=true", "progress=false", *overrides])
         exported = Path(f"{run}-{fmt}")
         run_measured(qzo2 + ["export", str(run), "-o", str(exported), "--format", fmt, "--overwrite"])
-        template = yaml.safe_load((run / "config.yaml").read_text()).get("template", "review")
+        template = load_config(str(run / "config.yaml")).template
         e = run_measured(qzo2 + ["eval", str(exported), "--task", "sentiment", "--seed", str(seed),
                                  "--template", template])
         best = json.loads((run / "best" / "state.json").read_text()) if (run / "best").is_dir() else {}

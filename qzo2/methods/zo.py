@@ -189,7 +189,7 @@ def gradient_pass(model, targets: list[Target], kind: str, batches: list[dict], 
     acc = [torch.zeros(t.tensor.numel(), dtype=torch.float32, device=t.tensor.device) for t in targets]
     rows = ([torch.zeros(len(batches), t.tensor.numel(), dtype=torch.float32, device=t.tensor.device)
              for t in targets] if keep else None)  # filled in place: no second copy of every gradient
-    handles, at = [], [0]
+    handles = []
     for i, (t, a) in enumerate(zip(targets, acc)):
         t.tensor.requires_grad_(True)
 
@@ -197,12 +197,12 @@ def gradient_pass(model, targets: list[Target], kind: str, batches: list[dict], 
             g = tensor.grad.float().flatten()
             a.add_(g.pow(2))
             if rows is not None:
-                rows[i][at[0]] = g
+                rows[i][example] = g  # `example`: the loop variable below, read when backward calls the hook
             tensor.grad = None
 
         handles.append(t.tensor.register_post_accumulate_grad_hook(fold))
     try:
-        for at[0], b in enumerate(batches):
+        for example, b in enumerate(batches):
             objective.loss(model, kind, b).backward()
     finally:
         for t, h in zip(targets, handles):
@@ -295,13 +295,10 @@ class ZeroOrder(Method):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         tensors = dict(tensors)
         for t in self.targets:  # masks may differ in size from the ones made at init: take the checkpoint's
-            key = f"{t.path}.zo_mask"
-            if key in tensors:
-                t.mask = tensors.pop(key).to(t.tensor.device)
-        bases = {t.path: tensors.pop(f"{t.path}.zo_basis") for t in self.targets if f"{t.path}.zo_basis" in tensors}
-        for t in self.targets:
-            if t.path in bases:
-                t.basis = bases[t.path].to(t.tensor.device)
+            if f"{t.path}.zo_mask" in tensors:
+                t.mask = tensors.pop(f"{t.path}.zo_mask").to(t.tensor.device)
+            if f"{t.path}.zo_basis" in tensors:
+                t.basis = tensors.pop(f"{t.path}.zo_basis").to(t.tensor.device)
         if self.cfg.zo_normalize:
             self.rms["v"].copy_(tensors.pop("zo.rms_v"))
             self.rms["t"].copy_(tensors.pop("zo.rms_t"))
