@@ -57,11 +57,18 @@ def test_fisher_mask_is_the_top_of_the_summed_squared_gradients():
     for p in params:
         p.requires_grad_(True)
     fisher = [torch.zeros_like(p) for p in params]
+    per_example = []
     for b in data:
         objective.loss(ref, "lm", b).backward()
+        per_example.append([p.grad.flatten().clone() for p in params])
         for f, p in zip(fisher, params):
             f += p.grad ** 2
             p.grad = None
+    # the kept per-example gradients (what zo_subspace spans) are those of plain autograd, row i = example i
+    other = build_model("llama")
+    _, rows = zo.gradient_pass(other, base.weight_targets(other, ("linear",)), "lm", data, keep=True)
+    for j, r in enumerate(rows):
+        torch.testing.assert_close(r, torch.stack([g[j] for g in per_example]), rtol=1e-4, atol=1e-6)
     flat = torch.cat([f.flatten() for f in fisher])
     n = round(0.01 * flat.numel())
     want = set(torch.topk(flat, n).indices.tolist())
@@ -193,6 +200,20 @@ def test_resume_keeps_the_fisher_mask_and_the_running_rms(tiny, tmp_path):
                                        calls_before=4, **kw)
     state = load_file(str(trainer.RunDir(straight["run"]).checkpoint("last") / "method.safetensors"))
     assert int(state["zo.rms_t"]) == 7 and sum(v.numel() for k, v in state.items() if k.endswith(".zo_mask")) > 0
+
+
+def test_subspace_basis_is_checkpointed_and_resume_is_bit_identical(tiny, tmp_path):
+    """The basis is made once, before step 1: a resumed run must take it from the checkpoint (it makes no new
+    gradient pass), so its z, and every trained tensor, equal the uninterrupted run's."""
+    q, _, data = tiny
+    kw = dict(eval_every=3, save_every=2, log_every=1, zo_subspace=3, zo_mask_samples=4, zo_normalize=True, clip=3.0)
+    straight, _ = straight_and_resumed(tmp_path, q, data, 6, 4, ("trained.safetensors", "method.safetensors"),
+                                       calls_before=4, **kw)
+    state = load_file(str(trainer.RunDir(straight["run"]).checkpoint("last") / "method.safetensors"))
+    bases = [v for k, v in state.items() if k.endswith(".zo_basis")]
+    assert bases and all(b.shape[1] == 3 for b in bases)
+    joint = torch.cat(bases).double()
+    torch.testing.assert_close(joint.t() @ joint, torch.eye(3, dtype=torch.float64), atol=1e-5, rtol=0)
 
 
 def test_also_train_norms_and_a_tied_head_beside_the_scales(make_model_dir, tmp_path):
