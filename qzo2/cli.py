@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import warnings
 import sys
@@ -196,6 +197,8 @@ def cmd_train(args) -> int:
     best = f", best dev {result['best_metric']:.4f} at step {result['best_step']}" if result["best_step"] is not None else ""
     how = {None: "finished", signal.SIGINT: "interrupted (Ctrl-C), saved", signal.SIGTERM: "terminated, saved"}.get(
         result["signal"], f"stopped by signal {result['signal']}, saved")
+    if _rank_tag() and os.environ.get("RANK", "0") != "0":
+        return 128 + result["signal"] if result["signal"] else 0  # rank 0 alone reports
     print(f"{how} at step {result['step']} ({result['trained']:,} trained values, {result['skipped']} skipped "
           f"steps){best}; run: {result['run']}")
     return 128 + result["signal"] if result["signal"] else 0  # 130 after Ctrl-C, 143 after SIGTERM, as shells do
@@ -242,6 +245,12 @@ def _terminate(signum, frame):
     raise Terminated
 
 
+def _rank_tag() -> str:
+    """' (rank R of N)' under torchrun / accelerate launch, so each rank's one error line says whose it is."""
+    size = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')} of {size})" if size.strip() not in ("", "1") else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -250,11 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"quantize": cmd_quantize, "train": cmd_train, "export": cmd_export, "eval": cmd_eval,
                "bench": cmd_bench}[args.verb]
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C, so temporary directories are removed
+    where = _rank_tag()
     try:
         return handler(args)
     except (ValueError, FileNotFoundError, ImportError) as e:  # Checkpoint/Config/Data/TrainingError are ValueErrors
-        print(f"qzo2 {args.verb}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"qzo2 {args.verb}: error{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a collective failed: another rank stopped (its own error line says why)
+        if not where or "DistBackendError" not in {c.__name__ for c in type(e).__mro__}:
+            raise
+        print(f"qzo2 {args.verb}: error{where}: another rank stopped, so this one cannot go on "
+              f"({str(e).splitlines()[0][:200]})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # the training loop handles its own (it saves); this is before or outside it
         terminated = isinstance(e, Terminated)
         print(f"qzo2 {args.verb}: {'terminated' if terminated else 'interrupted'}; nothing was written",

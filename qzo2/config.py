@@ -96,6 +96,10 @@ class TrainConfig:
     n_pairs: int = _f(1, "independent +-eps pairs per step, averaged")
     clip: float = _f(100.0, "DDC: clip the projected gradient to [-clip, clip] (with zo_normalize: in units of its "
                             "running RMS, e.g. 3); 0 disables")
+    zo_parallel: str = _f("batch", "ZO under torchrun / accelerate launch: batch = each rank runs the 2k chunks on its "
+                                   "slice of every step's batch (batch_size stays the global batch); pairs = each "
+                                   "rank runs the whole batch for the pairs j with j mod ranks == rank (n_pairs "
+                                   "scales with the ranks)", ("batch", "pairs"))
     zo_normalize: bool = _f(False, "ZO: divide each step's projected gradients by their running RMS (EMA of d^2, "
                                    "FZOO/MEAZO style): a scale-free step whose lr transfers")
     zo_rms_beta: float = _f(0.9, "ZO, zo_normalize: decay of the running mean of d^2")
@@ -179,6 +183,8 @@ class TrainConfig:
             if self.batch_size % self.gradient_accumulation_steps:
                 raise ConfigError(f"batch_size {self.batch_size} is not a multiple of gradient_accumulation_steps "
                                   f"{self.gradient_accumulation_steps}")
+        if self.method not in ZO_METHODS and self.zo_parallel != "batch":
+            raise ConfigError(f"zo_parallel is for zeroth-order methods (qzo, mezo), not {self.method}")
         if self.method not in ZO_METHODS and (self.zo_normalize or self.zo_mask != "none" or self.zo_subspace):
             raise ConfigError(f"zo_normalize / zo_mask are for zeroth-order methods (qzo, mezo), not {self.method}")
         if self.zo_subspace < 0:

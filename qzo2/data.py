@@ -653,6 +653,22 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
+def batch_rows(batch: dict, start: int, stop: int) -> dict:
+    """Examples [start, stop) of an encoded batch (text rows or classification examples with their candidate rows),
+    padded as the whole batch was, so a rank's slice computes what those rows computed in the whole batch."""
+    examples, rows = batch["labels"].shape[0], batch["input_ids"].shape[0]
+    per = rows // examples  # candidate rows per example (1 for text rows and shared-prompt candidates)
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v) and v.dim() and v.shape[0] == rows:
+            out[k] = v[start * per:stop * per]
+        elif torch.is_tensor(v) and v.dim() and v.shape[0] == examples:
+            out[k] = v[start:stop]
+        else:
+            out[k] = v
+    return out
+
+
 def encode(kind: str, items: list, tokenizer, max_length: int) -> dict:
     """A batch of tokenized text rows (kind "lm") or classification examples, as tensors."""
     if kind == "lm":

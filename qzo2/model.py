@@ -28,7 +28,13 @@ def resolve_source(src: str | None) -> str:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """auto | cpu | cuda[:i] -> torch.device (auto: cuda when available)."""
+    """auto | cpu | cuda[:i] -> torch.device (auto: cuda when available). Under torch.distributed, auto and cuda mean
+    this rank's GPU, cuda:LOCAL_RANK."""
+    from .distributed import world
+
+    w = world()
+    if device in ("auto", "cuda") and w.enabled and torch.cuda.is_available():
+        return torch.device("cuda", w.local_rank)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

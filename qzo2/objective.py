@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
+from . import distributed
 
 
 def model_inputs(model, batch: dict) -> dict:
@@ -25,8 +26,8 @@ def classification_scores(model, batch: dict) -> torch.Tensor:
     return D.candidate_logprobs(out.logits.float(), batch)
 
 
-def lm_chunk_losses(model, batch: dict, chunks: int, rows_per_head: int = 2) -> torch.Tensor:
-    """Mean next-token cross-entropy of each of `chunks` equal row chunks. The decoder runs once; the LM head and the
+def lm_chunk_sums(model, batch: dict, chunks: int, rows_per_head: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ next-token cross-entropy, loss tokens) of each of `chunks` equal row chunks, float64. The decoder runs once; the LM head and the
     loss run on a few rows of every chunk at a time (so a perturbed head still sees all its chunks), and logits for
     the whole batch x vocab never exist at once in a forward without gradients."""
     hidden = model.get_decoder()(**model_inputs(model, batch)).last_hidden_state
@@ -43,17 +44,33 @@ def lm_chunk_losses(model, batch: dict, chunks: int, rows_per_head: int = 2) -> 
                               reduction="none")
         sums.append(nll.sum(dim=1).double().view(chunks, e - r))
     counts = (ls != D.IGNORE).sum(dim=2).double()
-    return torch.cat(sums, dim=1).sum(1) / counts.sum(1).clamp(min=1)
+    return torch.cat(sums, dim=1).sum(1), counts.sum(1)
+
+
+def lm_chunk_losses(model, batch: dict, chunks: int) -> torch.Tensor:
+    """Mean next-token cross-entropy of each of `chunks` equal row chunks (float64)."""
+    sums, counts = lm_chunk_sums(model, batch, chunks)
+    return sums / counts.clamp(min=1)
+
+
+def chunk_sums(model, kind: str, batch: dict, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([chunks] loss sums, [chunks] counts), float64, of `chunks` equal row chunks of a batch: the LM loss summed over
+    loss tokens ("lm") or the candidates' cross-entropy summed over examples ("classification"). Sums and counts,
+    not means, so that slices of one batch on several ranks add up to the batch (distributed.gather_sum)."""
+    if kind == "lm":
+        return lm_chunk_sums(model, batch, chunks)
+    scores = classification_scores(model, batch)
+    labels = batch["labels"]
+    sums = [F.cross_entropy(s, labels[: s.shape[0]].to(s.device), reduction="none").double().sum()
+            for s in scores.chunk(chunks)]
+    return torch.stack(sums), torch.full((chunks,), float(scores.shape[0] // chunks), dtype=torch.float64,
+                                         device=scores.device)
 
 
 def chunk_losses(model, kind: str, batch: dict, chunks: int) -> torch.Tensor:
-    """[chunks] float64 losses of `chunks` equal row chunks of a batch: LM loss ("lm") or the candidates'
-    cross-entropy ("classification")."""
-    if kind == "lm":
-        return lm_chunk_losses(model, batch, chunks)
-    scores = classification_scores(model, batch)
-    labels = batch["labels"]
-    return torch.stack([D.classification_loss(s, labels[: s.shape[0]]).double() for s in scores.chunk(chunks)])
+    """[chunks] float64 mean losses of `chunks` equal row chunks of a batch (see chunk_sums)."""
+    sums, counts = chunk_sums(model, kind, batch, chunks)
+    return sums / counts.clamp(min=1)
 
 
 def loss(model, kind: str, batch: dict) -> torch.Tensor:
@@ -71,27 +88,33 @@ def loss_weight(kind: str, batch: dict) -> float:
 @torch.no_grad()
 def evaluate(model, kind: str, items: list, tokenizer, max_length: int, batch_size: int) -> dict:
     """Dev metrics: accuracy, mean candidate loss and the rate at which each class is predicted (a 0.6 accuracy may
-    be a label prior) for classification; token loss and perplexity for text."""
+    be a label prior) for classification; token loss and perplexity for text. Under torch.distributed each rank scores
+    its part of `items` and the sums are added across ranks, so every rank returns the metrics of all of them."""
     if not items:
         return {}
+    world = distributed.world()
+    mine = world.eval_shard(items)
     if kind == "classification":
-        correct, total, predicted = 0, 0.0, torch.zeros(len(items[0].candidates))
-        for i in range(0, len(items), batch_size):
-            batch = D.encode_candidates(items[i:i + batch_size], tokenizer, max_length)
+        # [correct, Σ loss, predicted per class...]: one float64 vector summed across ranks
+        sums = torch.zeros(2 + len(items[0].candidates), dtype=torch.float64)
+        for i in range(0, len(mine), batch_size):
+            batch = D.encode_candidates(mine[i:i + batch_size], tokenizer, max_length)
             scores = classification_scores(model, batch)
             pred = scores.argmax(-1).cpu()
-            correct += int((pred == batch["labels"]).sum())
-            predicted += torch.bincount(pred, minlength=len(predicted)).float()
-            total += float(D.classification_loss(scores, batch["labels"])) * len(batch["labels"])
-        return {"accuracy": correct / len(items), "loss": total / len(items),
-                "predicted": [round(float(x), 4) for x in predicted / len(items)]}  # how often each class is chosen
-    total, count = 0.0, 0
-    for i in range(0, len(items), batch_size):
-        batch = D.collate_lm(items[i:i + batch_size], D.pad_id(tokenizer))
+            sums[0] += int((pred == batch["labels"]).sum())
+            sums[1] += float(D.classification_loss(scores, batch["labels"])) * len(batch["labels"])
+            sums[2:] += torch.bincount(pred, minlength=len(sums) - 2).double()
+        distributed.all_sum(sums)
+        return {"accuracy": int(sums[0]) / len(items), "loss": float(sums[1]) / len(items),
+                "predicted": [round(float(x), 4) for x in sums[2:] / len(items)]}  # how often each class is chosen
+    sums = torch.zeros(2, dtype=torch.float64)  # [Σ token loss, tokens]
+    for i in range(0, len(mine), batch_size):
+        batch = D.collate_lm(mine[i:i + batch_size], D.pad_id(tokenizer))
         n = int((batch["labels"][:, 1:] != D.IGNORE).sum())
-        total += float(lm_chunk_losses(model, batch, 1)[0]) * n
-        count += n
-    mean = total / max(count, 1)
+        sums[0] += float(lm_chunk_losses(model, batch, 1)[0]) * n
+        sums[1] += n
+    distributed.all_sum(sums)
+    mean = float(sums[0]) / max(float(sums[1]), 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50))}
 
 

@@ -11,6 +11,7 @@ import threading
 import time
 
 from . import data as D
+from . import distributed
 from .config import TrainConfig, lr_at, resolve_paths
 from .methods import load_for_training
 from .objective import dev_metric, evaluate
@@ -46,14 +47,18 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def step_batch(task: D.Task, tokenizer, cfg: TrainConfig, step: int):
-    """The encoded batch of a step; with gradient_accumulation_steps > 1 a list of that many micro-batches."""
+def step_batch(task: D.Task, tokenizer, cfg: TrainConfig, step: int, world: distributed.World | None = None):
+    """The encoded batch of a step; with gradient_accumulation_steps > 1 a list of that many micro-batches. With a
+    `world` of several ranks: this rank's contiguous slice of each (global) micro-batch, padded as the whole one is,
+    so the ranks' rows compute what they compute in a single process."""
     items = D.batch_at(task.train, cfg.batch_size, cfg.seed, step)
     ga = cfg.gradient_accumulation_steps
-    if ga == 1:
-        return D.encode(task.kind, items, tokenizer, cfg.max_length)
     per = len(items) // ga
-    return [D.encode(task.kind, items[i * per:(i + 1) * per], tokenizer, cfg.max_length) for i in range(ga)]
+    micro = [D.encode(task.kind, items[i * per:(i + 1) * per], tokenizer, cfg.max_length) for i in range(ga)]
+    if world is not None and world.enabled:
+        mine = per // world.size
+        micro = [D.batch_rows(b, world.rank * mine, (world.rank + 1) * mine) for b in micro]
+    return micro[0] if ga == 1 else micro
 
 
 def batch_tokens(batch) -> int:
@@ -73,9 +78,17 @@ class Window:
         self.n += 1
         self.tokens += tokens
 
-    def record(self) -> dict:
+    def record(self, world: distributed.World) -> dict:
+        """The window's means; tok_s counts every rank's tokens over this rank's time (a collective: every rank
+        calls it at the same step), tok_s_rank this rank's alone."""
         dt = time.perf_counter() - self.t0
-        return {**{k: v / self.n for k, v in self.sums.items()}, "tok_s": self.tokens / dt, "s_per_step": dt / self.n}
+        out = {**{k: v / self.n for k, v in self.sums.items()}, "tok_s": self.tokens / dt, "s_per_step": dt / self.n}
+        if world.enabled:
+            import torch
+
+            total = float(distributed.all_sum(torch.tensor([float(self.tokens)], dtype=torch.float64))[0])
+            out.update(tok_s=total / dt, tok_s_rank=self.tokens / dt, ranks=world.size)
+        return out
 
 
 def trained_count(targets) -> int:
@@ -83,24 +96,57 @@ def trained_count(targets) -> int:
     return sum(t.tensor.numel() if t.mask is None else len(t.mask) for t in targets)
 
 
+def _device_type(cfg: TrainConfig) -> str:
+    import torch
+
+    return "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train per `cfg` into cfg.output_dir (new, resumed, or replacing an old run with overwrite=true); returns
-    {run, step, interrupted, signal, best_step, best_metric, skipped, trained}."""
+    {run, step, interrupted, signal, best_step, best_metric, skipped, trained}.
+
+    Under torchrun / accelerate launch (RANK, WORLD_SIZE in the environment) every rank runs this same function:
+    rank 0 alone writes (run directory, checkpoints, metrics, plot, progress bar), every rank computes the same update
+    (qzo2/distributed.py says what crosses ranks), and a signal on any rank stops all of them after the same step."""
+    owns_group = not _group_initialized()
+    world = distributed.init(_device_type(cfg))
+    try:
+        return _train(cfg, world)
+    finally:
+        if owns_group:
+            distributed.shutdown()
+
+
+def _group_initialized() -> bool:
+    import torch
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _train(cfg: TrainConfig, world: distributed.World) -> dict:
     from tqdm.auto import tqdm
 
     given, cfg = cfg, resolve_paths(cfg)
+    if world.enabled and cfg.batch_size % (world.size * cfg.gradient_accumulation_steps):
+        raise TrainingError(f"batch_size {cfg.batch_size} (the global batch) must be a multiple of the {world.size} "
+                            f"ranks x gradient_accumulation_steps {cfg.gradient_accumulation_steps}")
     run, replace = open_run(cfg)  # output_dir checked and the resume validated before anything loads
     resuming = bool(run.steps()) and not replace
+    distributed.barrier()  # every rank has looked at output_dir before rank 0 changes it
     data = D.read_data(cfg)  # data errors before the model (minutes at 7B)
     model, tokenizer, method = load_for_training(cfg)
     where = placement(model)
     task = D.build_task(cfg, tokenizer, data)
     if not task.train:
         raise TrainingError("no training examples")
-    if replace:  # the new run can start: only now does the old one go
-        replace_run(run)
-    run.path.mkdir(parents=True, exist_ok=True)
-    write_config(run, cfg, given)
+    if world.main:
+        if replace:  # the new run can start: only now does the old one go
+            replace_run(run)
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_config(run, cfg, given)
+    log = run.log if world.main else (lambda record: None)
+    shard = world if method.shards_batch else None
 
     targets = method.targets
     state = {"step": 0, "skipped": 0, "consecutive_skips": 0, "best_step": None, "best_metric": None,
@@ -108,21 +154,26 @@ def train(cfg: TrainConfig) -> dict:
 
     def save(state: dict) -> None:
         method.flush()
-        save_checkpoint(run, targets, method.state_tensors(), dict(state, config=cfg.to_dict()), cfg.keep_last)
+        if world.main:
+            save_checkpoint(run, targets, method.state_tensors(), dict(state, config=cfg.to_dict()), cfg.keep_last)
+        distributed.barrier()  # no rank runs ahead of a checkpoint being written
         state["saved_step"] = state["step"]
 
     def evaluate_dev(step: int) -> None:
         m = evaluate(model, task.dev_kind, task.dev, tokenizer, cfg.max_length, cfg.eval_batch_size)
-        run.log({"step": step, **{f"dev_{k}": v for k, v in m.items()}})
+        log({"step": step, **{f"dev_{k}": v for k, v in m.items()}})
         if step:
-            bar.write(f"step {step}: " + ", ".join(f"dev {k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
+            say(f"step {step}: " + ", ".join(f"dev {k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
         if state["best_metric"] is None or dev_metric(m) > state["best_metric"]:
             state.update(best_step=step, best_metric=dev_metric(m))
             save(state)
-            run.copy_best()
+            if world.main:
+                run.copy_best()
 
     stop = StopSignals()
-    bar = tqdm(total=cfg.steps, initial=0, desc=f"{cfg.method} train", disable=not cfg.progress)
+    stopped = 0  # the signal that stops the run (on any rank), 0 while none has come
+    bar = tqdm(total=cfg.steps, initial=0, desc=f"{cfg.method} train", disable=not (cfg.progress and world.main))
+    say = bar.write if world.main else (lambda text: None)
     try:
         with stop:
             if resuming:
@@ -130,7 +181,8 @@ def train(cfg: TrainConfig) -> dict:
                 state = load_trained(ckpt, targets)
                 method.load_state_tensors(load_method_state(ckpt))
                 state.pop("config", None)
-                run.truncate_metrics(state["step"])
+                if world.main:
+                    run.truncate_metrics(state["step"])
                 bar.update(state["step"])
             else:
                 method.prepare(lambda i, size: D.encode(task.kind, D.batch_at(task.train, size, cfg.seed + 1, i),
@@ -140,19 +192,19 @@ def train(cfg: TrainConfig) -> dict:
                     evaluate_dev(0)
             window = Window()
             if where["streamed_blocks"]:
-                bar.write(f"{where['device']}: streaming {where['streamed_blocks']} of {where['blocks']} decoder "
+                say(f"{where['device']}: streaming {where['streamed_blocks']} of {where['blocks']} decoder "
                           f"blocks (prefetch depth {where['prefetch_depth']})")
-            while state["step"] < cfg.steps and stop.signum is None:
+            while state["step"] < cfg.steps and not stopped:
                 step = state["step"]
-                batch = step_batch(task, tokenizer, cfg, step)
+                batch = step_batch(task, tokenizer, cfg, step, shard)
                 metrics = method.step(batch, step)
                 state["step"] = step + 1
                 if metrics.get("skipped"):  # nothing was updated; the step's tail (log, eval, save) still runs
                     state["skipped"] += 1
-                    run.log({"step": step + 1, **metrics, "skipped": True, "reason": metrics["skipped"]})
+                    log({"step": step + 1, **metrics, "skipped": True, "reason": metrics["skipped"]})
                     if metrics["skipped"] == "nonfinite":
                         state["consecutive_skips"] += 1
-                        bar.write(f"step {step + 1}: non-finite loss, step skipped "
+                        say(f"step {step + 1}: non-finite loss, step skipped "
                                   f"({state['consecutive_skips']} in a row)")
                         if state["consecutive_skips"] >= cfg.max_skips:
                             raise TrainingError(f"{cfg.max_skips} consecutive non-finite losses at step {step + 1}; "
@@ -164,11 +216,12 @@ def train(cfg: TrainConfig) -> dict:
                 bar.update()
                 last = step + 1 == cfg.steps
                 if window.n and ((step + 1) % cfg.log_every == 0 or last):
-                    rec = {"step": step + 1, **window.record(), "lr": method.lr_at(step), "skipped": state["skipped"]}
+                    rec = {"step": step + 1, **window.record(world), "lr": method.lr_at(step),
+                           "skipped": state["skipped"]}
                     if where:  # the first training line of this process says where the model ran
                         rec.update(where)
                         where = None
-                    run.log(rec)
+                    log(rec)
                     bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "d", "grad_norm", "lr") if k in rec})
                     window = Window()
                 if task.dev and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
@@ -177,11 +230,14 @@ def train(cfg: TrainConfig) -> dict:
                     window.t0 += time.perf_counter() - t_eval  # tokens/s counts training time only
                 if ((step + 1) % cfg.save_every == 0 or last) and state.get("saved_step") != step + 1:
                     save(state)
-            if stop.signum is not None and state.get("saved_step") != state["step"]:
+                stopped = distributed.max_over_ranks(stop.signum or 0)  # one rank's signal stops them all here
+            if stopped and state.get("saved_step") != state["step"]:
                 save(state)
     finally:
         bar.close()
-    plot_metrics(run)
-    return {"run": str(run.path), "step": state["step"], "interrupted": stop.signum is not None,
-            "signal": stop.signum, "best_step": state["best_step"], "best_metric": state["best_metric"],
+    if world.main:
+        plot_metrics(run)
+    signum = stopped or None
+    return {"run": str(run.path), "step": state["step"], "interrupted": signum is not None,
+            "signal": signum, "best_step": state["best_step"], "best_metric": state["best_metric"],
             "skipped": state["skipped"], "trained": state["trained"]}

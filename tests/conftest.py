@@ -107,18 +107,19 @@ def train_config(tmp_path, model, data, **kw):
 
 
 def patch_losses(monkeypatch, hook):
-    """Wrap the loss every method computes (objective.chunk_losses): hook(call number from 1, losses) -> losses,
-    e.g. to send a signal in a given step or to make its loss NaN. Returns the call counter."""
+    """Wrap the loss every method computes (objective.chunk_sums, the chunks' loss sums): hook(call number from 1,
+    sums) -> sums, e.g. to send a signal in a given step or to make its loss NaN. Returns the call counter."""
     from qzo2 import objective
 
-    real = objective.chunk_losses
+    real = objective.chunk_sums
     calls = {"n": 0}
 
     def wrapped(*args):
         calls["n"] += 1
-        return hook(calls["n"], real(*args))
+        sums, counts = real(*args)
+        return hook(calls["n"], sums), counts
 
-    monkeypatch.setattr(objective, "chunk_losses", wrapped)
+    monkeypatch.setattr(objective, "chunk_sums", wrapped)
     return calls
 
 

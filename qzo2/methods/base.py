@@ -162,6 +162,11 @@ class Method:
     def lr_at(self, step: int) -> float:
         return self._lr_at(self.cfg, step)
 
+    @property
+    def shards_batch(self) -> bool:
+        """Under torch.distributed: does each rank take a slice of the step's batch (else the whole batch)?"""
+        return True
+
     def step(self, batch: dict, step: int) -> dict:
         raise NotImplementedError
 

@@ -24,10 +24,13 @@ codes cannot take a row update, so it is refused.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from .base import generator, step_seed, to_dtype
 from .lomo import FirstOrder, adamw_for
 
@@ -170,8 +173,9 @@ class Grass(FirstOrder):
         self.projected = {}
         try:
             loss = self.loss(batch)
-            if not torch.isfinite(loss):
-                return {"skipped": "nonfinite", "losses": [float(loss.detach())]}
+            value = self.global_value(loss)
+            if not math.isfinite(value):
+                return {"skipped": "nonfinite", "losses": [value]}
             loss.backward()
         finally:
             for t in self.mats:
@@ -182,6 +186,8 @@ class Grass(FirstOrder):
                 g = self.projected.pop(t.path, None)
                 if g is None:
                     g, t.proj.grad = t.proj.grad, None
+                    if g is not None:  # distributed: the r×n projected gradients are what crosses ranks
+                        distributed.all_sum(g)
                 if g is not None:
                     self._update(t, g, lr)
             if self.dense_opt is not None:
@@ -189,7 +195,7 @@ class Grass(FirstOrder):
                     group["lr"] = lr
                 self.dense_opt.step()
                 self.dense_opt.zero_grad(set_to_none=True)
-        return {"loss": float(loss.detach()), "refresh": float(step % self.refresh == 0)}
+        return {"loss": value, "refresh": float(step % self.refresh == 0)}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = dict(super().state_tensors())

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from .. import objective
+from .. import distributed, objective
 from .base import Method, step_seed, store
 
 
@@ -66,25 +66,58 @@ class FirstOrder(Method):
         self.scaler = DynamicLossScale(cfg.loss_scale_window) if cfg.dtype == "fp16" else None
         self.floor = cfg.scale_floor  # store() floors only quantization scales
         self.floored = {id(t.tensor) for t in targets if t.name == "scales"}
+        self.world = distributed.world()
+        # under torch.distributed: each gradient is summed across ranks the moment it is complete, by a hook
+        # registered before any method's own, so every method (LOMO's fused update included) reads the global one
+        # (with gradient accumulation only in the last micro-batch's backward, over the accumulated gradient, as
+        # DDP's no_sync does: `self.sync` is off for the others)
+        self.sync = True
+        self.reduce_handles = [t.tensor.register_post_accumulate_grad_hook(self._all_sum_grad) for t in targets
+                               ] if self.world.enabled else []
 
-    def loss(self, batch: dict) -> torch.Tensor:
-        return objective.loss(self.model, self.kind, batch)
+    def _all_sum_grad(self, tensor: torch.Tensor) -> None:
+        if self.sync:
+            distributed.all_sum(tensor.grad)
+
+    def step_count(self, micro: list) -> float:
+        """What the step's mean loss divides by: its loss tokens (lm) or examples, over all micro-batches and ranks."""
+        local = sum(objective.loss_weight(self.kind, b) for b in micro)
+        if not self.world.enabled:
+            return local
+        return float(distributed.all_sum(torch.tensor([local], dtype=torch.float64))[0])
+
+    def loss(self, batch: dict, total: float | None = None) -> torch.Tensor:
+        """This rank's share of the step's mean loss: its (micro-)batch's loss sum over `total`, the step's count on
+        all ranks (default: this batch's), so the shares add up to the step's mean and the summed gradients to its
+        gradient. One process, one batch: the batch's mean loss."""
+        sums, _ = objective.chunk_sums(self.model, self.kind, batch, 1)
+        return sums[0] / max(self.step_count([batch]) if total is None else total, 1.0)
+
+    def global_value(self, share: torch.Tensor) -> float:
+        """Σ over ranks of a loss share (the step's mean loss; NaN on every rank when any rank's is), so every rank
+        takes the same skip decision."""
+        value = share.detach().double().reshape(1).cpu()
+        return float(distributed.all_sum(value)[0]) if self.world.enabled else float(value[0])
 
     def adamw_step(self, optimizer, params: list, batch, lr: float) -> dict:
         """Backward over the (micro-)batches, unscale / overflow check (fp16), clip, one optimizer step at `lr`,
         gradients freed, scales floored: the step AdamW and HiFT (on its active group) share."""
         micro = batch if isinstance(batch, list) else [batch]
-        total = sum(objective.loss_weight(self.kind, b) for b in micro)
+        total = self.step_count(micro)
         scale = float(self.scaler.scale) if self.scaler else 1.0
         loss_sum = 0.0
-        for b in micro:
-            w = objective.loss_weight(self.kind, b) / total
-            loss = self.loss(b)
-            if not torch.isfinite(loss):
+        for i, b in enumerate(micro):
+            loss = self.loss(b, total)  # this micro-batch's share of the step's mean loss
+            value = self.global_value(loss)
+            if not math.isfinite(value):
                 optimizer.zero_grad(set_to_none=True)
-                return {"skipped": "nonfinite", "losses": [float(loss.detach())]}
-            (loss * (w * scale)).backward()
-            loss_sum += float(loss.detach()) * w
+                return {"skipped": "nonfinite", "losses": [value]}
+            self.sync = i == len(micro) - 1
+            try:
+                (loss * scale).backward()
+            finally:
+                self.sync = True
+            loss_sum += value
         with torch.no_grad():
             if scale != 1.0:
                 for p in params:
@@ -114,6 +147,8 @@ class FirstOrder(Method):
         return self.scaler.state_tensors() if self.scaler else {}
 
     def close(self) -> None:
+        for h in self.reduce_handles:
+            h.remove()
         for t in self.targets:
             t.tensor.grad = None
             t.tensor.requires_grad_(False)
@@ -167,11 +202,11 @@ class Lomo(FirstOrder):
     def step(self, batch: dict, step: int) -> dict:
         self.lr, self.seed = self.lr_at(step), step_seed(self.cfg.seed, step)
         loss = self.loss(batch)
-        if not torch.isfinite(loss):
-            return {"skipped": "nonfinite", "losses": [float(loss.detach())]}
+        loss_value = self.global_value(loss)
+        if not math.isfinite(loss_value):
+            return {"skipped": "nonfinite", "losses": [loss_value]}
         scale = float(self.scaler.scale) if self.scaler else 1.0
         self.inv_scale, self.coef = 1.0 / scale, 1.0
-        loss_value = float(loss.detach())
         out = {"loss": loss_value}
         if self.cfg.clip_grad_norm or self.scaler:  # pass 1: the norm (and the overflow check), nothing updated
             self.mode, self.sq_norm = "measure", torch.zeros((), dtype=torch.float64, device=loss.device)

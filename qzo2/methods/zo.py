@@ -30,7 +30,7 @@ from torch import nn
 
 from quant.linear import QuantLinear
 
-from .. import objective
+from .. import distributed, objective
 from .base import Method, Target, generator, step_seed, store
 
 def z_for(shape, seed: int, index: int, pair: int, device="cpu") -> torch.Tensor:
@@ -67,25 +67,30 @@ def target_z(t: Target, seed: int, pair: int) -> torch.Tensor:
     return z.view(theta.shape)
 
 
-def perturbed(t: Target, seed: int, eps: float, n_pairs: int) -> list[torch.Tensor]:
-    """[θ+εz_0, θ−εz_0, θ+εz_1, ...] for one target, out of place, in the tensor's dtype."""
+def pair_list(pairs) -> range | list[int]:
+    """`pairs`: k (the pairs 0..k-1) or the pair indices themselves (one rank's share in the pair-parallel mode)."""
+    return range(pairs) if isinstance(pairs, int) else list(pairs)
+
+
+def perturbed(t: Target, seed: int, eps: float, pairs) -> list[torch.Tensor]:
+    """[θ+εz_j, θ−εz_j for each pair j of `pairs`] for one target, out of place, in the tensor's dtype."""
     theta = t.tensor
     base = theta.float()
     out = []
-    for j in range(n_pairs):
+    for j in pair_list(pairs):
         ez = target_z(t, seed, j).mul_(eps)
         out += [(base + ez).to(theta.dtype), (base - ez).to(theta.dtype)]
     return out
 
 
-def _chunked_forward(module: nn.Module, targets: list[tuple[str, Target]], seed: int, eps: float, n_pairs: int):
+def _chunked_forward(module: nn.Module, targets: list[tuple[str, Target]], seed: int, eps: float, pairs):
     """A forward that runs input chunk c with each (attribute, target) tensor of `module` replaced by the target's
     c-th perturbation (the attribute is the target's own name, or the name an alias reads it under)."""
     cls_forward = type(module).forward
 
     def forward(x, *args, **kwargs):
-        values = {name: perturbed(t, seed, eps, n_pairs) for name, t in targets}
-        m = 2 * n_pairs
+        values = {name: perturbed(t, seed, eps, pairs) for name, t in targets}
+        m = 2 * len(pair_list(pairs))
         if x.shape[0] % m:
             raise ValueError(f"batch of {x.shape[0]} rows cannot be split into {m} perturbation chunks")
         stores = {name: module._parameters if name in module._parameters else module._buffers for name, _ in targets}
@@ -111,8 +116,9 @@ def _chunked_forward(module: nn.Module, targets: list[tuple[str, Target]], seed:
 
 
 @contextlib.contextmanager
-def dual_forward(targets: list[Target], seed: int, eps: float, n_pairs: int = 1):
-    """Inside the context one forward of 2k stacked copies of a batch evaluates all 2k perturbations."""
+def dual_forward(targets: list[Target], seed: int, eps: float, n_pairs=1):
+    """Inside the context one forward of 2k stacked copies of a batch evaluates all 2k perturbations (n_pairs: k, or
+    the list of the k pair indices to evaluate)."""
     handles, by_module = [], {}
     for t in targets:
         if isinstance(t.module, QuantLinear) and t.name == "scales":
@@ -273,6 +279,14 @@ class ZeroOrder(Method):
         self.rms = {"v": torch.zeros((), dtype=torch.float64), "t": torch.zeros((), dtype=torch.int64)}
         if cfg.zo_mask == "magnitude":
             set_masks(targets, magnitude_scores(targets), cfg.zo_mask_fraction)
+        world = distributed.world()
+        if world.enabled and cfg.zo_parallel == "pairs" and cfg.n_pairs < world.size:
+            raise ValueError(f"zo_parallel=pairs spreads the n_pairs ±eps pairs over the ranks: n_pairs {cfg.n_pairs} "
+                             f"leaves ranks idle on {world.size} ranks (raise n_pairs, or use zo_parallel=batch)")
+
+    @property
+    def shards_batch(self) -> bool:
+        return self.cfg.zo_parallel != "pairs"
 
     def prepare(self, batch_at) -> None:
         cfg = self.cfg
@@ -314,12 +328,32 @@ class ZeroOrder(Method):
         rms = math.sqrt(float(self.rms["v"]) / (1 - beta ** int(self.rms["t"])))
         return d / rms if rms > 0 else d, rms
 
+    def step_losses(self, batch: dict, seed: int) -> torch.Tensor:
+        """The 2k chunk losses [L+_0, L−_0, L+_1, ...] (float64) of the step's batch, the same on every rank.
+        One process: one forward of the batch stacked 2k times. Under torch.distributed, batch-sharded (`batch` is
+        this rank's slice): the chunks' loss sums and counts summed over ranks in rank order; pair-parallel (`batch`
+        is the whole batch): this rank's pairs only, the others' filled in by one all-reduce of zeros elsewhere."""
+        k, world = self.cfg.n_pairs, distributed.world()
+        pairs = list(range(k))
+        if world.enabled and self.cfg.zo_parallel == "pairs":
+            pairs = [j for j in range(k) if j % world.size == world.rank]
+        stacked = repeat_batch(batch, 2 * len(pairs))
+        with torch.no_grad(), dual_forward(self.targets, seed, self.cfg.eps, pairs if world.enabled else k):
+            sums, counts = objective.chunk_sums(self.model, self.kind, stacked, 2 * len(pairs))
+        if not world.enabled:
+            return sums / counts.clamp(min=1)
+        if self.cfg.zo_parallel == "pairs":
+            losses = torch.zeros(2 * k, dtype=torch.float64)
+            for i, j in enumerate(pairs):
+                losses[2 * j:2 * j + 2] = (sums[2 * i:2 * i + 2] / counts[2 * i:2 * i + 2].clamp(min=1)).cpu()
+            return distributed.all_sum(losses)
+        both = distributed.gather_sum(torch.stack([sums, counts]).cpu())
+        return both[0] / both[1].clamp(min=1)
+
     def step(self, batch: dict, step: int) -> dict:
         cfg, k = self.cfg, self.cfg.n_pairs
         seed = step_seed(cfg.seed, step)
-        stacked = repeat_batch(batch, 2 * k)
-        with torch.no_grad(), dual_forward(self.targets, seed, cfg.eps, k):
-            losses = objective.chunk_losses(self.model, self.kind, stacked, 2 * k)
+        losses = self.step_losses(batch, seed)
         if not torch.isfinite(losses).all():
             return {"skipped": "nonfinite", "losses": [float(x) for x in losses]}
         d = projected_gradients(losses, cfg.eps)

@@ -1,0 +1,135 @@
+"""Data-parallel training on torch.distributed: the process group, who this rank is, and the few collectives a step
+needs. Launching is torchrun's (or `accelerate launch`'s, which runs torchrun): ranks, world size and the local rank
+come from the standard environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Without those variables
+the world is one process and every function here is the identity, so a single-process run computes exactly what it
+did before.
+
+What crosses ranks per step:
+  - ZO, batch-sharded (default): each rank runs the 2k perturbation chunks on its slice of the step's batch; one
+    all-gather of the chunks' float64 loss sums and counts (2 x 2k scalars per rank), summed in rank order, gives
+    every rank the same losses, hence the same d and the same update (z comes from the step seed on every rank).
+  - ZO, pair-parallel (`zo_parallel: pairs`): each rank runs the whole batch for the pairs j with j mod N == rank;
+    one all-reduce of a k-vector that is non-zero only at each rank's own pairs (x + 0 is exact) gives every d.
+  - First-order: each trained tensor's gradient is all-reduced (summed) the moment it is complete, in its
+    post-accumulate hook, before any method reads it (so LOMO's fused update sees the global gradient, as LOMO's own
+    distributed path does); each rank's loss is its slice's loss sum over the global count, so the sum is the mean.
+  - A stop flag per step (a signal on any rank stops every rank after the same step) and the dev evaluation's sums.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def eval_shard(self, items: list) -> list:
+        """This rank's part of an evaluation set: contiguous, sizes differing by at most one, all items covered."""
+        n, r = len(items), self.rank
+        return items[r * n // self.size:(r + 1) * n // self.size]
+
+
+_WORLD = World()
+
+
+def env_world() -> World:
+    """The world the launcher describes in the environment (one process when it describes none)."""
+    def num(name, default):
+        value = os.environ.get(name, "")
+        try:
+            return int(value) if value.strip() else default
+        except ValueError:
+            raise ValueError(f"{name}={value!r} is not an integer (set by torchrun / accelerate launch)") from None
+    size = num("WORLD_SIZE", 1)
+    rank = num("RANK", 0)
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"RANK={rank} and WORLD_SIZE={size} do not describe a rank of a world")
+    return World(rank=rank, size=size, local_rank=num("LOCAL_RANK", rank))
+
+
+def world() -> World:
+    return _WORLD
+
+
+def init(device_type: str, timeout_s: float = 1800.0) -> World:
+    """Join the process group the environment describes (gloo on CPU, nccl on CUDA), once per process. The timeout
+    bounds every collective, so a rank whose peer died stops with an error instead of waiting forever (torchrun's
+    agent normally tears the job down first)."""
+    global _WORLD
+    w = env_world()
+    if w.enabled and not torch.distributed.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        kwargs = {"device_id": torch.device("cuda", w.local_rank)} if backend == "nccl" else {}
+        torch.distributed.init_process_group(backend, rank=w.rank, world_size=w.size,
+                                             timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    _WORLD = w
+    return w
+
+
+def shutdown() -> None:
+    global _WORLD
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _WORLD = World()
+
+
+def _comm_device() -> torch.device:
+    backend = torch.distributed.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def gather_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ over ranks of x, added in rank order after an all-gather: the same bits on every rank and for any reduction
+    algorithm (for the few float64 scalars of a ZO step; gradients use all_sum)."""
+    if not _WORLD.enabled:
+        return x
+    dev = x.device
+    local = x.detach().to(_comm_device()).contiguous()
+    parts = [torch.empty_like(local) for _ in range(_WORLD.size)]
+    torch.distributed.all_gather(parts, local)
+    total = parts[0].clone()
+    for p in parts[1:]:
+        total += p
+    return total.to(dev)
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """In-place Σ over ranks (gradients, evaluation counts); returns x."""
+    if _WORLD.enabled:
+        if x.device == _comm_device():
+            torch.distributed.all_reduce(x)
+        else:
+            y = x.to(_comm_device())
+            torch.distributed.all_reduce(y)
+            x.copy_(y)
+    return x
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of the ranks' values, on every rank (a stop signal seen by one rank stops all after the same
+    step: its number, 0 when none came)."""
+    if not _WORLD.enabled:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def barrier() -> None:
+    if _WORLD.enabled:
+        torch.distributed.barrier()
