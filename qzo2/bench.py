@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import data as D
+from . import distributed
+
 # HF config kwargs (plus model_type) of well-known shapes; the weights are random, only the sizes matter.
 SHAPES: dict[str, dict] = {
     "tiny": dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -305,7 +308,8 @@ GB = 1 << 30  # every *_gb field is in GiB (2^30 bytes), as torch.cuda.max_memor
 # one JSON line per mode, these keys in this order (see bench_mode); ratio_to_forward is 1.0 for forward itself
 RECORD_FIELDS = ("shape", "mode", "device", "gpu", "dtype", "batch", "seq", "steps", "warmup", "bits", "group_size",
                  "depth", "streamed_blocks", "build_s", "h2d_floor_ms", "step_ms", "tok_s", "torch_peak_gb",
-                 "nvml_used_gb", "h2d_gb_per_step", "d2h_gb_per_step", "host_rss_gb", "ratio_to_forward", "loss", "error")
+                 "nvml_used_gb", "h2d_gb_per_step", "d2h_gb_per_step", "host_rss_gb", "ratio_to_forward", "loss", "error",
+                 "ranks", "tok_s_rank", "collective_bytes_per_step")
 
 
 def _norm_modules(model) -> set[int]:
@@ -525,6 +529,12 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
     floor_ms = h2d_floor_ms(streamer) if streamer is not None else None
     data = random_batch(model.config.vocab_size, batch, seq, device, seed)
     method = bench_method(mode, model, targets, seed=seed) if targets is not None else None
+    world = distributed.world()
+    if world.enabled:  # under torchrun: `batch` is the global batch, each rank times its slice (as `qzo2 train`)
+        if batch % world.size:
+            raise ValueError(f"batch {batch} cannot be split over {world.size} ranks")
+        per = batch // world.size
+        data = D.batch_rows(data, world.rank * per, (world.rank + 1) * per)
 
     def step(i: int) -> float:
         if method is None:  # the floor: two plain forwards (decoder + the same chunked LM head and loss)
@@ -536,10 +546,12 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, moved = [], None
+    times, moved, sent = [], None, 0
     for i in range(warmup + steps):
         if i == warmup and streamer is not None:
             moved = (streamer.stats["h2d_bytes"], streamer.stats["d2h_bytes"])
+        if i == warmup:
+            sent = distributed.STATS["bytes"]
         _sync(device)
         ts = time.perf_counter()
         loss = step(i)
@@ -560,7 +572,9 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
             "torch_peak_gb": torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None,
             "nvml_used_gb": _nvml_used_gb(device), "h2d_gb_per_step": h2d / GB, "d2h_gb_per_step": d2h / GB,
             "host_rss_gb": host_rss_gb(), "ratio_to_forward": 1.0 if mode == "forward" else None,
-            "loss": loss, "error": None}
+            "loss": loss, "error": None, "ranks": world.size,
+            "tok_s_rank": (batch // world.size) * seq / (step_ms / 1e3),
+            "collective_bytes_per_step": (distributed.STATS["bytes"] - sent) / steps}
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -576,6 +590,8 @@ def format_table(records: list[dict]) -> str:
     cols = [("mode", "mode"), ("step ms", "step_ms"), ("tok/s", "tok_s"), ("x forward", "ratio_to_forward"),
             ("torch peak GB", "torch_peak_gb"), ("NVML used GB", "nvml_used_gb"), ("H2D GB/step", "h2d_gb_per_step"),
             ("H2D floor ms", "h2d_floor_ms"), ("host RSS GB", "host_rss_gb")]
+    if any((r.get("ranks") or 1) > 1 for r in records):  # under torchrun: what each rank did and sent
+        cols += [("ranks", "ranks"), ("tok/s per rank", "tok_s_rank"), ("bytes sent/step", "collective_bytes_per_step")]
     r0 = records[0] if records else {}
     lines = [f"{r0.get('shape')}, batch {r0.get('batch')} x seq {r0.get('seq')}, {r0.get('dtype')}, "
              f"{r0.get('gpu') or r0.get('device')}", "",
@@ -613,6 +629,9 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
         raise ValueError(f"seq {seq} exceeds the {shape} shape's {max_pos} positions")
     from .model import resolve_device
 
+    world = distributed.init("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if not world.main:
+        echo, output, compare = (lambda line: None), None, False  # rank 0 alone prints and writes
     dev = resolve_device(device)
     if dtype is None:
         dtype = "bf16" if dev.type == "cuda" else "fp32"

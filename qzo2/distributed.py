@@ -45,6 +45,14 @@ class World:
 
 
 _WORLD = World()
+# bytes this process has sent into collectives (each all-gather / all-reduce counts its input tensor once):
+# `qzo2 bench` reports them per step
+STATS = {"bytes": 0, "collectives": 0}
+
+
+def _count(t: torch.Tensor) -> None:
+    STATS["bytes"] += t.numel() * t.element_size()
+    STATS["collectives"] += 1
 
 
 def env_world() -> World:
@@ -86,6 +94,14 @@ def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     _WORLD = World()
+# bytes this process has sent into collectives (each all-gather / all-reduce counts its input tensor once):
+# `qzo2 bench` reports them per step
+STATS = {"bytes": 0, "collectives": 0}
+
+
+def _count(t: torch.Tensor) -> None:
+    STATS["bytes"] += t.numel() * t.element_size()
+    STATS["collectives"] += 1
 
 
 def _comm_device() -> torch.device:
@@ -101,6 +117,7 @@ def gather_sum(x: torch.Tensor) -> torch.Tensor:
     dev = x.device
     local = x.detach().to(_comm_device()).contiguous()
     parts = [torch.empty_like(local) for _ in range(_WORLD.size)]
+    _count(local)
     torch.distributed.all_gather(parts, local)
     total = parts[0].clone()
     for p in parts[1:]:
@@ -111,6 +128,7 @@ def gather_sum(x: torch.Tensor) -> torch.Tensor:
 def all_sum(x: torch.Tensor) -> torch.Tensor:
     """In-place Σ over ranks (gradients, evaluation counts); returns x."""
     if _WORLD.enabled:
+        _count(x)
         if x.device == _comm_device():
             torch.distributed.all_reduce(x)
         else:
@@ -126,6 +144,7 @@ def max_over_ranks(value: int) -> int:
     if not _WORLD.enabled:
         return int(value)
     t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device())
+    _count(t)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
 

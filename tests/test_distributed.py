@@ -93,6 +93,7 @@ def test_zo_on_two_ranks_equals_one_rank_with_the_joint_batch(data16, tmp_path, 
     ("lomo", "q", dict(lr=1e-2, clip_grad_norm=1.0)),  # the two-pass norm clip: both passes see the global gradient
     ("adalomo", "q", dict(lr=1e-2)),
     ("adamw", "q", dict(lr=1e-2, gradient_accumulation_steps=2)),  # reduced once, after the last micro-batch
+    ("hift", "q", dict(lr=1e-2)),
     ("grass", "src", dict(lr=1e-3, grass_rank=8, grass_refresh=3)),  # refresh steps and projected (r x n) steps
 ])
 def test_first_order_on_two_ranks_equals_one_rank_with_the_joint_batch(data16, tmp_path, method, model, kw):
@@ -189,3 +190,23 @@ def test_a_rank_that_dies_stops_the_whole_job(data16, tmp_path):
                 os.kill(pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert "rank" in err.lower() and ("fail" in err.lower() or "signal" in err.lower())
+
+
+def test_bench_under_torchrun_reports_ranks_and_the_bytes_a_zo_step_sends():
+    p = subprocess.run(TORCHRUN + ["bench", "--shape", "tiny", "--mode", "qzo,lomo", "--batch", "4", "--seq", "16",
+                                   "--steps", "2", "--warmup", "1"], env=ENV, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    recs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert [r["mode"] for r in recs] == ["qzo", "lomo"]  # rank 0 alone prints
+    qzo, lomo = recs
+    assert qzo["ranks"] == 2 and qzo["tok_s_rank"] == pytest.approx(qzo["tok_s"] / 2)
+    assert qzo["collective_bytes_per_step"] == 2 * 2 * 8  # sums and counts of the 2 chunks, float64: 4 scalars
+    n_scales = sum(t.numel() for t in _tiny_bench_scales())
+    assert lomo["collective_bytes_per_step"] >= 4 * n_scales  # first order: every scale's fp32 gradient
+
+
+def _tiny_bench_scales():
+    from qzo2.bench import random_model
+    from qzo2.methods import scale_targets
+
+    return [t.tensor for t in scale_targets(random_model("tiny", torch.float32, "cpu", True, 4, 128))]
