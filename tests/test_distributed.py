@@ -66,13 +66,21 @@ def records(run) -> list[dict]:
     return trainer.RunDir(run).read_metrics()
 
 
-@pytest.mark.parametrize("parallel", ["batch", "pairs"])
-def test_zo_on_two_ranks_equals_one_rank_with_the_joint_batch(data16, tmp_path, parallel):
-    q, _, data = data16
-    kw = dict(steps=8, batch_size=4, n_pairs=2, lr=2e-3, eval_every=4, save_every=4, log_every=2)
-    one = train_config(tmp_path / "one", q, data, **kw)
+@pytest.mark.parametrize("method,parallel,extra", [
+    ("qzo", "batch", {}),
+    ("qzo", "pairs", {}),
+    ("mezo", "batch", {}),
+    # the convergence options: the one-off gradient pass runs on every rank alike, the running RMS sees the same d
+    ("qzo", "batch", dict(zo_subspace=4, zo_mask_samples=4, zo_normalize=True, clip=3.0)),
+])
+def test_zo_on_two_ranks_equals_one_rank_with_the_joint_batch(data16, tmp_path, method, parallel, extra):
+    q, src, data = data16
+    model = q if method == "qzo" else src
+    kw = dict(method=method, steps=8, batch_size=4, n_pairs=2, lr=2e-3, eval_every=4, save_every=4, log_every=2,
+              **extra)
+    one = train_config(tmp_path / "one", model, data, **kw)
     trainer.train(one)
-    two = train_config(tmp_path / "two", q, data, zo_parallel=parallel, **kw)
+    two = train_config(tmp_path / "two", model, data, zo_parallel=parallel, **kw)
     p = launch(two)
     assert p.returncode == 0, p.stderr[-2000:]
     # The per-example losses are those of the same padded rows, summed in float64 in rank order: on this CPU the runs
