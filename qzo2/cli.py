@@ -47,7 +47,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qzo2", description="Quantization-first zeroth-order fine-tuning of LLMs.")
+    from . import __version__
+
+    p = _Parser(prog="qzo2", description="Quantization-first zeroth-order fine-tuning of LLMs.",
+                epilog="QZO2_DEBUG=1 shows the traceback behind a one-line error.")
+    p.add_argument("--version", action="version", version=f"qzo2 {__version__}")
     sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     q = sub.add_parser("quantize", help="quantize a causal LM into a GPTQ (or NF4) checkpoint",
@@ -86,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", nargs="?", default=None,
                    help="YAML recipe (flat key: value mapping); optional: key=value overrides alone also work")
     t.add_argument("overrides", nargs="*", help="key=value overrides, applied after the recipe")
+    t.add_argument("--print-config", action="store_true",
+                   help="validate the recipe and overrides, print the resolved config as YAML and exit")
 
     x = sub.add_parser("export", help="write a run as a servable checkpoint: GPTQ with trained scales, or merged HF",
                        description="Export a training run (or a quantized model) as a checkpoint to serve.",
@@ -186,13 +192,18 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    from .config import config_yaml, load_config
     from .trainer import train
 
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe is not None and "=" in recipe and not Path(recipe).exists():  # `qzo2 train key=value ...`, no recipe
         recipe, overrides = None, [recipe] + overrides
     cfg = load_config(recipe, overrides)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
+    if os.environ.get("RANK", "0") == "0":
+        print("# qzo2 train, resolved config\n" + config_yaml(cfg), end="", flush=True)
     result = train(cfg)
     best = f", best dev {result['best_metric']:.4f} at step {result['best_step']}" if result["best_step"] is not None else ""
     how = {None: "finished", signal.SIGINT: "interrupted (Ctrl-C), saved", signal.SIGTERM: "terminated, saved"}.get(
@@ -245,6 +256,16 @@ def _terminate(signum, frame):
     raise Terminated
 
 
+def _runtime_error(verb: str, where: str, e: RuntimeError) -> int:
+    """A collective that failed because another rank stopped (its own error line says why) gets one line; any other
+    RuntimeError is a bug and keeps its traceback."""
+    if not where or "DistBackendError" not in {c.__name__ for c in type(e).__mro__}:
+        raise e
+    print(f"qzo2 {verb}: error{where}: another rank stopped, so this one cannot go on "
+          f"({(str(e).splitlines() or [''])[0][:200]})", file=sys.stderr)
+    return 1
+
+
 def _rank_tag() -> str:
     """' (rank R of N)' under torchrun / accelerate launch, so each rank's one error line says whose it is."""
     size = os.environ.get("WORLD_SIZE", "1")
@@ -262,16 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     where = _rank_tag()
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # Checkpoint/Config/Data/TrainingError are ValueErrors
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:  # Config/Data/TrainingError: ValueErrors
+        if os.environ.get("QZO2_DEBUG", "").strip() not in ("", "0"):
+            raise  # the whole traceback, for a bug report
+        if isinstance(e, RuntimeError):
+            return _runtime_error(args.verb, where, e)
         print(f"qzo2 {args.verb}: error{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               file=sys.stderr)
         return 2
-    except RuntimeError as e:  # a collective failed: another rank stopped (its own error line says why)
-        if not where or "DistBackendError" not in {c.__name__ for c in type(e).__mro__}:
-            raise
-        print(f"qzo2 {args.verb}: error{where}: another rank stopped, so this one cannot go on "
-              f"({str(e).splitlines()[0][:200]})", file=sys.stderr)
-        return 1
     except KeyboardInterrupt as e:  # the training loop handles its own (it saves); this is before or outside it
         terminated = isinstance(e, Terminated)
         print(f"qzo2 {args.verb}: {'terminated' if terminated else 'interrupted'}; nothing was written",

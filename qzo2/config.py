@@ -317,6 +317,11 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def config_yaml(cfg: TrainConfig) -> str:
+    """The config as YAML a recipe can be (every key, in declaration order): what `qzo2 train --print-config` shows."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def keys_help() -> str:
     lines = ["keys (recipe YAML or key=value):"]
     for name, f in FIELDS.items():

@@ -192,3 +192,25 @@ def test_gptq_without_the_extra_names_it(make_model_dir, tmp_path, capsys, monke
     run_bad(capsys, ["quantize", str(src), "-o", str(tmp_path / "o"), "--method", "gptq", "--calib", str(calib)],
             "pip install 'qzo2[gptq]'")
     assert not (tmp_path / "o").exists()
+
+
+def test_version_print_config_and_debug_tracebacks(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from qzo2 import __version__
+    from qzo2.cli import main
+    from qzo2.config import TrainConfig
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"qzo2 {__version__}"
+    out_dir = tmp_path / "never"
+    assert main(["train", "recipes/sentiment.yaml", "steps=7", f"output_dir={out_dir}", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["steps"] == 7 and printed["method"] == "qzo" and set(printed) == set(TrainConfig().to_dict())
+    assert TrainConfig(**printed).steps == 7  # what it prints is a recipe that loads
+    assert not out_dir.exists()  # validated and printed, nothing run or written
+    assert main(["train", "recipes/sentiment.yaml", "steps=0", "--print-config"]) == 2  # still validated
+    assert "steps must be >= 1" in capsys.readouterr().err
+    monkeypatch.setenv("QZO2_DEBUG", "1")
+    with pytest.raises(ValueError, match="steps must be >= 1"):  # the traceback behind the one line
+        main(["train", "recipes/sentiment.yaml", "steps=0"])
