@@ -630,6 +630,8 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
     from .model import resolve_device
 
     world = distributed.init("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if compare and "forward" in modes:  # every rank in the same order
+        modes = ["forward"] + [m for m in modes if m != "forward"]
     if not world.main:
         echo, output, compare = (lambda line: None), None, False  # rank 0 alone prints and writes
     dev = resolve_device(device)

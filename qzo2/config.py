@@ -98,8 +98,8 @@ class TrainConfig:
                             "running RMS, e.g. 3); 0 disables")
     zo_parallel: str = _f("batch", "ZO under torchrun / accelerate launch: batch = each rank runs the 2k chunks on its "
                                    "slice of every step's batch (batch_size stays the global batch); pairs = each "
-                                   "rank runs the whole batch for the pairs j with j mod ranks == rank (n_pairs "
-                                   "scales with the ranks)", ("batch", "pairs"))
+                                   "rank runs the whole batch for the pairs j with j mod ranks == rank (raise "
+                                   "n_pairs with the ranks: at least one pair each)", ("batch", "pairs"))
     zo_normalize: bool = _f(False, "ZO: divide each step's projected gradients by their running RMS (EMA of d^2, "
                                    "FZOO/MEAZO style): a scale-free step whose lr transfers")
     zo_rms_beta: float = _f(0.9, "ZO, zo_normalize: decay of the running mean of d^2")

@@ -9,11 +9,13 @@ What crosses ranks per step:
     all-gather of the chunks' float64 loss sums and counts (2 x 2k scalars per rank), summed in rank order, gives
     every rank the same losses, hence the same d and the same update (z comes from the step seed on every rank).
   - ZO, pair-parallel (`zo_parallel: pairs`): each rank runs the whole batch for the pairs j with j mod N == rank;
-    one all-reduce of a k-vector that is non-zero only at each rank's own pairs (x + 0 is exact) gives every d.
+    one all-reduce of the 2k float64 losses, zero outside each rank's own pairs (x + 0 is exact), gives every d.
   - First-order: each trained tensor's gradient is all-reduced (summed) the moment it is complete, in its
     post-accumulate hook, before any method reads it (so LOMO's fused update sees the global gradient, as LOMO's own
     distributed path does); each rank's loss is its slice's loss sum over the global count, so the sum is the mean.
-  - A stop flag per step (a signal on any rank stops every rank after the same step) and the dev evaluation's sums.
+  - A stop flag per step (a signal on any rank stops every rank after the same step), the token count at each log
+    line, the dev evaluation's sums, and at each checkpoint a float64 checksum per rank of the trained tensors (the
+    ranks must hold the same model; a mismatch stops the run rather than saving rank 0's copy as if it were all).
 """
 from __future__ import annotations
 
@@ -82,7 +84,13 @@ def init(device_type: str, timeout_s: float = 1800.0) -> World:
     w = env_world()
     if w.enabled and not torch.distributed.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
-        kwargs = {"device_id": torch.device("cuda", w.local_rank)} if backend == "nccl" else {}
+        kwargs = {}
+        if backend == "nccl":
+            if w.local_rank >= torch.cuda.device_count():
+                raise ValueError(f"LOCAL_RANK {w.local_rank} but this node has {torch.cuda.device_count()} GPUs "
+                                 f"(start at most that many processes per node)")
+            torch.cuda.set_device(w.local_rank)  # this rank's GPU is the current device from here on
+            kwargs = {"device_id": torch.device("cuda", w.local_rank)}
         torch.distributed.init_process_group(backend, rank=w.rank, world_size=w.size,
                                              timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     _WORLD = w
@@ -106,7 +114,7 @@ def _count(t: torch.Tensor) -> None:
 
 def _comm_device() -> torch.device:
     backend = torch.distributed.get_backend()
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return torch.device("cuda", _WORLD.local_rank) if backend == "nccl" else torch.device("cpu")
 
 
 def gather_sum(x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +144,19 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
             torch.distributed.all_reduce(y)
             x.copy_(y)
     return x
+
+
+def check_same(value: float, what: str) -> None:
+    """Raise on every rank unless every rank passes the same `value` (float64 bits compared)."""
+    if not _WORLD.enabled:
+        return
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
+    parts = [torch.empty_like(t) for _ in range(_WORLD.size)]
+    _count(t)
+    torch.distributed.all_gather(parts, t)
+    values = [float(p) for p in parts]
+    if any(v != values[0] and not (v != v and values[0] != values[0]) for v in values):
+        raise ValueError(f"the ranks disagree on {what}: {values} (rank order)")
 
 
 def max_over_ranks(value: int) -> int:

@@ -35,6 +35,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     w = world()
     if device in ("auto", "cuda") and w.enabled and torch.cuda.is_available():
         return torch.device("cuda", w.local_rank)
+    if w.enabled and str(device).startswith("cuda:"):
+        raise ValueError(f"device {device} under torchrun would put every rank on one GPU; use device auto or cuda "
+                         f"(each rank takes cuda:LOCAL_RANK), and CUDA_VISIBLE_DEVICES to choose the GPUs")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

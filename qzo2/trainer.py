@@ -12,7 +12,7 @@ import time
 
 from . import data as D
 from . import distributed
-from .config import TrainConfig, lr_at, resolve_paths
+from .config import ZO_METHODS, TrainConfig, lr_at, resolve_paths
 from .methods import load_for_training
 from .objective import dev_metric, evaluate
 from .engine import placement
@@ -78,15 +78,17 @@ class Window:
         self.n += 1
         self.tokens += tokens
 
-    def record(self, world: distributed.World) -> dict:
+    def record(self, world: distributed.World, sharded: bool = True) -> dict:
         """The window's means; tok_s counts every rank's tokens over this rank's time (a collective: every rank
-        calls it at the same step), tok_s_rank this rank's alone."""
+        calls it at the same step), tok_s_rank this rank's alone. Unsharded (ZO pair-parallel: every rank runs the
+        whole batch) tok_s is the batch's tokens once."""
         dt = time.perf_counter() - self.t0
         out = {**{k: v / self.n for k, v in self.sums.items()}, "tok_s": self.tokens / dt, "s_per_step": dt / self.n}
         if world.enabled:
             import torch
 
-            total = float(distributed.all_sum(torch.tensor([float(self.tokens)], dtype=torch.float64))[0])
+            total = (float(distributed.all_sum(torch.tensor([float(self.tokens)], dtype=torch.float64))[0])
+                     if sharded else self.tokens)
             out.update(tok_s=total / dt, tok_s_rank=self.tokens / dt, ranks=world.size)
         return out
 
@@ -128,11 +130,15 @@ def _train(cfg: TrainConfig, world: distributed.World) -> dict:
     from tqdm.auto import tqdm
 
     given, cfg = cfg, resolve_paths(cfg)
-    if world.enabled and cfg.batch_size % (world.size * cfg.gradient_accumulation_steps):
+    sharded = not (cfg.method in ZO_METHODS and cfg.zo_parallel == "pairs")
+    if world.enabled and sharded and cfg.batch_size % (world.size * cfg.gradient_accumulation_steps):
         raise TrainingError(f"batch_size {cfg.batch_size} (the global batch) must be a multiple of the {world.size} "
                             f"ranks x gradient_accumulation_steps {cfg.gradient_accumulation_steps}")
     run, replace = open_run(cfg)  # output_dir checked and the resume validated before anything loads
     resuming = bool(run.steps()) and not replace
+    # every rank must see the same run directory (multi-node: output_dir on shared storage) and decide alike
+    distributed.check_same(run.steps()[-1] if resuming else -1, "the step to resume from (is output_dir on storage "
+                           "every node shares?)")
     distributed.barrier()  # every rank has looked at output_dir before rank 0 changes it
     data = D.read_data(cfg)  # data errors before the model (minutes at 7B)
     model, tokenizer, method = load_for_training(cfg)
@@ -154,6 +160,9 @@ def _train(cfg: TrainConfig, world: distributed.World) -> dict:
 
     def save(state: dict) -> None:
         method.flush()
+        if world.enabled:  # the ranks hold the same trained tensors, or rank 0's checkpoint is not the run's
+            distributed.check_same(float(sum(t.tensor.detach().double().sum() for t in targets)),
+                                   f"the trained tensors at step {state['step']} (their float64 sum)")
         if world.main:
             save_checkpoint(run, targets, method.state_tensors(), dict(state, config=cfg.to_dict()), cfg.keep_last)
         distributed.barrier()  # no rank runs ahead of a checkpoint being written
@@ -194,6 +203,7 @@ def _train(cfg: TrainConfig, world: distributed.World) -> dict:
             if where["streamed_blocks"]:
                 say(f"{where['device']}: streaming {where['streamed_blocks']} of {where['blocks']} decoder "
                           f"blocks (prefetch depth {where['prefetch_depth']})")
+            stopped = distributed.max_over_ranks(stop.signum or 0)  # one during prepare / eval / resume counts
             while state["step"] < cfg.steps and not stopped:
                 step = state["step"]
                 batch = step_batch(task, tokenizer, cfg, step, shard)
@@ -216,7 +226,7 @@ def _train(cfg: TrainConfig, world: distributed.World) -> dict:
                 bar.update()
                 last = step + 1 == cfg.steps
                 if window.n and ((step + 1) % cfg.log_every == 0 or last):
-                    rec = {"step": step + 1, **window.record(world), "lr": method.lr_at(step),
+                    rec = {"step": step + 1, **window.record(world, method.shards_batch), "lr": method.lr_at(step),
                            "skipped": state["skipped"]}
                     if where:  # the first training line of this process says where the model ran
                         rec.update(where)

@@ -93,7 +93,8 @@ def test_zo_on_two_ranks_equals_one_rank_with_the_joint_batch(data16, tmp_path, 
         for key in ("loss", "dev_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5)
-    assert r2[1]["ranks"] == 2 and r2[1]["tok_s"] > r2[1]["tok_s_rank"]
+    # tok_s: every rank's tokens (batch-sharded), or the batch's once (pair-parallel: each rank runs all of it)
+    assert r2[1]["ranks"] == 2 and (r2[1]["tok_s"] > r2[1]["tok_s_rank"]) == (parallel == "batch")
     assert p.stdout.count("finished at step 8") == 1  # one report, from rank 0
 
 
@@ -218,3 +219,28 @@ def _tiny_bench_scales():
     from qzo2.methods import scale_targets
 
     return [t.tensor for t in scale_targets(random_model("tiny", torch.float32, "cpu", True, 4, 128))]
+
+
+def test_ranks_that_disagree_stop_with_an_error_and_cuda_n_is_refused(tmp_path, monkeypatch):
+    script = tmp_path / "disagree.py"
+    script.write_text(
+        "import os, sys\n"
+        "from qzo2 import distributed\n"
+        "w = distributed.init('cpu')\n"
+        "distributed.check_same(1.0, 'a value they share')\n"
+        "try:\n"
+        "    distributed.check_same(float(w.rank), 'the rank')\n"
+        "except ValueError as e:\n"
+        "    print(f'rank {w.rank}: {e}', flush=True)\n"
+        "    sys.exit(3)\n")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "the ranks disagree on the rank: [0.0, 1.0]" in p.stdout  # every rank raises, with every rank's value
+    from qzo2 import distributed
+    from qzo2.model import resolve_device
+
+    monkeypatch.setattr(distributed, "_WORLD", distributed.World(rank=0, size=2, local_rank=0))
+    with pytest.raises(ValueError, match="would put every rank on one GPU"):
+        resolve_device("cuda:1")
+    assert resolve_device("cpu").type == "cpu"

@@ -96,8 +96,9 @@ class HiFT(FirstOrder):
         if to_device:
             self.on_device.add(g)
         else:
-            if any(t.tensor.is_cuda for t in self.groups[g]):
-                torch.cuda.current_stream().synchronize()  # the host copies are complete before the next step
+            cuda = [t.tensor.device for t in self.groups[g] if t.tensor.is_cuda]
+            if cuda:
+                torch.cuda.current_stream(cuda[0]).synchronize()  # the host copies are complete before the next step
             self.on_device.discard(g)
 
     def step(self, batch, step: int) -> dict:
