@@ -629,7 +629,7 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
         raise ValueError(f"seq {seq} exceeds the {shape} shape's {max_pos} positions")
     from .model import resolve_device
 
-    world = distributed.init("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    world = distributed.init(device)
     if compare and "forward" in modes:  # every rank in the same order
         modes = ["forward"] + [m for m in modes if m != "forward"]
     if not world.main:

@@ -202,16 +202,15 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(config_yaml(cfg), end="")
         return 0
-    if os.environ.get("RANK", "0") == "0":
+    if _main_rank():
         print("# qzo2 train, resolved config\n" + config_yaml(cfg), end="", flush=True)
     result = train(cfg)
     best = f", best dev {result['best_metric']:.4f} at step {result['best_step']}" if result["best_step"] is not None else ""
     how = {None: "finished", signal.SIGINT: "interrupted (Ctrl-C), saved", signal.SIGTERM: "terminated, saved"}.get(
         result["signal"], f"stopped by signal {result['signal']}, saved")
-    if _rank_tag() and os.environ.get("RANK", "0") != "0":
-        return 128 + result["signal"] if result["signal"] else 0  # rank 0 alone reports
-    print(f"{how} at step {result['step']} ({result['trained']:,} trained values, {result['skipped']} skipped "
-          f"steps){best}; run: {result['run']}")
+    if _main_rank():  # rank 0 alone reports
+        print(f"{how} at step {result['step']} ({result['trained']:,} trained values, {result['skipped']} skipped "
+              f"steps){best}; run: {result['run']}")
     return 128 + result["signal"] if result["signal"] else 0  # 130 after Ctrl-C, 143 after SIGTERM, as shells do
 
 
@@ -264,6 +263,11 @@ def _runtime_error(verb: str, where: str, e: RuntimeError) -> int:
     print(f"qzo2 {verb}: error{where}: another rank stopped, so this one cannot go on "
           f"({(str(e).splitlines() or [''])[0][:200]})", file=sys.stderr)
     return 1
+
+
+def _main_rank() -> bool:
+    """Not a rank of torchrun / accelerate launch, or its rank 0: the process that prints reports."""
+    return os.environ.get("RANK", "").strip() in ("", "0")
 
 
 def _rank_tag() -> str:

@@ -76,14 +76,18 @@ def world() -> World:
     return _WORLD
 
 
-def init(device_type: str, timeout_s: float = 1800.0) -> World:
-    """Join the process group the environment describes (gloo on CPU, nccl on CUDA), once per process. The timeout
-    bounds every collective, so a rank whose peer died stops with an error instead of waiting forever (torchrun's
-    agent normally tears the job down first)."""
+def initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def init(device: str, timeout_s: float = 1800.0) -> World:
+    """Join the process group the environment describes, once per process: nccl when `device` (a run's setting:
+    auto, cuda, cpu) computes on a GPU, else gloo. The timeout bounds every collective, so a rank whose peer died
+    stops with an error instead of waiting forever (torchrun's agent normally tears the job down first)."""
     global _WORLD
     w = env_world()
-    if w.enabled and not torch.distributed.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
+    if w.enabled and not initialized():
+        backend = "nccl" if device in ("auto", "cuda") and torch.cuda.is_available() else "gloo"
         kwargs = {}
         if backend == "nccl":
             if w.local_rank >= torch.cuda.device_count():
@@ -102,19 +106,19 @@ def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     _WORLD = World()
-# bytes this process has sent into collectives (each all-gather / all-reduce counts its input tensor once):
-# `qzo2 bench` reports them per step
-STATS = {"bytes": 0, "collectives": 0}
-
-
-def _count(t: torch.Tensor) -> None:
-    STATS["bytes"] += t.numel() * t.element_size()
-    STATS["collectives"] += 1
 
 
 def _comm_device() -> torch.device:
     backend = torch.distributed.get_backend()
     return torch.device("cuda", _WORLD.local_rank) if backend == "nccl" else torch.device("cpu")
+
+
+def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `t` (on the communication device), in rank order."""
+    parts = [torch.empty_like(t) for _ in range(_WORLD.size)]
+    _count(t)
+    torch.distributed.all_gather(parts, t)
+    return parts
 
 
 def gather_sum(x: torch.Tensor) -> torch.Tensor:
@@ -123,10 +127,7 @@ def gather_sum(x: torch.Tensor) -> torch.Tensor:
     if not _WORLD.enabled:
         return x
     dev = x.device
-    local = x.detach().to(_comm_device()).contiguous()
-    parts = [torch.empty_like(local) for _ in range(_WORLD.size)]
-    _count(local)
-    torch.distributed.all_gather(parts, local)
+    parts = _all_gather(x.detach().to(_comm_device()).contiguous())
     total = parts[0].clone()
     for p in parts[1:]:
         total += p
@@ -150,12 +151,9 @@ def check_same(value: float, what: str) -> None:
     """Raise on every rank unless every rank passes the same `value` (float64 bits compared)."""
     if not _WORLD.enabled:
         return
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
-    parts = [torch.empty_like(t) for _ in range(_WORLD.size)]
-    _count(t)
-    torch.distributed.all_gather(parts, t)
-    values = [float(p) for p in parts]
-    if any(v != values[0] and not (v != v and values[0] != values[0]) for v in values):
+    values = [float(p) for p in _all_gather(torch.tensor([float(value)], dtype=torch.float64,
+                                                          device=_comm_device()))]
+    if len({repr(v) for v in values}) > 1:  # repr: NaN on every rank counts as the same
         raise ValueError(f"the ranks disagree on {what}: {values} (rank order)")
 
 

@@ -12,7 +12,7 @@ import time
 
 from . import data as D
 from . import distributed
-from .config import ZO_METHODS, TrainConfig, lr_at, resolve_paths
+from .config import TrainConfig, lr_at, resolve_paths
 from .methods import load_for_training
 from .objective import dev_metric, evaluate
 from .engine import placement
@@ -98,12 +98,6 @@ def trained_count(targets) -> int:
     return sum(t.tensor.numel() if t.mask is None else len(t.mask) for t in targets)
 
 
-def _device_type(cfg: TrainConfig) -> str:
-    import torch
-
-    return "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-
-
 def train(cfg: TrainConfig) -> dict:
     """Train per `cfg` into cfg.output_dir (new, resumed, or replacing an old run with overwrite=true); returns
     {run, step, interrupted, signal, best_step, best_metric, skipped, trained}.
@@ -111,8 +105,8 @@ def train(cfg: TrainConfig) -> dict:
     Under torchrun / accelerate launch (RANK, WORLD_SIZE in the environment) every rank runs this same function:
     rank 0 alone writes (run directory, checkpoints, metrics, plot, progress bar), every rank computes the same update
     (qzo2/distributed.py says what crosses ranks), and a signal on any rank stops all of them after the same step."""
-    owns_group = not _group_initialized()
-    world = distributed.init(_device_type(cfg))
+    owns_group = not distributed.initialized()
+    world = distributed.init(cfg.device)
     try:
         return _train(cfg, world)
     finally:
@@ -120,17 +114,11 @@ def train(cfg: TrainConfig) -> dict:
             distributed.shutdown()
 
 
-def _group_initialized() -> bool:
-    import torch
-
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def _train(cfg: TrainConfig, world: distributed.World) -> dict:
     from tqdm.auto import tqdm
 
     given, cfg = cfg, resolve_paths(cfg)
-    sharded = not (cfg.method in ZO_METHODS and cfg.zo_parallel == "pairs")
+    sharded = cfg.zo_parallel != "pairs"  # the config allows pairs only for ZO methods (their shards_batch)
     if world.enabled and sharded and cfg.batch_size % (world.size * cfg.gradient_accumulation_steps):
         raise TrainingError(f"batch_size {cfg.batch_size} (the global batch) must be a multiple of the {world.size} "
                             f"ranks x gradient_accumulation_steps {cfg.gradient_accumulation_steps}")

@@ -338,7 +338,7 @@ class ZeroOrder(Method):
         if world.enabled and self.cfg.zo_parallel == "pairs":
             pairs = [j for j in range(k) if j % world.size == world.rank]
         stacked = repeat_batch(batch, 2 * len(pairs))
-        with torch.no_grad(), dual_forward(self.targets, seed, self.cfg.eps, pairs if world.enabled else k):
+        with torch.no_grad(), dual_forward(self.targets, seed, self.cfg.eps, pairs):
             sums, counts = objective.chunk_sums(self.model, self.kind, stacked, 2 * len(pairs))
         if not world.enabled:
             return sums / counts.clamp(min=1)
