@@ -22,6 +22,7 @@ from torch import nn
 
 from . import data as D
 from . import distributed
+from .tracking import GB, host_rss_gb  # GiB; the training log lines measure the same way
 
 # HF config kwargs (plus model_type) of well-known shapes; the weights are random, only the sizes matter.
 SHAPES: dict[str, dict] = {
@@ -304,7 +305,6 @@ def accuracy_table(results: Path, rows: list[str] | None = None) -> str:
 FIRST_ORDER_MODES = ("lomo", "adalomo", "adamw", "hift")  # first-order steps on the int4 scales
 MODES = ("forward", "qzo", "qzo-offload", "mezo", "zo2") + FIRST_ORDER_MODES + ("grass",)  # grass: dense weights
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-GB = 1 << 30  # every *_gb field is in GiB (2^30 bytes), as torch.cuda.max_memory_allocated() / 1024**3 is
 # one JSON line per mode, these keys in this order (see bench_mode); ratio_to_forward is 1.0 for forward itself
 RECORD_FIELDS = ("shape", "mode", "device", "gpu", "dtype", "batch", "seq", "steps", "warmup", "bits", "group_size",
                  "depth", "streamed_blocks", "build_s", "h2d_floor_ms", "step_ms", "tok_s", "torch_peak_gb",
@@ -422,15 +422,6 @@ def bench_method(mode: str, model, targets, **overrides):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def host_rss_gb() -> float:
-    """Current resident set size of this process (VmRSS), GiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024 / GB
-    return float("nan")
 
 
 def _nvml_used_gb(device: torch.device) -> float | None:

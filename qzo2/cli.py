@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="task prompt tokens (default: a run's max_length, else 256)")
     e.add_argument("--template", choices=["review", "sst2", "goodbad"], default=None,
                    help="sentiment prompt template (default: a run's template, else review)")
+    e.add_argument("--predictions", default=None, metavar="FILE.jsonl",
+                   help="with --task: also write each example's label, prediction and candidate scores")
+    e.add_argument("--lm-eval-task", default=None, metavar="DIR",
+                   help="with --task: write the examples this command would score as an lm-evaluation-harness task "
+                        "in DIR (for lm_eval --include_path DIR) and exit; the model is not loaded")
 
     b = sub.add_parser("bench", help="speed benchmark: one ZO step per mode on a random model of a named shape",
                        description="Time zeroth-order steps (and the two-forward floor) on a random-weight model "
@@ -162,32 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_quantize(args) -> int:
-    from quant.checkpoint import atomic_dir, auto_group_size, open_source, quantize
-    from quant.format import QuantConfig
+    from .api import quantize
 
-    from .model import default_text_path, resolve_source
-
-    out = Path(args.output)
-    src = Path(resolve_source(args.src)).resolve()
-    if out.resolve() == src or out.resolve() in src.parents:
-        raise ValueError(f"output {out} is (or contains) the source model {args.src}; choose another directory")
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"output {out} already exists (pass --overwrite to replace it)")
-    source = open_source(resolve_source(args.src), trust_remote_code=args.trust_remote_code)
-    group_size = args.group_size
-    if group_size is None:
-        group_size = auto_group_size(source.config, args.skip, (64,) if args.format == "nf4" else (128, 64, 32))
-        print(f"group size {group_size}")
-    fmt = "gptq" if args.format == "nf4" else args.format
-    cfg = QuantConfig(bits=args.bits, group_size=group_size, sym=args.sym, desc_act=args.desc_act,
-                      checkpoint_format=fmt, method=args.method)
-    calib = Path(args.calib) if args.calib else None
-    if args.method == "gptq" and calib is None:
-        calib = default_text_path()
-    with atomic_dir(out, overwrite=args.overwrite) as tmp:
-        report = quantize(source, tmp, cfg, fmt=args.format, skip=args.skip, calib=calib, nsamples=args.nsamples,
-                          seqlen=args.seqlen, max_shard_bytes=args.max_shard_size, progress=not args.quiet)
-    print(report.summary(out))
+    report = quantize(args.src, args.output, bits=args.bits, group_size=args.group_size, sym=args.sym,
+                      method=args.method, format=args.format, skip=args.skip, calib=args.calib,
+                      nsamples=args.nsamples, seqlen=args.seqlen, desc_act=args.desc_act,
+                      max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                      trust_remote_code=args.trust_remote_code, progress=not args.quiet, echo=print)
+    print(report.summary(Path(args.output)))
     return 0
 
 
@@ -215,7 +202,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export
+    from .exporter import export
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the clamp warning is printed below as one line
@@ -231,7 +218,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_cli
+    from .evaluation import evaluate_cli
 
     for line in evaluate_cli(args):
         print(line)

@@ -42,6 +42,7 @@ ZO_METHODS = ("qzo", "mezo")
 FO_METHODS = ("lomo", "adalomo", "adamw", "hift", "grass")
 METHODS = ZO_METHODS + FO_METHODS
 RENAMED = {"mezo_params": "params"}  # old key -> new key, still read from recipes and old run directories
+REPORT_TO = ("jsonl", "tensorboard", "wandb")  # report_to names (qzo2/tracking.py); jsonl is always written
 
 
 @dataclass
@@ -79,8 +80,19 @@ class TrainConfig:
                        ("review", "sst2", "goodbad"))
     objective: str = _f("classification", "tasks: cross-entropy over candidates, or LM loss on the gold answer",
                         ("classification", "lm"))
-    train_file: str = _f("", "jsonl/json: text rows (text, prompt/completion, messages, alpaca) or task rows")
-    dev_file: str = _f("", "jsonl/json for dev evaluation (same format as train_file)")
+    train_file: str = _f("", "text rows (text, prompt/completion, messages, alpaca) or task rows: a .jsonl, .json, "
+                             ".parquet, .csv, .tsv or .arrow file, a datasets save_to_disk directory, or the name of "
+                             "a dataset in the local HF cache (read offline)")
+    dev_file: str = _f("", "dev rows for model selection, any source train_file takes (same format)")
+    train_split: str = _f("train", "the split of a train_file that has several (save_to_disk DatasetDict, cached "
+                                   "dataset)")
+    dev_split: str = _f("", "the split of dev_file when it has several (default validation); with no dev_file, "
+                            "the split of train_file's dataset used as dev")
+    dev_fraction: float = _f(0.0, "with neither dev_file nor dev_split: this share of the train rows, drawn with "
+                                  "the seed, held out as dev (0 = no dev set)")
+    columns: str = _f("", "FIELD=COLUMN,...: take qzo2's fields (text, prompt, completion, messages, instruction, "
+                          "input, output, or a task's fields and label) from these source columns; only mapped "
+                          "columns are kept (YAML: a mapping)")
     n_train: int = _f(1000, "sentiment: training examples")
     n_dev: int = _f(500, "sentiment: dev examples (model selection)")
     n_test: int = _f(500, "sentiment: test examples (`qzo2 eval --split test`)")
@@ -144,6 +156,9 @@ class TrainConfig:
     overwrite: bool = _f(False, "replace an existing run directory (only a run dir or an empty one) instead of "
                                 "resuming from it; the old run is removed only once the new one has started")
     progress: bool = _f(True, "show a progress bar")
+    report_to: str = _f("jsonl", "comma list of where the metrics go: jsonl (metrics.jsonl, always written), "
+                                 "tensorboard (RUN/tensorboard), wandb (RUN/wandb, offline unless WANDB_MODE "
+                                 "says otherwise); the extras need pip install 'qzo2[track]'")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -166,6 +181,8 @@ class TrainConfig:
                 parse_size(self.gpu_memory)
             except ValueError as e:
                 raise ConfigError(f"gpu_memory={e}") from None
+        if not 0 <= self.dev_fraction < 1:
+            raise ConfigError(f"dev_fraction must be in [0, 1) (got {self.dev_fraction})")
         if not self.task and not self.train_file:
             raise ConfigError("set task (e.g. task=sentiment) or train_file=PATH.jsonl")
         if self.gradient_accumulation_steps < 1:
@@ -205,6 +222,10 @@ class TrainConfig:
             raise ConfigError("method=grass does not scale the loss, which fp16 needs: use dtype=bf16 or fp32")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0 (got {self.weight_decay})")
+        unknown = [n for n in self.report_to.split(",") if n.strip() and n.strip().lower() not in REPORT_TO]
+        if unknown:
+            raise ConfigError(f"report_to: unknown {', '.join(repr(n.strip()) for n in unknown)}; a comma list of "
+                              f"{', '.join(REPORT_TO)} (metrics.jsonl is always written)")
         check_output_dir(self.output_dir)
 
     def to_dict(self) -> dict:
@@ -214,6 +235,18 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 PATH_KEYS = ("model", "train_file", "dev_file", "task", "output_dir")  # stored resolved in a run directory
 SYMBOLIC = {"model": ("default",), "task": ("sentiment",)}  # values of PATH_KEYS that are names, not paths
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".arrow")
+MEMORY = "memory:"  # a train_file / dev_file of rows handed over in memory (the Python API): "memory:<sha256>"
+
+
+def is_symbolic(key: str, value: str) -> bool:
+    """A value of a PATH_KEY that is a name, not a path: 'default', 'sentiment', rows in memory, or a data source
+    that is no file or directory here and reads as a dataset name ('rotten_tomatoes', 'org/name')."""
+    if value in SYMBOLIC.get(key, ()) or value.startswith(MEMORY):
+        return True
+    if not value or key not in ("train_file", "dev_file") or os.path.exists(os.path.expanduser(value)):
+        return False
+    return not (value.endswith(DATA_SUFFIXES) or value.startswith((".", "~", "/")) or value.count("/") > 1)
 
 
 def check_output_dir(value: str) -> None:
@@ -235,7 +268,7 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     values = {}
     for key in PATH_KEYS:
         v = getattr(cfg, key)
-        if v and v not in SYMBOLIC.get(key, ()):
+        if v and not is_symbolic(key, v):
             values[key] = os.path.abspath(os.path.expanduser(v))
     return dataclasses.replace(cfg, **values)
 
@@ -259,6 +292,10 @@ def _coerce(name: str, value):
             return float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} expects {kind}, got {value!r}") from None
+    if name == "columns" and isinstance(value, dict):  # YAML `columns: {text: review}` -> "text=review"
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    if name == "report_to" and isinstance(value, list):  # YAML `report_to: [jsonl, tensorboard]`
+        return ",".join(str(v) for v in value)
     if isinstance(value, bool) and "on" in (FIELDS[name].metadata["choices"] or ()):
         return "on" if value else "off"  # YAML 1.1 reads a bare on/off (yes/no) as a boolean
     return "" if value is None else str(value)

@@ -6,8 +6,10 @@ left-padded batch of prompt+candidate rows whose last few logits score each cand
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import functools
+import hashlib
 import html
 import importlib.util
 import json
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .config import MEMORY, is_symbolic
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
@@ -50,9 +54,13 @@ class DataError(ValueError):
 # reading rows
 
 
-def read_rows(path) -> list[tuple[str, object]]:
+def read_json_rows(path) -> list[tuple[str, object]]:
     """(location, parsed object) for each row of a .jsonl (one JSON value a line, blank lines skipped; location
-    "FILE line N", 1-based) or a .json file holding a list (location "FILE index I", 0-based)."""
+    "FILE line N", 1-based) or a .json file holding a list (location "FILE index I", 0-based).
+
+    Our own reader, not `datasets`' json builder: that one turns the rows into one Arrow table, so a bad line is
+    reported without its line number, rows of different formats (or an alpaca row without "input") are padded with
+    nulls to one schema, and the file is copied into a cache first."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -79,6 +87,130 @@ def read_rows(path) -> list[tuple[str, object]]:
             raise DataError(f"{path}: a .json dataset must be a list of objects, got {type(data).__name__}")
         return [(f"{path} index {i}", row) for i, row in enumerate(data)]
     raise DataError(f"{path}: expected a .jsonl or .json file")
+
+
+TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}  # suffix -> datasets builder
+SOURCE_KINDS = ".jsonl, .json, .parquet, .csv, .tsv, .arrow, a save_to_disk directory or a dataset name in the local HF cache"
+
+
+@contextlib.contextmanager
+def _offline():
+    """`datasets` and huggingface_hub in offline mode for the block (then as they were): a name is looked up in the
+    local HF cache only, never on the Hub."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield datasets
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
+
+
+def dataset_rows(ds, where: str) -> list[tuple[str, dict]]:
+    """(location "WHERE row N", 1-based; row) for each row of a datasets.Dataset, null fields left out (an Arrow
+    table gives every row every column, so a row's own keys are its non-null ones)."""
+    return [(f"{where} row {i}", _drop_nulls(row)) for i, row in enumerate(ds, 1)]
+
+
+def _drop_nulls(value):
+    """Null fields left out of a row, and out of the objects inside its lists (a `messages` turn)."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def _pick_split(ds, split: str, where: str):
+    """A Dataset from a Dataset or DatasetDict (`split` of it)."""
+    if hasattr(ds, "keys") and not hasattr(ds, "features"):  # a DatasetDict
+        if split not in ds:
+            raise DataError(f"{where} has no split {split!r} (it has {', '.join(sorted(ds))})")
+        return ds[split]
+    return ds
+
+
+def read_source(source: str, split: str = "train") -> list[tuple[str, object]]:
+    """(location, row) for every row of a data source: .jsonl/.json (read_json_rows), .parquet/.csv/.tsv/.arrow
+    files (read by `datasets`), a `save_to_disk` directory (`split` of a DatasetDict), or the name of a dataset in
+    the local HF cache (`split` of it; offline: nothing is downloaded). Locations name the file and line or row."""
+    path = Path(source)
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        return read_json_rows(path)
+    if path.is_file() and path.suffix in TABLE_FORMATS:
+        import tempfile
+
+        with _offline() as datasets, tempfile.TemporaryDirectory(prefix="qzo2-data-") as cache:
+            try:
+                if path.suffix == ".arrow":
+                    ds = datasets.Dataset.from_file(str(path), in_memory=True)
+                else:  # the builder's Arrow copy goes to a temporary cache: the rows are read into memory anyway
+                    extra = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+                    ds = datasets.load_dataset(TABLE_FORMATS[path.suffix], data_files=str(path), split="train",
+                                               cache_dir=cache, keep_in_memory=True, **extra)
+            except Exception as e:  # pyarrow / pandas parse errors: one line naming the file
+                raise DataError(f"{path}: cannot read it as {path.suffix[1:]}: {str(e).splitlines()[0][:300]}") from None
+            return dataset_rows(ds, str(path))
+    if path.is_file():
+        raise DataError(f"{path}: expected a .jsonl, .json, .parquet, .csv, .tsv or .arrow file")
+    if path.is_dir():
+        with _offline() as datasets:
+            try:
+                ds = datasets.load_from_disk(str(path), keep_in_memory=True)
+            except FileNotFoundError:
+                raise DataError(f"{path}: a directory, but not one written by datasets' save_to_disk") from None
+        return dataset_rows(_pick_split(ds, split, str(path)), f"{path}[{split}]" if hasattr(ds, "keys") else str(path))
+    if not is_symbolic("train_file", source):  # not a file or directory, and not a name ("org/name") either
+        raise DataError(f"{source}: no such file (a data source is a {SOURCE_KINDS})")
+    with _offline() as datasets:  # a name: the local HF cache, offline
+        try:
+            ds = datasets.load_dataset(source, split=split)
+        except (ValueError, KeyError) as e:
+            if "split" in str(e).lower():
+                raise DataError(f"dataset {source} in the HF cache has no split {split!r}: "
+                                f"{str(e).splitlines()[0][:200]}") from None
+            raise DataError(f"dataset {source}: {str(e).splitlines()[0][:300]}") from None
+        except (ConnectionError, FileNotFoundError, OSError) as e:
+            raise DataError(f"{source}: no such file, and no dataset of that name in the local HF cache "
+                            f"({datasets.config.HF_DATASETS_CACHE}); qzo2 reads offline only") from None
+    return dataset_rows(ds, f"{source}[{split}]")
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """`columns` "ours=theirs,ours=theirs" -> {our field: the source's column}."""
+    out = {}
+    for item in filter(None, (p.strip() for p in str(text).split(","))):
+        ours, sep, theirs = (x.strip() for x in item.partition("="))
+        if not sep or not ours or not theirs:
+            raise DataError(f"columns entry {item!r} is not FIELD=COLUMN (e.g. columns=text=review,label=stars)")
+        if ours in out:
+            raise DataError(f"columns maps {ours!r} twice")
+        out[ours] = theirs
+    return out
+
+
+def map_columns(rows: list[tuple[str, object]], columns: dict[str, str]) -> list[tuple[str, object]]:
+    """Each row as exactly the mapped fields: {ours: row[theirs]}; a mapped column a row lacks is left out of it (an
+    optional field), so the row checks that follow say what is missing. No mapping: the rows as they are."""
+    if not columns:
+        return rows
+    out = []
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: row must be an object, got {type(row).__name__}")
+        if not any(theirs in row for theirs in columns.values()):
+            raise DataError(f"{where}: none of the mapped columns {sorted(columns.values())} is in the row (it has "
+                            f"{sorted(row)})")
+        out.append((where, {ours: row[theirs] for ours, theirs in columns.items() if theirs in row}))
+    return out
+
+
+def read_rows(source, split: str = "train", columns: str | dict = "") -> list[tuple[str, object]]:
+    """read_source, then map_columns (`columns` as the config key's string or a mapping)."""
+    mapping = parse_columns(columns) if isinstance(columns, str) else dict(columns or {})
+    return map_columns(read_source(str(source), split), mapping)
 
 
 def row_format(row) -> str:
@@ -210,18 +342,22 @@ def tokenize_row(row: dict, tokenizer, max_length: int, train_on_prompt: bool = 
     return dict(input_ids=ids, labels=[t if on else IGNORE for t, on in zip(ids, loss_on)])
 
 
-def read_text_rows(path) -> list[tuple[str, dict]]:
-    """(location, row) for every row of a .jsonl/.json text dataset, each checked by row_format (no tokenizer
-    needed, so a bad file fails before a model is loaded); DataError names file, line (or list index), problem."""
-    rows = read_rows(path)
+def check_text_rows(rows: list[tuple[str, object]], source) -> list[tuple[str, dict]]:
+    """Every (location, row) checked by row_format (no tokenizer needed, so a bad file fails before a model is
+    loaded); DataError names the location (file and line, list index or row) and the problem."""
     for where, row in rows:
         try:
             row_format(row)
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
     if not rows:
-        raise DataError(f"{path}: no usable rows")
+        raise DataError(f"{source}: no usable rows")
     return rows
+
+
+def read_text_rows(path, split: str = "train", columns: str | dict = "") -> list[tuple[str, dict]]:
+    """(location, row) for every row of a text data source (read_rows), each checked by row_format."""
+    return check_text_rows(read_rows(path, split, columns), path)
 
 
 def tokenize_rows(rows: list[tuple[str, dict]], tokenizer, max_length: int, train_on_prompt: bool = False,
@@ -427,17 +563,23 @@ def _label_index(task: ClassificationTask, value) -> int:
                     f"nor one of {task.candidates}")
 
 
-def load_task_examples(task: ClassificationTask, data_path) -> list[ClassificationExample]:
-    """Every row of a .jsonl/.json file of fields -> ClassificationExample; DataError names file and line."""
+def task_examples(task: ClassificationTask, rows: list[tuple[str, object]], source) -> list[ClassificationExample]:
+    """(location, row) pairs of task fields -> ClassificationExample; DataError names the location."""
     out = []
-    for where, row in read_rows(data_path):
+    for where, row in rows:
         try:
             out.append(make_example(task, row))
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
     if not out:
-        raise DataError(f"{data_path}: no rows")
+        raise DataError(f"{source}: no rows")
     return out
+
+
+def load_task_examples(task: ClassificationTask, data_path, split: str = "train",
+                       columns: str | dict = "") -> list[ClassificationExample]:
+    """Every row of a data source (read_rows) of task fields -> ClassificationExample."""
+    return task_examples(task, read_rows(data_path, split, columns), data_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -618,19 +760,74 @@ class Task:
     dev_kind: str = ""  # "classification" for tasks (selected by accuracy even when trained as LM), else "lm"
 
 
-def read_data(cfg) -> dict:
+def memory_fingerprint(rows: list[tuple[str, object]]) -> str:
+    """sha256 of rows handed over in memory (their JSON, keys sorted): what the run directory records in place of
+    a file path, so a resume with other rows is refused like one with another file."""
+    h = hashlib.sha256()
+    for _, row in rows:
+        h.update(json.dumps(row, sort_keys=True, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def carve_dev(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, dev): round(fraction·n) rows (at least 1) drawn with random.Random(seed) as dev, the rest, in their
+    order, as train."""
+    n = len(rows)
+    k = max(1, round(fraction * n))
+    if k >= n:
+        raise DataError(f"dev_fraction {fraction} of {n} rows leaves no training rows")
+    held = set(shuffled(range(n), seed)[:k])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def source_rows(cfg, memory: dict | None = None) -> tuple[list, list, str]:
+    """(train rows, dev rows, where dev came from) of a run (cfg: a TrainConfig), as (location, row) pairs, before
+    any format check: train_file (its train_split) and dev_file (its dev_split, or "validation" when it has splits);
+    with no dev_file, dev_split of train_file's source, or dev_fraction of the train rows carved out with the seed.
+    A `memory:<sha256>` source takes memory["train"] / memory["dev"] and checks their fingerprint."""
+    mapping = parse_columns(cfg.columns)
+
+    def get(which: str, source: str, split: str) -> list:
+        if source.startswith(MEMORY):
+            rows = (memory or {}).get(which)
+            if rows is None:
+                raise DataError(f"{which}_file={source} stands for rows handed over in memory (the Python API), "
+                                f"and none were given")
+            if memory_fingerprint(rows) != source[len(MEMORY):]:
+                raise DataError(f"the {which} rows given differ from the ones {which}_file={source[:23]}... names "
+                                f"(a run resumes only on the rows it started with)")
+            return map_columns(rows, mapping)
+        return read_rows(source, split, mapping)
+
+    train = get("train", cfg.train_file, cfg.train_split)
+    if cfg.dev_file:
+        return train, get("dev", cfg.dev_file, cfg.dev_split or "validation"), cfg.dev_file
+    if cfg.dev_split:
+        if cfg.train_file.startswith(MEMORY):
+            raise DataError("dev_split names a split of train_file's dataset; rows in memory have none (pass dev "
+                            "rows, or set dev_fraction)")
+        return train, get("dev", cfg.train_file, cfg.dev_split), f"{cfg.train_file}[{cfg.dev_split}]"
+    if cfg.dev_fraction:
+        train, dev = carve_dev(train, cfg.dev_fraction, cfg.seed)
+        return train, dev, f"{cfg.train_file} (dev_fraction {cfg.dev_fraction})"
+    return train, [], ""
+
+
+def read_data(cfg, memory: dict | None = None) -> dict:
     """Everything about a run's data that can be checked without a tokenizer (cfg: a TrainConfig), read before
     the model loads (minutes at 7B), so a bad file fails first: classification examples for a task, validated
-    rows for text data."""
+    rows for text data. `memory`: {"train": rows, "dev": rows} as (location, row) pairs, for `memory:` sources."""
     if cfg.task == "sentiment":
         return sentiment_splits(cfg.seed, cfg.n_train, cfg.n_dev, cfg.n_test, template=SENTIMENT_TEMPLATES[cfg.template])
+    if cfg.task and not cfg.train_file:
+        raise DataError(f"task {cfg.task} needs train_file=PATH with its examples")
+    train, dev, dev_source = source_rows(cfg, memory)
     if cfg.task:
         task = load_task_yaml(cfg.task)
-        if not cfg.train_file:
-            raise DataError(f"task {cfg.task} needs train_file=PATH with its examples")
-        dev = load_task_examples(task, cfg.dev_file) if cfg.dev_file else []
-        return dict(train=load_task_examples(task, cfg.train_file), dev=dev, test=[])
-    return dict(train=read_text_rows(cfg.train_file), dev=read_text_rows(cfg.dev_file) if cfg.dev_file else [])
+        return dict(train=task_examples(task, train, cfg.train_file),
+                    dev=task_examples(task, dev, dev_source) if dev else [], test=[])
+    return dict(train=check_text_rows(train, cfg.train_file), dev=check_text_rows(dev, dev_source) if dev else [])
 
 
 def build_task(cfg, tokenizer, data: dict | None = None) -> Task:
@@ -644,7 +841,7 @@ def build_task(cfg, tokenizer, data: dict | None = None) -> Task:
             return Task("lm", lm, dev, test, dev_kind="classification")
         return Task("classification", train, dev, test, dev_kind="classification")
     train = tokenize_rows(data["train"], tokenizer, cfg.max_length, cfg.train_on_prompt, source=cfg.train_file)
-    dev = (tokenize_rows(data["dev"], tokenizer, cfg.max_length, cfg.train_on_prompt, source=cfg.dev_file)
+    dev = (tokenize_rows(data["dev"], tokenizer, cfg.max_length, cfg.train_on_prompt, source=cfg.dev_file or "dev")
            if data["dev"] else [])
     return Task("lm", train, dev, [], dev_kind="lm")
 

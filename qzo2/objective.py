@@ -86,10 +86,12 @@ def loss_weight(kind: str, batch: dict) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, kind: str, items: list, tokenizer, max_length: int, batch_size: int) -> dict:
+def evaluate(model, kind: str, items: list, tokenizer, max_length: int, batch_size: int,
+             scores: list | None = None) -> dict:
     """Dev metrics: accuracy, mean candidate loss and the rate at which each class is predicted (a 0.6 accuracy may
     be a label prior) for classification; token loss and perplexity for text. Under torch.distributed each rank scores
-    its part of `items` and the sums are added across ranks, so every rank returns the metrics of all of them."""
+    its part of `items` and the sums are added across ranks, so every rank returns the metrics of all of them.
+    `scores`, a list, receives each classification example's candidate scores (this rank's part, in order)."""
     if not items:
         return {}
     world = distributed.world()
@@ -99,10 +101,12 @@ def evaluate(model, kind: str, items: list, tokenizer, max_length: int, batch_si
         sums = torch.zeros(2 + len(items[0].candidates), dtype=torch.float64)
         for i in range(0, len(mine), batch_size):
             batch = D.encode_candidates(mine[i:i + batch_size], tokenizer, max_length)
-            scores = classification_scores(model, batch)
-            pred = scores.argmax(-1).cpu()
+            s = classification_scores(model, batch)
+            pred = s.argmax(-1).cpu()
+            if scores is not None:
+                scores.extend(s.tolist())
             sums[0] += int((pred == batch["labels"]).sum())
-            sums[1] += float(D.classification_loss(scores, batch["labels"])) * len(batch["labels"])
+            sums[1] += float(D.classification_loss(s, batch["labels"])) * len(batch["labels"])
             sums[2:] += torch.bincount(pred, minlength=len(sums) - 2).double()
         distributed.all_sum(sums)
         return {"accuracy": int(sums[0]) / len(items), "loss": float(sums[1]) / len(items),

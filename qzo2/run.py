@@ -5,6 +5,7 @@
   run/checkpoints/step-NNNNNN/    trained.safetensors (the trained tensors), method.safetensors (optimizer state,
                                   when the method has any), state.json (step, counters, the config trained with)
   run/best/                       a copy of the best checkpoint by dev metric
+  run/tensorboard/, run/wandb/    with report_to=tensorboard / wandb: the same scalars (qzo2/tracking.py)
 Every write is atomic (temporary file or directory, then a rename).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from quant.checkpoint import atomic_dir
 
-from .config import PATH_KEYS, SYMBOLIC, TrainConfig, renamed
+from .config import PATH_KEYS, TrainConfig, is_symbolic, renamed
 
 
 class TrainingError(ValueError):
@@ -127,8 +128,8 @@ def load_method_state(path: Path) -> dict:
 # keys a resume may change: how long, how often, what is printed, where the model is placed (placement is tested
 # bit-identical: offload on/off, any gpu_memory and prefetch_depth give the same trained tensors). Everything else
 # changes what the run computes (data, dev set, schedule, z), so a run resumed with it would be two runs in one.
-RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep_last", "progress", "overwrite",
-                     "output_dir", "offload", "gpu_memory", "prefetch_depth")
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep_last", "progress", "report_to",
+                     "overwrite", "output_dir", "offload", "gpu_memory", "prefetch_depth")
 
 
 def saved_config(run: RunDir) -> dict:
@@ -144,14 +145,14 @@ def check_resume(run: RunDir, cfg: TrainConfig) -> None:
     old = saved_config(run)
     new = cfg.to_dict()
     for key in PATH_KEYS:  # runs written before paths were stored resolved
-        if old.get(key) and old[key] not in SYMBOLIC.get(key, ()):
+        if old.get(key) and not is_symbolic(key, old[key]):
             old[key] = os.path.abspath(os.path.expanduser(str(old[key])))
     changed = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
     if changed:
         diff = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in changed)
         raise TrainingError(f"cannot resume {run.path}: the config differs from its checkpoint in {diff} (a resume "
-                            f"may change only {', '.join(RESUMABLE_CHANGES[:6])} and the placement: "
-                            f"{', '.join(RESUMABLE_CHANGES[8:])}); use another output_dir or overwrite=true")
+                            f"may change only {', '.join(RESUMABLE_CHANGES[:7])} and the placement: "
+                            f"{', '.join(RESUMABLE_CHANGES[9:])}); use another output_dir or overwrite=true")
 
 
 def open_run(cfg: TrainConfig) -> tuple[RunDir, bool]:

@@ -12,6 +12,7 @@ import time
 
 from . import data as D
 from . import distributed
+from . import tracking
 from .config import TrainConfig, lr_at, resolve_paths
 from .methods import load_for_training
 from .objective import dev_metric, evaluate
@@ -66,10 +67,24 @@ def batch_tokens(batch) -> int:
 
 
 class Window:
-    """Metrics averaged over the steps since the last log line (skipped steps excluded)."""
+    """Metrics averaged over the steps since the last log line (skipped steps excluded). Given the `model` and the
+    `step` it starts after, a record also holds the memory peaks and, when blocks stream, the host<->device bytes
+    per step (every step since `step`; the uploads of dev evaluations, between pause() and resume(), left out as
+    their time is from tok_s; the copy-backs are the training updates', whichever forward applies them)."""
 
-    def __init__(self):
+    def __init__(self, model=None, step: int = 0):
         self.sums, self.n, self.tokens, self.t0 = {}, 0, 0, time.perf_counter()
+        self.model, self.step0, self.paused = model, step, None
+        self.moved = tracking.streamed_bytes(model)
+
+    def pause(self) -> None:
+        self.paused = (time.perf_counter(), tracking.streamed_bytes(self.model))
+
+    def resume(self) -> None:
+        t, moved = self.paused
+        self.t0 += time.perf_counter() - t
+        if moved is not None:  # what was uploaded while paused is not the window's
+            self.moved = (self.moved[0] + tracking.streamed_bytes(self.model)[0] - moved[0], self.moved[1])
 
     def add(self, metrics: dict, tokens: int) -> None:
         for k, v in metrics.items():
@@ -78,7 +93,7 @@ class Window:
         self.n += 1
         self.tokens += tokens
 
-    def record(self, world: distributed.World, sharded: bool = True) -> dict:
+    def record(self, world: distributed.World, sharded: bool = True, step: int | None = None) -> dict:
         """The window's means; tok_s counts every rank's tokens over this rank's time (a collective: every rank
         calls it at the same step), tok_s_rank this rank's alone. Unsharded (ZO pair-parallel: every rank runs the
         whole batch) tok_s is the batch's tokens once."""
@@ -90,6 +105,13 @@ class Window:
             total = (float(distributed.all_sum(torch.tensor([float(self.tokens)], dtype=torch.float64))[0])
                      if sharded else self.tokens)
             out.update(tok_s=total / dt, tok_s_rank=self.tokens / dt, ranks=world.size)
+        if self.model is not None:
+            out.update(tracking.memory_scalars(self.model.get_input_embeddings().weight.device))
+            moved = tracking.streamed_bytes(self.model)
+            if moved is not None and step is not None and step > self.step0:
+                h2d, d2h = ((now - before) / (step - self.step0) / tracking.GB
+                            for now, before in zip(moved, self.moved))
+                out.update(h2d_gb_per_step=h2d, d2h_gb_per_step=d2h)
         return out
 
 
@@ -98,9 +120,11 @@ def trained_count(targets) -> int:
     return sum(t.tensor.numel() if t.mask is None else len(t.mask) for t in targets)
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, memory: dict | None = None, keep_model: bool = False) -> dict:
     """Train per `cfg` into cfg.output_dir (new, resumed, or replacing an old run with overwrite=true); returns
-    {run, step, interrupted, signal, best_step, best_metric, skipped, trained}.
+    {run, step, interrupted, signal, best_step, best_metric, skipped, trained}, with `keep_model` also model and
+    tokenizer: the trained model as it is after the last step, a plain model (the method's hooks removed).
+    `memory`: rows handed over in memory for `memory:` data sources (data.read_data).
 
     Under torchrun / accelerate launch (RANK, WORLD_SIZE in the environment) every rank runs this same function:
     rank 0 alone writes (run directory, checkpoints, metrics, plot, progress bar), every rank computes the same update
@@ -108,13 +132,13 @@ def train(cfg: TrainConfig) -> dict:
     owns_group = not distributed.initialized()
     world = distributed.init(cfg.device)
     try:
-        return _train(cfg, world)
+        return _train(cfg, world, memory, keep_model)
     finally:
         if owns_group:
             distributed.shutdown()
 
 
-def _train(cfg: TrainConfig, world: distributed.World) -> dict:
+def _train(cfg: TrainConfig, world: distributed.World, memory: dict | None = None, keep_model: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     given, cfg = cfg, resolve_paths(cfg)
@@ -123,12 +147,13 @@ def _train(cfg: TrainConfig, world: distributed.World) -> dict:
         raise TrainingError(f"batch_size {cfg.batch_size} (the global batch) must be a multiple of the {world.size} "
                             f"ranks x gradient_accumulation_steps {cfg.gradient_accumulation_steps}")
     run, replace = open_run(cfg)  # output_dir checked and the resume validated before anything loads
+    tracking.require(cfg.report_to)  # so is a missing tensorboard / wandb package
     resuming = bool(run.steps()) and not replace
     # every rank must see the same run directory (multi-node: output_dir on shared storage) and decide alike
     distributed.check_same(run.steps()[-1] if resuming else -1, "the step to resume from (is output_dir on storage "
                            "every node shares?)")
     distributed.barrier()  # every rank has looked at output_dir before rank 0 changes it
-    data = D.read_data(cfg)  # data errors before the model (minutes at 7B)
+    data = D.read_data(cfg, memory)  # data errors before the model (minutes at 7B)
     model, tokenizer, method = load_for_training(cfg)
     where = placement(model)
     task = D.build_task(cfg, tokenizer, data)
@@ -139,7 +164,8 @@ def _train(cfg: TrainConfig, world: distributed.World) -> dict:
             replace_run(run)
         run.path.mkdir(parents=True, exist_ok=True)
         write_config(run, cfg, given)
-    log = run.log if world.main else (lambda record: None)
+    tracker = tracking.Tracker(run, cfg, run.steps()[-1] if resuming else None) if world.main else None
+    log = tracker.log if world.main else (lambda record: None)  # metrics.jsonl + report_to
     shard = world if method.shards_batch else None
 
     targets = method.targets
@@ -187,7 +213,7 @@ def _train(cfg: TrainConfig, world: distributed.World) -> dict:
                 state["trained"] = trained_count(targets)  # a ZO mask chosen by prepare() narrows it
                 if task.dev:
                     evaluate_dev(0)
-            window = Window()
+            window = Window(model, state["step"])
             if where["streamed_blocks"]:
                 say(f"{where['device']}: streaming {where['streamed_blocks']} of {where['blocks']} decoder "
                           f"blocks (prefetch depth {where['prefetch_depth']})")
@@ -214,18 +240,18 @@ def _train(cfg: TrainConfig, world: distributed.World) -> dict:
                 bar.update()
                 last = step + 1 == cfg.steps
                 if window.n and ((step + 1) % cfg.log_every == 0 or last):
-                    rec = {"step": step + 1, **window.record(world, method.shards_batch), "lr": method.lr_at(step),
-                           "skipped": state["skipped"]}
+                    rec = {"step": step + 1, **window.record(world, method.shards_batch, step + 1),
+                           "lr": method.lr_at(step), "skipped": state["skipped"]}
                     if where:  # the first training line of this process says where the model ran
                         rec.update(where)
                         where = None
                     log(rec)
                     bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "d", "grad_norm", "lr") if k in rec})
-                    window = Window()
+                    window = Window(model, step + 1)
                 if task.dev and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
-                    t_eval = time.perf_counter()
+                    window.pause()
                     evaluate_dev(step + 1)
-                    window.t0 += time.perf_counter() - t_eval  # tokens/s counts training time only
+                    window.resume()  # tokens/s and the streamed bytes per step count training only
                 if ((step + 1) % cfg.save_every == 0 or last) and state.get("saved_step") != step + 1:
                     save(state)
                 stopped = distributed.max_over_ranks(stop.signum or 0)  # one rank's signal stops them all here
@@ -233,9 +259,16 @@ def _train(cfg: TrainConfig, world: distributed.World) -> dict:
                 save(state)
     finally:
         bar.close()
+        if tracker is not None:
+            tracker.close()
     if world.main:
         plot_metrics(run)
     signum = stopped or None
-    return {"run": str(run.path), "step": state["step"], "interrupted": signum is not None,
-            "signal": signum, "best_step": state["best_step"], "best_metric": state["best_metric"],
-            "skipped": state["skipped"], "trained": state["trained"]}
+    out = {"run": str(run.path), "step": state["step"], "interrupted": signum is not None,
+           "signal": signum, "best_step": state["best_step"], "best_metric": state["best_metric"],
+           "skipped": state["skipped"], "trained": state["trained"]}
+    if keep_model:
+        method.flush()
+        method.close()
+        out.update(model=model, tokenizer=tokenizer, targets=targets)
+    return out

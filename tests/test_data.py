@@ -191,7 +191,7 @@ def test_bad_json_item_names_file_and_index(tokenizer, tmp_path):
     with pytest.raises(DataError, match="must be a list of objects"):
         D.load_text_dataset(path, tokenizer, 64)
     (tmp_path / "x.txt").write_text("the dog")
-    with pytest.raises(DataError, match=r"\.jsonl or \.json"):
+    with pytest.raises(DataError, match=r"x\.txt: expected a \.jsonl, \.json, \.parquet"):
         D.load_text_dataset(tmp_path / "x.txt", tokenizer, 64)
 
 

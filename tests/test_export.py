@@ -19,8 +19,8 @@ from quant.linear import QuantLinear
 from qzo2 import trainer
 from qzo2.cli import main
 from qzo2.config import TrainConfig
-from qzo2.evaluate import load_for_eval
-from qzo2.export import checkpoint_scales, export
+from qzo2.evaluation import load_for_eval
+from qzo2.exporter import checkpoint_scales, export
 from stock import gptqmodel_available, load_gptq_with_transformers
 
 

@@ -235,7 +235,7 @@ def test_grass_refuses_a_quantized_model_and_accumulation(tiny, tmp_path):
 # ---- through the trainer -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,on", [("hift", "scales"), ("hift", "weights"), ("grass", "weights")])
 def test_resume_is_bit_identical_and_the_run_exports(tiny, tmp_path, name, on):
-    from qzo2.export import export
+    from qzo2.exporter import export
 
     q, src, data = tiny
     model = q if on == "scales" else src

@@ -264,7 +264,7 @@ def test_first_order_resume_is_bit_identical(tiny, tmp_path, name, on):
 
 def test_first_order_runs_export_as_gptq_and_hf(tiny, tmp_path):
     from quant.checkpoint import checkpoint_tensors, read_tensor
-    from qzo2.export import export
+    from qzo2.exporter import export
 
     q, src, data = tiny
     cfg = config(tmp_path, q, data, method="lomo", steps=3, lr=1e-2, eval_every=0)

@@ -174,7 +174,7 @@ def test_export_hf_defaults_to_the_run_dtype_and_warns_on_a_lossy_cast(tiny, tmp
 
 # ---- 8. eval: device, batch size, max length; a run's dtype by default -------------------------------------------------
 def test_eval_takes_the_run_dtype_and_its_options(tiny, tmp_path, capsys):
-    from qzo2.evaluate import load_for_eval
+    from qzo2.evaluation import load_for_eval
 
     q, _, _ = tiny
     task = tmp_path / "task.yaml"

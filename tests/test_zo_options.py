@@ -224,7 +224,7 @@ def test_also_train_norms_and_a_tied_head_beside_the_scales(make_model_dir, tmp_
 
     from quant.checkpoint import atomic_dir, checkpoint_tensors, open_source, quantize, read_tensor
     from quant.format import QuantConfig
-    from qzo2.export import export
+    from qzo2.exporter import export
 
     src, _ = make_model_dir("llama", tie_word_embeddings=True)
     with atomic_dir(tmp_path / "q") as tmp:

@@ -1,0 +1,279 @@
+"""Evaluation: perplexity on a text file, greedy generations, and `qzo2 eval` (task accuracy via objective.evaluate)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, seqlen: int = 256, nseq: int = 8, batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) over the first nseq non-overlapping windows of seqlen tokens."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n = min(nseq, ids.numel() // seqlen)
+    if n == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    windows = ids[: n * seqlen].view(n, seqlen)
+    total, count = 0.0, 0
+    device = model.get_input_embeddings().weight.device
+    for batch in windows.split(batch_size):
+        batch = batch.to(device)
+        logits = model(input_ids=batch).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total += float(nll)
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
+    """Greedy continuation (chat template applied when the tokenizer has one)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = prompt
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None))
+    ids = ids.to(model.get_input_embeddings().weight.device)
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def load_for_eval(path: str | None, checkpoint: str = "best", dtype: str | None = None, device: str | None = None):
+    """A run dir (its base model + trained tensors of `checkpoint`, placed as the run was: its dtype and device
+    unless given) or any model (dtype default fp32, device default auto, streamed if it does not fit as training
+    would) -> (model, tokenizer, run config or None)."""
+    from .config import load_config
+    from .engine import place_model
+    from .methods import DTYPES, load_for_training
+    from .model import load_model, resolve_device, resolve_source
+    from .run import RunDir, is_run_dir, load_trained
+
+    if path and is_run_dir(path):
+        cfg = load_config(str(Path(path) / "config.yaml"))
+        cfg.dtype = dtype or cfg.dtype
+        cfg.device = device or cfg.device
+        model, tokenizer, method = load_for_training(cfg)
+        load_trained(RunDir(path).checkpoint(checkpoint), method.targets)
+        method.close()  # a plain model from here on: no hooks, nothing requires grad
+        return model, tokenizer, cfg
+    if path and not Path(resolve_source(path)).exists():
+        raise ValueError(f"model {path} does not exist")
+    model, tokenizer = load_model(path, dtype=DTYPES[dtype or "fp32"])
+    place_model(model, resolve_device(device or "auto"))
+    return model, tokenizer, None
+
+
+def eval_config(args, cfg=None):
+    """The TrainConfig `qzo2 eval` scores with: the run's (`cfg`, else the defaults) with --batch-size,
+    --max-length and --template applied."""
+    import dataclasses
+
+    from .config import TrainConfig
+
+    ecfg = cfg or TrainConfig()
+    return dataclasses.replace(ecfg, **{k: v for k, v in (("eval_batch_size", args.batch_size),
+                                                            ("max_length", args.max_length),
+                                                            ("template", args.template)) if v is not None})
+
+
+def task_items(args, cfg, ecfg) -> tuple[list, str]:
+    """(the classification examples `qzo2 eval --task` scores, what they are: 'sentiment test' or 'TASK ROWS.jsonl')."""
+    from . import data as D
+
+    if args.task == "sentiment":
+        seed = args.seed if args.seed is not None else (cfg.seed if cfg else 0)
+        splits = D.sentiment_splits(seed, ecfg.n_train, ecfg.n_dev, ecfg.n_test,
+                                    template=D.SENTIMENT_TEMPLATES[ecfg.template])
+        return splits[args.split], f"sentiment {args.split}"
+    if not args.data:
+        raise ValueError(f"--task {args.task} needs --data PATH with its examples")
+    return D.load_task_examples(D.load_task_yaml(args.task), args.data), f"{args.task} {Path(args.data).name}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the same examples as an lm-evaluation-harness task
+
+LM_EVAL_METRICS = ("acc", "acc_norm")
+
+
+def lm_eval_task_name(args, ecfg) -> str:
+    """qzo2_sentiment_test (qzo2_sentiment_sst2_test for another template), qzo2_TASK_ROWS for a task file."""
+    import re
+
+    if args.task == "sentiment":
+        parts = ["sentiment"] + ([ecfg.template] if ecfg.template != "review" else []) + [args.split]
+        if args.seed is not None and args.split != "test":  # the test split is the same for every seed
+            parts.append(f"seed{args.seed}")
+    else:
+        parts = [Path(args.task).stem, Path(args.data).stem]
+    return re.sub(r"[^A-Za-z0-9_]+", "_", "_".join(["qzo2"] + parts)).strip("_")
+
+
+def write_lm_eval_task(out_dir, items: list, name: str, about: str = "") -> Path:
+    """Write classification examples as an lm-evaluation-harness (0.4) task: OUT_DIR/NAME.yaml over OUT_DIR/NAME.jsonl
+    (rows {"prompt", "label"}, the prompt exactly as qzo2 scores it), for `lm_eval --include_path OUT_DIR --tasks
+    NAME`. Returns the YAML's path.
+
+    The mapping: doc_to_text is the prompt column as is (no Jinja rendering, no stripping); doc_to_choice the
+    candidates as written (leading spaces included) with target_delimiter "" (lm-eval's default " " would add a
+    second space); doc_to_target the label index; no few-shot examples, no description. lm-eval then scores
+    log P(candidate | prompt) with the candidate tokenized as ids(prompt + candidate) minus ids(prompt), BOS as the
+    tokenizer adds it: qzo2's split (data.encode_prompt_and_candidates). Its `acc` takes the argmax of the summed
+    log-probs, qzo2 of the per-token mean, so they are the same metric when every candidate is one token after
+    the prompt (every built-in template with SmolLM2's tokenizer); `acc_norm` divides by the candidate's
+    characters instead, and equals them too when all candidates have the same length (" negative"/" positive").
+    See lm_eval_caveats for what to check with a given tokenizer.
+    """
+    import json
+
+    import yaml
+
+    out_dir = Path(out_dir)
+    if not items:
+        raise ValueError("no examples to write")
+    candidates = list(items[0].candidates)
+    if any(list(e.candidates) != candidates for e in items):
+        raise ValueError("an lm-eval task needs the same candidates for every example")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = out_dir / f"{name}.jsonl"
+    tmp = rows.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"prompt": e.prompt, "label": int(e.label)}, ensure_ascii=False) + "\n"
+                           for e in items), encoding="utf-8")
+    tmp.replace(rows)
+    task = {
+        "task": name,
+        "dataset_path": "json",  # datasets' packaged JSON builder: reads the local file, nothing is downloaded
+        "dataset_kwargs": {"data_files": {"test": str(rows.resolve())}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "prompt",  # a column name: the prompt as is
+        "doc_to_target": "label",
+        "doc_to_choice": candidates,
+        "target_delimiter": "",  # the candidates carry their own leading space
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in LM_EVAL_METRICS],
+        "metadata": {"version": 1.0},
+    }
+    path = out_dir / f"{name}.yaml"
+    head = (f"# written by qzo2 eval --lm-eval-task: {len(items)} examples of {about or name}; `acc` is qzo2's\n"
+            f"# accuracy when every candidate is one token after the prompt (see qzo2.evaluation.write_lm_eval_task)\n")
+    path.write_text(head + yaml.safe_dump(task, sort_keys=False, allow_unicode=True, width=1000), encoding="utf-8")
+    return path
+
+
+def lm_eval_split(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval 0.4's HFLM splits a request for a causal model: trailing whitespace
+    of the context moves to the continuation, then ids(whole) is cut after ids(context), the tokenizer's own special
+    tokens on both (lm_eval.api.model.TemplateLM._encode_pair)."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole, ctx = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def lm_eval_caveats(items: list, tokenizer, max_length: int) -> list[str]:
+    """Why lm-eval's `acc` could differ from qzo2's accuracy on these examples with this tokenizer ([] if nothing):
+    a candidate of several tokens after some prompt (qzo2 averages its log-probs, lm-eval sums them), a request
+    lm-eval tokenizes otherwise than qzo2 beyond a prefix shared by the candidates (the whitespace a prompt ends
+    with, which lm-eval scores as part of every candidate, adds the same term to each), or a prompt qzo2 cuts to
+    max_length (lm-eval only cuts at the model's context)."""
+    from . import data as D
+
+    multi, split, cut = set(), 0, 0
+    for e in items:
+        prefix, body, cands = D.encode_prompt_and_candidates(tokenizer, e.prompt, e.candidates)
+        multi.update(c for c, ids in zip(e.candidates, cands) if len(ids) > 1)
+        cut += len(prefix) + len(body) + max(map(len, cands)) > max_length
+        theirs = [lm_eval_split(tokenizer, e.prompt, c) for c in e.candidates]
+        shared = {(tuple(ctx + cont[:len(cont) - len(ours)]), cont[len(cont) - len(ours):] == ours)
+                  for (ctx, cont), ours in zip(theirs, cands)}
+        split += len(shared) != 1 or shared != {(tuple(prefix + body), True)}
+    out = []
+    if multi:
+        out.append(f"candidates {sorted(multi)} are several tokens after the prompt: qzo2 ranks candidates by their "
+                   f"mean log-prob per token, lm-eval's acc by the sum (acc_norm by the sum per character), so they "
+                   f"can disagree")
+    if split:
+        out.append(f"lm-eval tokenizes {split} of {len(items)} examples otherwise than qzo2 (a merge across the "
+                   f"prompt's end): their scores can differ")
+    if cut:
+        out.append(f"{cut} of {len(items)} prompts are longer than max_length {max_length}, which qzo2 cuts from "
+                   f"the left and lm-eval does not: raise --max-length to compare")
+    return out
+
+
+def evaluate_cli(args) -> list[str]:
+    """What `qzo2 eval` prints. Task settings (template, max_length, eval batch size, seed) default to the run's."""
+    import json
+
+    from .config import load_config
+    from .model import default_text_path
+    from .objective import evaluate
+    from .run import is_run_dir
+
+    lm_eval_dir = getattr(args, "lm_eval_task", None)
+    if lm_eval_dir:  # the examples only: the model is not loaded (its tokenizer is, to check the mapping)
+        if not args.task:
+            raise ValueError("--lm-eval-task needs --task (sentiment or a task .yaml)")
+        cfg = load_config(str(Path(args.model) / "config.yaml")) if args.model and is_run_dir(args.model) else None
+        ecfg = eval_config(args, cfg)
+        items, about = task_items(args, cfg, ecfg)
+        name = lm_eval_task_name(args, ecfg)
+        path = write_lm_eval_task(lm_eval_dir, items, name, about)
+        target = args.model if args.model and not cfg and Path(args.model).is_dir() else "EXPORT_DIR"
+        lines = [f"wrote lm-eval task {name} ({len(items)} examples of {about}): {path}",
+                 f"score a model directory (a `qzo2 export` of a run) on it: lm_eval --model hf --model_args "
+                 f"pretrained={target},dtype=float32 --include_path {lm_eval_dir} --tasks {name}"]
+        from transformers import AutoTokenizer
+
+        from .model import resolve_source
+
+        src = cfg.model if cfg else args.model
+        try:
+            source = Path(resolve_source(src))
+            tokenizer = (AutoTokenizer.from_pretrained(str(source), local_files_only=True) if source.is_dir()
+                         else None)
+        except (OSError, ValueError):
+            tokenizer = None
+        if tokenizer is None:
+            lines.append("(no tokenizer directory to check the candidates' tokens with)")
+        else:
+            lines += [f"warning: {w}" for w in lm_eval_caveats(items, tokenizer, ecfg.max_length)]
+        return lines
+
+    model, tokenizer, cfg = load_for_eval(args.model, args.checkpoint, args.dtype, args.device)
+    ecfg = eval_config(args, cfg)
+    lines = []
+    if args.task:
+        items, about = task_items(args, cfg, ecfg)
+        scores = [] if getattr(args, "predictions", None) else None
+        m = evaluate(model, "classification", items, tokenizer, ecfg.max_length, ecfg.eval_batch_size,
+                     scores=scores)
+        lines.append(f"{args.model or 'default'}: {args.task} "
+                     f"{args.split if args.task == 'sentiment' else Path(args.data).name}: "
+                     f"accuracy {m['accuracy']:.4f} on {len(items)} examples (candidate loss {m['loss']:.4f}; "
+                     f"predicted classes {' / '.join(f'{x:.3f}' for x in m['predicted'])})")
+        if scores is not None:
+            if len(scores) != len(items):
+                raise ValueError("--predictions needs the examples scored in one process (not under torchrun)")
+            out = Path(args.predictions)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("".join(json.dumps({"index": i, "label": e.label, "pred": int(max(range(len(s)),
+                                                                                          key=s.__getitem__)),
+                                               "scores": s}) + "\n"
+                                   for i, (e, s) in enumerate(zip(items, scores))), encoding="utf-8")
+            lines.append(f"per-example candidate scores (mean log-prob per token): {out}")
+    for prompt in args.generate:
+        lines.append(f"> {prompt}\n{generate(model, tokenizer, prompt, args.max_new_tokens)}")
+    if args.ppl or not (args.task or args.generate):
+        path = Path(args.ppl) if args.ppl else default_text_path()
+        if not path.is_file():
+            raise ValueError(f"text file {path} does not exist")
+        ppl = perplexity(model, tokenizer, path.read_text(encoding="utf-8"), seqlen=args.seqlen, nseq=args.nseq,
+                         batch_size=args.batch_size or 4)
+        lines.append(f"perplexity {ppl:.2f} ({args.nseq}x{args.seqlen} tokens of {path.name})")
+    return lines
