@@ -37,7 +37,7 @@ __all__ = ["quantize", "train", "export", "evaluate", "TrainConfig", "TrainResul
 
 # ---- quantize ------------------------------------------------------------------------------------------------------
 def quantize(model: str | os.PathLike | None, output: str | os.PathLike, *, bits: int = 4, group_size: int | None = None,
-             sym: bool = True, method: str = "rtn", format: str = "gptq", skip: Iterable[str] = (),
+             sym: bool = True, method: str = "rtn", format: str = "gptq", skip: str | Iterable[str] = (),
              calib: str | os.PathLike | None = None, nsamples: int = 128, seqlen: int = 512, desc_act: bool = False,
              max_shard_size: int | str = "4GB", overwrite: bool = False, trust_remote_code: bool = False,
              progress: bool = False, echo=None) -> "QuantizeReport":
@@ -58,10 +58,10 @@ def quantize(model: str | os.PathLike | None, output: str | os.PathLike, *, bits
     if out.resolve() == src or out.resolve() in src.parents:
         raise ValueError(f"output {out} is (or contains) the source model {src_name}; choose another directory")
     if out.exists() and not overwrite:
-        raise ValueError(f"output {out} already exists (pass --overwrite to replace it)")
+        raise ValueError(f"output {out} already exists (pass --overwrite / overwrite=True to replace it)")
     if format not in ("gptq", "gptq_v2", "nf4") or method not in ("rtn", "gptq"):
         raise ValueError(f"format must be gptq, gptq_v2 or nf4 and method rtn or gptq (got {format!r}, {method!r})")
-    skip = list(skip)
+    skip = [skip] if isinstance(skip, str) else list(skip)
     source = open_source(resolve_source(src_name), trust_remote_code=trust_remote_code)
     if group_size is None:
         group_size = auto_group_size(source.config, skip, (64,) if format == "nf4" else (128, 64, 32))
@@ -127,7 +127,7 @@ class TrainResult:
     model: "nn.Module" = field(repr=False)
     tokenizer: "PreTrainedTokenizerBase" = field(repr=False)
     metrics: list[dict] = field(default_factory=list, repr=False)
-    checkpoint: str = "last"  # which checkpoint's tensors `model` holds: best or last
+    checkpoint: str = "last"  # which checkpoint's tensors `model` holds: best (also when best is the last) or last
 
 
 def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = None, *,
@@ -142,13 +142,13 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = N
     The default progress bar is off here. Returns a TrainResult."""
     from .run import RunDir, load_trained
 
-    extra = {} if "progress" in overrides or isinstance(config, TrainConfig) else {"progress": False}
-    given_task = "task" in overrides or (isinstance(config, Mapping) and "task" in config)
+    given = _given_keys(config) | set(overrides)
+    extra = {} if "progress" in given else {"progress": False}
     memory = {}
     if train_data is not None:
         memory["train"] = _located(train_data, "train")
         extra["train_file"] = MEMORY + _fingerprint(memory["train"])
-        if not given_task and not isinstance(config, TrainConfig):
+        if "task" not in given:
             extra["task"] = ""
     if dev_data is not None:
         memory["dev"] = _located(dev_data, "dev")
@@ -160,7 +160,7 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = N
     from .trainer import train as run_training
 
     out = run_training(cfg, memory or None, keep_model=True)
-    checkpoint = "last"
+    checkpoint = "best" if out["best_step"] is not None and out["best_step"] == out["step"] else "last"
     if load_best and out["best_step"] is not None and out["best_step"] != out["step"]:
         load_trained(RunDir(out["run"]).checkpoint("best"), out["targets"])
         checkpoint = "best"
@@ -168,6 +168,21 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = N
                        best_metric=out["best_metric"], interrupted=out["interrupted"], skipped=out["skipped"],
                        trained=out["trained"], config=cfg, model=out["model"], tokenizer=out["tokenizer"],
                        metrics=RunDir(out["run"]).read_metrics(), checkpoint=checkpoint)
+
+
+def _given_keys(config) -> set[str]:
+    """The keys a config sets explicitly: every key of a TrainConfig, those of a mapping or a recipe file."""
+    if isinstance(config, TrainConfig):
+        return set(config.to_dict())
+    if isinstance(config, (str, os.PathLike)):
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            return set()  # make_config reports it
+        return set(renamed({str(k): v for k, v in data.items()})) if isinstance(data, dict) else set()
+    return set(renamed({str(k): v for k, v in dict(config or {}).items()}))
 
 
 def _fingerprint(rows) -> str:
@@ -195,28 +210,40 @@ def export(run: TrainResult | str | os.PathLike, output: str | os.PathLike, *, f
 # ---- evaluate ------------------------------------------------------------------------------------------------------
 def evaluate(model: TrainResult | str | os.PathLike | "nn.Module" | None = None,
              tokenizer: "PreTrainedTokenizerBase | None" = None, *, task: str | None = "sentiment",
-             data: Rows | str | os.PathLike | None = None, split: str = "test", seed: int = 0,
-             template: str = "review", n_train: int = 1000, n_dev: int = 500, n_test: int = 500,
-             max_length: int = 256, batch_size: int = 16, checkpoint: str = "best", text: str | None = None,
-             seqlen: int = 256, nseq: int = 8) -> dict:
+             data: Rows | str | os.PathLike | None = None, split: str = "test", seed: int | None = None,
+             template: str | None = None, max_length: int | None = None, batch_size: int | None = None,
+             checkpoint: str = "auto", text: str | None = None, seqlen: int = 256, nseq: int = 8) -> dict:
     """Score a model as `qzo2 eval` does. `model`: a TrainResult (its in-memory model), an nn.Module with its
-    `tokenizer`, a run directory (its `checkpoint`), any model path qzo2 loads, or None (the embedded SmolLM2).
+    `tokenizer`, a run directory (its `checkpoint`: best, last, a step; auto = best if it evaluated, else last),
+    any model path qzo2 loads, or None (the embedded SmolLM2). seed, template, max_length, batch_size (and the
+    sentiment split sizes) default to the run's settings for a TrainResult or run directory, else 0, review, 256,
+    16.
 
-    task="sentiment": accuracy on the built-in split (`split` dev/test of the seeded Rotten Tomatoes splits, the
-    `template` prompt); task=TASK.yaml: accuracy on `data` (rows in memory or any data source path); returns
-    {"accuracy", "loss", "predicted" (per-class prediction rates), "n"}. task=None: perplexity on `text` (default:
-    the shipped Hamlet) -> {"perplexity", "tokens"}."""
+    task="sentiment": accuracy on the built-in split (`split` dev/test of the seeded Rotten Tomatoes splits);
+    task=TASK.yaml: accuracy on `data` (rows in memory or any data source path); returns {"accuracy", "loss",
+    "predicted" (per-class prediction rates), "n"}. task=None: perplexity on `text` (default: the shipped Hamlet)
+    -> {"perplexity", "tokens"}."""
     from . import data as D
     from .evaluation import load_for_eval, perplexity
     from .model import default_text_path
     from .objective import evaluate as score
+    from .run import is_run_dir
 
+    cfg = None
     if isinstance(model, TrainResult):
-        model, tokenizer = model.model, model.tokenizer
+        model, tokenizer, cfg = model.model, model.tokenizer, model.config
     elif model is None or isinstance(model, (str, os.PathLike)):
-        model, tokenizer, _ = load_for_eval(None if model is None else str(model), checkpoint)
+        path = None if model is None else str(model)
+        if checkpoint == "auto":
+            checkpoint = "best" if path and is_run_dir(path) and (Path(path) / "best").is_dir() else "last"
+        model, tokenizer, cfg = load_for_eval(path, checkpoint)
     elif tokenizer is None:
         raise TypeError("evaluate(model) with an nn.Module needs its tokenizer")
+    run = cfg or TrainConfig()
+    seed = run.seed if seed is None else seed
+    template = run.template if template is None else template
+    max_length = run.max_length if max_length is None else max_length
+    batch_size = run.eval_batch_size if batch_size is None else batch_size
     was_training = model.training
     model.eval()
     try:
@@ -226,7 +253,8 @@ def evaluate(model: TrainResult | str | os.PathLike | "nn.Module" | None = None,
         if task == "sentiment":
             if split not in ("dev", "test"):
                 raise ValueError(f"split must be dev or test (got {split!r})")
-            items = D.sentiment_splits(seed, n_train, n_dev, n_test, template=D.SENTIMENT_TEMPLATES[template])[split]
+            items = D.sentiment_splits(seed, run.n_train, run.n_dev, run.n_test,
+                                       template=D.SENTIMENT_TEMPLATES[template])[split]
         else:
             if data is None:
                 raise ValueError(f"task {task} needs data: rows or a data source path")

@@ -183,6 +183,9 @@ class TrainConfig:
                 raise ConfigError(f"gpu_memory={e}") from None
         if not 0 <= self.dev_fraction < 1:
             raise ConfigError(f"dev_fraction must be in [0, 1) (got {self.dev_fraction})")
+        if self.dev_fraction and (self.dev_file or self.dev_split or self.task == "sentiment"):
+            raise ConfigError("dev_fraction carves a dev set out of train_file when there is no other: not with "
+                              "dev_file, dev_split or task=sentiment (whose dev set is n_dev)")
         if not self.task and not self.train_file:
             raise ConfigError("set task (e.g. task=sentiment) or train_file=PATH.jsonl")
         if self.gradient_accumulation_steps < 1:
@@ -246,7 +249,9 @@ def is_symbolic(key: str, value: str) -> bool:
         return True
     if not value or key not in ("train_file", "dev_file") or os.path.exists(os.path.expanduser(value)):
         return False
-    return not (value.endswith(DATA_SUFFIXES) or value.startswith((".", "~", "/")) or value.count("/") > 1)
+    if value.endswith(DATA_SUFFIXES) or value.startswith((".", "~", "/")) or value.count("/") > 1:
+        return False
+    return not ("/" in value and os.path.isdir(value.split("/")[0]))  # data/train: a path into a local directory
 
 
 def check_output_dir(value: str) -> None:

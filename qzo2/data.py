@@ -15,6 +15,7 @@ import importlib.util
 import json
 import random
 import string
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,19 +94,32 @@ TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": 
 SOURCE_KINDS = ".jsonl, .json, .parquet, .csv, .tsv, .arrow, a save_to_disk directory or a dataset name in the local HF cache"
 
 
+_OFFLINE_LOCK = threading.Lock()  # one reader at a time patches the flags (the API may run in several threads)
+
+
 @contextlib.contextmanager
 def _offline():
-    """`datasets` and huggingface_hub in offline mode for the block (then as they were): a name is looked up in the
-    local HF cache only, never on the Hub."""
+    """`datasets` and huggingface_hub in offline mode for the block (then as they were), its progress bars off: a
+    name is looked up in the local HF cache only, never on the Hub. Readers take turns (a lock), so one thread's
+    restore cannot switch another's read online."""
     import datasets
     import huggingface_hub.constants as hub
 
-    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
-    try:
-        yield datasets
-    finally:
-        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
+    with _OFFLINE_LOCK:
+        saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+        bars_off = datasets.are_progress_bars_disabled()
+        datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+        datasets.disable_progress_bars()
+        try:
+            yield datasets
+        finally:
+            datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
+            if not bars_off:
+                datasets.enable_progress_bars()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:300]
 
 
 def dataset_rows(ds, where: str) -> list[tuple[str, dict]]:
@@ -123,35 +137,51 @@ def _drop_nulls(value):
     return value
 
 
-def _pick_split(ds, split: str, where: str):
-    """A Dataset from a Dataset or DatasetDict (`split` of it)."""
+def _pick_split(ds, split: str | None, default: str, where: str):
+    """A Dataset from a Dataset or DatasetDict: `split` of it (None: `default`); a Dataset has the one split
+    "train" (as datasets names a single file's), so another split of it is an error, not the same rows again."""
     if hasattr(ds, "keys") and not hasattr(ds, "features"):  # a DatasetDict
+        split = split or default
         if split not in ds:
             raise DataError(f"{where} has no split {split!r} (it has {', '.join(sorted(ds))})")
         return ds[split]
+    _no_splits(split, where)
     return ds
 
 
-def read_source(source: str, split: str = "train") -> list[tuple[str, object]]:
+def _no_splits(split: str | None, where: str) -> None:
+    if split not in (None, "train"):
+        raise DataError(f"{where} has no splits, so not {split!r} (train_split / dev_split pick a split of a "
+                        f"save_to_disk DatasetDict or a cached dataset; for a dev set use dev_file or dev_fraction)")
+
+
+def read_source(source: str, split: str | None = None, default: str = "train") -> list[tuple[str, object]]:
     """(location, row) for every row of a data source: .jsonl/.json (read_json_rows), .parquet/.csv/.tsv/.arrow
-    files (read by `datasets`), a `save_to_disk` directory (`split` of a DatasetDict), or the name of a dataset in
-    the local HF cache (`split` of it; offline: nothing is downloaded). Locations name the file and line or row."""
+    files (read by `datasets`), a `save_to_disk` directory (`split` of a DatasetDict, None: `default`), or the
+    name of a dataset in the local HF cache (`split` of it; offline: nothing is downloaded). A file or a single
+    Dataset has no splits but "train". Locations name the file and line or row. Every failure is one DataError."""
     path = Path(source)
     if path.is_file() and path.suffix in (".jsonl", ".json"):
+        _no_splits(split, str(path))
         return read_json_rows(path)
     if path.is_file() and path.suffix in TABLE_FORMATS:
         import tempfile
 
+        _no_splits(split, str(path))
         with _offline() as datasets, tempfile.TemporaryDirectory(prefix="qzo2-data-") as cache:
             try:
                 if path.suffix == ".arrow":
                     ds = datasets.Dataset.from_file(str(path), in_memory=True)
                 else:  # the builder's Arrow copy goes to a temporary cache: the rows are read into memory anyway
-                    extra = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
-                    ds = datasets.load_dataset(TABLE_FORMATS[path.suffix], data_files=str(path), split="train",
-                                               cache_dir=cache, keep_in_memory=True, **extra)
+                    # text stays text: pandas would read "NA", "null", "None", "" as missing values
+                    extra = dict(keep_default_na=False, na_filter=False)
+                    if path.suffix == ".tsv":
+                        extra["delimiter"] = "\t"
+                    ds = datasets.load_dataset("csv" if path.suffix != ".parquet" else "parquet",
+                                               data_files=str(path), split="train", cache_dir=cache,
+                                               keep_in_memory=True, **(extra if path.suffix != ".parquet" else {}))
             except Exception as e:  # pyarrow / pandas parse errors: one line naming the file
-                raise DataError(f"{path}: cannot read it as {path.suffix[1:]}: {str(e).splitlines()[0][:300]}") from None
+                raise DataError(f"{path}: cannot read it as {path.suffix[1:]}: {_first_line(e)}") from None
             return dataset_rows(ds, str(path))
     if path.is_file():
         raise DataError(f"{path}: expected a .jsonl, .json, .parquet, .csv, .tsv or .arrow file")
@@ -161,20 +191,22 @@ def read_source(source: str, split: str = "train") -> list[tuple[str, object]]:
                 ds = datasets.load_from_disk(str(path), keep_in_memory=True)
             except FileNotFoundError:
                 raise DataError(f"{path}: a directory, but not one written by datasets' save_to_disk") from None
-        return dataset_rows(_pick_split(ds, split, str(path)), f"{path}[{split}]" if hasattr(ds, "keys") else str(path))
+            except Exception as e:
+                raise DataError(f"{path}: cannot load it with datasets.load_from_disk: {_first_line(e)}") from None
+        is_dict = hasattr(ds, "keys") and not hasattr(ds, "features")
+        return dataset_rows(_pick_split(ds, split, default, str(path)),
+                            f"{path}[{split or default}]" if is_dict else str(path))
     if not is_symbolic("train_file", source):  # not a file or directory, and not a name ("org/name") either
         raise DataError(f"{source}: no such file (a data source is a {SOURCE_KINDS})")
+    split = split or default
     with _offline() as datasets:  # a name: the local HF cache, offline
         try:
             ds = datasets.load_dataset(source, split=split)
-        except (ValueError, KeyError) as e:
-            if "split" in str(e).lower():
-                raise DataError(f"dataset {source} in the HF cache has no split {split!r}: "
-                                f"{str(e).splitlines()[0][:200]}") from None
-            raise DataError(f"dataset {source}: {str(e).splitlines()[0][:300]}") from None
-        except (ConnectionError, FileNotFoundError, OSError) as e:
+        except (ConnectionError, FileNotFoundError) as e:
             raise DataError(f"{source}: no such file, and no dataset of that name in the local HF cache "
                             f"({datasets.config.HF_DATASETS_CACHE}); qzo2 reads offline only") from None
+        except Exception as e:  # a missing split (ValueError), a broken cache, ...: one line
+            raise DataError(f"dataset {source} (split {split!r}) in the local HF cache: {_first_line(e)}") from None
     return dataset_rows(ds, f"{source}[{split}]")
 
 
@@ -207,10 +239,11 @@ def map_columns(rows: list[tuple[str, object]], columns: dict[str, str]) -> list
     return out
 
 
-def read_rows(source, split: str = "train", columns: str | dict = "") -> list[tuple[str, object]]:
+def read_rows(source, split: str | None = None, columns: str | dict = "",
+              default: str = "train") -> list[tuple[str, object]]:
     """read_source, then map_columns (`columns` as the config key's string or a mapping)."""
     mapping = parse_columns(columns) if isinstance(columns, str) else dict(columns or {})
-    return map_columns(read_source(str(source), split), mapping)
+    return map_columns(read_source(str(source), split, default), mapping)
 
 
 def row_format(row) -> str:
@@ -791,7 +824,7 @@ def source_rows(cfg, memory: dict | None = None) -> tuple[list, list, str]:
     A `memory:<sha256>` source takes memory["train"] / memory["dev"] and checks their fingerprint."""
     mapping = parse_columns(cfg.columns)
 
-    def get(which: str, source: str, split: str) -> list:
+    def get(which: str, source: str, split: str | None, default: str = "train") -> list:
         if source.startswith(MEMORY):
             rows = (memory or {}).get(which)
             if rows is None:
@@ -801,11 +834,11 @@ def source_rows(cfg, memory: dict | None = None) -> tuple[list, list, str]:
                 raise DataError(f"the {which} rows given differ from the ones {which}_file={source[:23]}... names "
                                 f"(a run resumes only on the rows it started with)")
             return map_columns(rows, mapping)
-        return read_rows(source, split, mapping)
+        return read_rows(source, split, mapping, default)
 
     train = get("train", cfg.train_file, cfg.train_split)
     if cfg.dev_file:
-        return train, get("dev", cfg.dev_file, cfg.dev_split or "validation"), cfg.dev_file
+        return train, get("dev", cfg.dev_file, cfg.dev_split or None, "validation"), cfg.dev_file
     if cfg.dev_split:
         if cfg.train_file.startswith(MEMORY):
             raise DataError("dev_split names a split of train_file's dataset; rows in memory have none (pass dev "

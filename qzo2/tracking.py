@@ -155,7 +155,7 @@ class Tracker:
             for name in backends(cfg.report_to):
                 self.open.append(BACKENDS[name](run, cfg, resume_step))
         except BaseException:
-            self.close()
+            self.close(failed=True)
             raise
 
     def log(self, record: dict) -> None:
@@ -165,8 +165,7 @@ class Tracker:
             for backend in self.open:
                 backend.log(values, int(record["step"]))
 
-    def close(self) -> None:
-        """Flush and close every backend (in a `finally`: an exception on its way marks a wandb run failed)."""
-        failed = sys.exc_info()[0] is not None
+    def close(self, failed: bool = False) -> None:
+        """Flush and close every backend; `failed`: the run ended by an exception (a wandb run is marked so)."""
         while self.open:
             self.open.pop().close(failed)

@@ -193,6 +193,7 @@ def _train(cfg: TrainConfig, world: distributed.World, memory: dict | None = Non
             if world.main:
                 run.copy_best()
 
+    completed = False  # the loop ended without an exception (a wandb run is marked failed otherwise)
     stop = StopSignals()
     stopped = 0  # the signal that stops the run (on any rank), 0 while none has come
     bar = tqdm(total=cfg.steps, initial=0, desc=f"{cfg.method} train", disable=not (cfg.progress and world.main))
@@ -257,10 +258,11 @@ def _train(cfg: TrainConfig, world: distributed.World, memory: dict | None = Non
                 stopped = distributed.max_over_ranks(stop.signum or 0)  # one rank's signal stops them all here
             if stopped and state.get("saved_step") != state["step"]:
                 save(state)
+        completed = True
     finally:
         bar.close()
         if tracker is not None:
-            tracker.close()
+            tracker.close(failed=not completed)
     if world.main:
         plot_metrics(run)
     signum = stopped or None

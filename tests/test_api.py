@@ -54,6 +54,17 @@ def test_api_end_to_end(make_model_dir, tmp_path, monkeypatch):
     cwd.mkdir()
     monkeypatch.chdir(cwd)  # every output goes where it is told: the working directory stays empty
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    import qzo2.trainer
+
+    picks, given = iter([0.0, 1.0, 0.5, 0.5]), {}  # dev evaluations at steps 0, 4, 8, 12: step 4 is the best
+
+    def metric(m):  # one value per evaluation (the trainer may ask more than once)
+        if m["loss"] not in given:
+            given[m["loss"]] = next(picks, None)
+            assert given[m["loss"]] is not None, given
+        return given[m["loss"]]
+
+    monkeypatch.setattr(qzo2.trainer, "dev_metric", metric)
 
     def work():
         report = quantize(src, tmp_path / "q", group_size=32)
@@ -61,23 +72,25 @@ def test_api_end_to_end(make_model_dir, tmp_path, monkeypatch):
         result = train(model=str(tmp_path / "q"), method="adalomo", task=str(task), train_data=rows,
                        dev_data=rows, steps=12, batch_size=4, lr=3e-2, max_length=32, eval_every=4, save_every=4,
                        output_dir=str(tmp_path / "run"))
-        trained = evaluate(result, task=str(task), data=rows, max_length=32)
-        from_best = evaluate(tmp_path / "run", task=str(task), data=rows, max_length=32, checkpoint="best")
+        trained = evaluate(result, task=str(task), data=rows)  # max_length: the run's
+        from_best = evaluate(tmp_path / "run", task=str(task), data=rows)  # auto: the best checkpoint
+        from_last = evaluate(tmp_path / "run", task=str(task), data=rows, checkpoint="last")
         exported = export(result, tmp_path / "gptq")
         served = evaluate(tmp_path / "gptq", task=str(task), data=rows, max_length=32)
-        return report, zero, result, trained, from_best, exported, served
+        return report, zero, result, trained, from_best, from_last, exported, served
 
-    report, zero, result, trained, from_best, exported, served = run_off_main_thread(work)
+    report, zero, result, trained, from_best, from_last, exported, served = run_off_main_thread(work)
     assert report.summary(tmp_path / "q")
     assert isinstance(result.config, TrainConfig) and result.config.train_file.startswith("memory:")
-    assert result.step == 12 and result.best_step is not None and result.checkpoint in ("best", "last")
+    assert result.step == 12 and result.best_step == 4 and result.checkpoint == "best"
     assert result.metrics == RunDir(tmp_path / "run").read_metrics()
     dev = [r for r in result.metrics if "dev_accuracy" in r]
     assert dev[0]["step"] == 0 and dev[0]["dev_loss"] == pytest.approx(zero["loss"], rel=1e-5)
     # the returned model is the best checkpoint's: the same scores as loading that checkpoint from the run dir
     assert trained["loss"] == pytest.approx(from_best["loss"], rel=1e-6)
-    assert trained["accuracy"] == from_best["accuracy"] == result.best_metric
-    assert trained["loss"] < zero["loss"]  # it trained
+    assert trained["loss"] == pytest.approx(dev[1]["dev_loss"], rel=1e-5) and dev[1]["step"] == 4
+    assert from_last["loss"] == pytest.approx(dev[-1]["dev_loss"], rel=1e-5) != trained["loss"]
+    assert dev[-1]["dev_loss"] < zero["loss"]  # it trained
     assert not any(p.requires_grad for p in result.model.parameters())
     assert served["loss"] == pytest.approx(trained["loss"], rel=1e-2)  # scales stored in fp16
     assert exported.fmt == "gptq"
@@ -103,6 +116,15 @@ def test_api_resumes_only_on_the_same_rows(make_model_dir, tmp_path):
     assert again.step == 6 and again.config.train_file == first.config.train_file
     with pytest.raises(TrainingError, match="train_file"):
         train(train_data=rows[::-1], **{**kw, "steps": 8})
+    # a recipe's own task is kept (rows with no task given anywhere are text rows)
+    task = tmp_path / "t.yaml"
+    task.write_text("template: '{text} is'\ncandidates: [' dog', ' fox']\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"task: {task}\nmethod: qzo\nsteps: 2\neval_every: 0\n")
+    kw.pop("steps"), kw.pop("eval_every"), kw.pop("method")
+    run = train(str(recipe), train_data=[{"text": "the dog", "label": 0}, {"text": "a fox", "label": 1}],
+                **{**kw, "output_dir": str(tmp_path / "run2"), "batch_size": 2})
+    assert run.config.task == str(task) and run.step == 2
 
 
 def test_api_config_errors_are_clear(tmp_path):

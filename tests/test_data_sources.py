@@ -103,11 +103,25 @@ def hf_cache(tmp_path, monkeypatch):
     return cache
 
 
-def test_dataset_by_name_from_the_local_cache(hf_cache):
-    offline = datasets.config.HF_HUB_OFFLINE
+def test_dataset_by_name_from_the_local_cache(hf_cache, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # a user who is online (the tests run offline)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    seen = []
+    real = datasets.load_dataset
+
+    def spy(*args, **kwargs):
+        seen.append((datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
     assert rows_of("qzo2test/tiny") == TEXTS[:4]
     assert rows_of("qzo2test/tiny", split="test") == TEXTS[4:]
-    assert datasets.config.HF_HUB_OFFLINE == offline  # offline only while qzo2 reads
+    with pytest.raises(DataError, match=r"split 'nope'"):
+        D.read_rows("qzo2test/tiny", split="nope")
+    assert seen == [(True, True)] * 3  # offline while qzo2 reads ...
+    assert (datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE) == (False, False)  # ... and as before after, errors too
     with pytest.raises(DataError, match="no dataset of that name in the local HF cache"):
         D.read_rows("qzo2test/absent")
     cfg = resolve_paths(TrainConfig(task="", train_file="qzo2test/tiny", dev_split="test"))
@@ -182,3 +196,33 @@ def test_dev_fraction_carves_a_seeded_dev_set(tmp_path):
     assert D.read_data(TrainConfig(task="", train_file=str(path)))["dev"] == []  # off by default
     with pytest.raises(DataError, match="leaves no training rows"):
         D.carve_dev(rows[:1], 0.5, 0)
+
+
+def test_splits_of_a_source_without_splits_are_refused(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", TEXTS)
+    assert rows_of(path, split="train") == TEXTS  # a file's one split, as datasets names it
+    with pytest.raises(DataError, match=r"d\.jsonl has no splits, so not 'validation'"):
+        D.read_data(TrainConfig(task="", train_file=str(path), dev_split="validation"))
+    datasets.Dataset.from_list(TEXTS).save_to_disk(str(tmp_path / "one"))
+    with pytest.raises(DataError, match="has no splits, so not 'test'"):
+        D.read_data(TrainConfig(task="", train_file=str(tmp_path / "one"), train_split="test"))
+    from qzo2.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dev_fraction carves"):
+        TrainConfig(task="", train_file=str(path), dev_file=str(path), dev_fraction=0.1)
+
+
+def test_paths_into_local_directories_are_not_dataset_names(tmp_path, monkeypatch):
+    from qzo2.config import is_symbolic
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert not is_symbolic("train_file", "data/train")  # a file to be, inside ./data
+    assert is_symbolic("train_file", "org/name") and is_symbolic("train_file", "rotten_tomatoes")
+    with pytest.raises(DataError, match="data/train: no such file"):
+        D.read_rows("data/train")
+
+
+def test_csv_text_that_reads_as_missing_stays_text(tmp_path):
+    (tmp_path / "na.csv").write_text("text\nNA\nnull\nNone\n")
+    assert rows_of(tmp_path / "na.csv") == [{"text": "NA"}, {"text": "null"}, {"text": "None"}]
