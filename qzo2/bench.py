@@ -172,19 +172,29 @@ def bench_kernels(rows: int = 1536, repeats: int = 5, shapes=((576, 576), (1536,
 
 
 # ---- accuracy benchmark (BENCHMARKS.md): SmolLM2 + Rotten Tomatoes, every row a separate `qzo2` process -------
+# Runs the command as its child and writes that child's ru_maxrss (KiB) to argv[2]. A process's ru_maxrss starts at
+# the RSS of the process it was forked from (Linux records the old address space's high-water mark at exec), so
+# measured straight from this (possibly large) process it would read max(ours, the command's); from this small
+# launcher it is the command's own.
+_LAUNCH = ("import json, resource, subprocess, sys; rc = subprocess.call(json.loads(sys.argv[1])); "
+           "open(sys.argv[2], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(rc)")
+
+
 def run_measured(argv: list[str]) -> dict:
-    """Run a command; its wall time, peak RSS (its own, from wait4) and output. Raises if it fails."""
-    import os
+    """Run a command; its wall time, peak RSS (its own, through a small launcher) and output. Raises if it fails."""
     import subprocess
+    import tempfile
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(argv)} failed (exit {proc.returncode}):\n{out[-2000:]}")
-    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+    with tempfile.TemporaryDirectory(prefix="qzo2-rss-") as tmp:
+        rss_file = Path(tmp) / "maxrss"
+        proc = subprocess.run([sys.executable, "-c", _LAUNCH, json.dumps(list(map(str, argv))), str(rss_file)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out = proc.stdout
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(map(str, argv))} failed (exit {proc.returncode}):\n{out[-2000:]}")
+        maxrss_kib = int(rss_file.read_text())
+    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gib": round(maxrss_kib / 2**20, 2),
             "output": out}
 
 
