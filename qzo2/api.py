@@ -14,6 +14,7 @@ training loop installs its Ctrl-C / SIGTERM handlers only on the main thread, an
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,7 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = N
     text rows, or task rows with task=TASK.yaml. With train_data and no task given, task is '' (text rows). The run
     directory records them as `memory:<sha256>`, so resuming needs the same rows again (other rows are refused).
     The default progress bar is off here. Returns a TrainResult."""
+    from .data import memory_fingerprint
     from .run import RunDir, load_trained
 
     given = _given_keys(config) | set(overrides)
@@ -147,12 +149,12 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = N
     memory = {}
     if train_data is not None:
         memory["train"] = _located(train_data, "train")
-        extra["train_file"] = MEMORY + _fingerprint(memory["train"])
+        extra["train_file"] = MEMORY + memory_fingerprint(memory["train"])
         if "task" not in given:
             extra["task"] = ""
     if dev_data is not None:
         memory["dev"] = _located(dev_data, "dev")
-        extra["dev_file"] = MEMORY + _fingerprint(memory["dev"])
+        extra["dev_file"] = MEMORY + memory_fingerprint(memory["dev"])
     cfg = make_config(config, **{**extra, **overrides})
     if memory and cfg.task == "sentiment":
         raise ConfigError("task=sentiment is the built-in dataset and takes no rows: set task='' for text rows or "
@@ -183,12 +185,6 @@ def _given_keys(config) -> set[str]:
             return set()  # make_config reports it
         return set(renamed({str(k): v for k, v in data.items()})) if isinstance(data, dict) else set()
     return set(renamed({str(k): v for k, v in dict(config or {}).items()}))
-
-
-def _fingerprint(rows) -> str:
-    from .data import memory_fingerprint
-
-    return memory_fingerprint(rows)
 
 
 # ---- export --------------------------------------------------------------------------------------------------------
@@ -224,19 +220,15 @@ def evaluate(model: TrainResult | str | os.PathLike | "nn.Module" | None = None,
     "predicted" (per-class prediction rates), "n"}. task=None: perplexity on `text` (default: the shipped Hamlet)
     -> {"perplexity", "tokens"}."""
     from . import data as D
-    from .evaluation import load_for_eval, perplexity
+    from .evaluation import load_for_eval, perplexity, sentiment_items
     from .model import default_text_path
     from .objective import evaluate as score
-    from .run import is_run_dir
 
     cfg = None
     if isinstance(model, TrainResult):
         model, tokenizer, cfg = model.model, model.tokenizer, model.config
     elif model is None or isinstance(model, (str, os.PathLike)):
-        path = None if model is None else str(model)
-        if checkpoint == "auto":
-            checkpoint = "best" if path and is_run_dir(path) and (Path(path) / "best").is_dir() else "last"
-        model, tokenizer, cfg = load_for_eval(path, checkpoint)
+        model, tokenizer, cfg = load_for_eval(None if model is None else str(model), checkpoint)
     elif tokenizer is None:
         raise TypeError("evaluate(model) with an nn.Module needs its tokenizer")
     run = cfg or TrainConfig()
@@ -251,10 +243,7 @@ def evaluate(model: TrainResult | str | os.PathLike | "nn.Module" | None = None,
             body = text if text is not None else default_text_path().read_text(encoding="utf-8")
             return {"perplexity": perplexity(model, tokenizer, body, seqlen=seqlen, nseq=nseq), "tokens": seqlen * nseq}
         if task == "sentiment":
-            if split not in ("dev", "test"):
-                raise ValueError(f"split must be dev or test (got {split!r})")
-            items = D.sentiment_splits(seed, run.n_train, run.n_dev, run.n_test,
-                                       template=D.SENTIMENT_TEMPLATES[template])[split]
+            items = sentiment_items(dataclasses.replace(run, template=template), split, seed)
         else:
             if data is None:
                 raise ValueError(f"task {task} needs data: rows or a data source path")

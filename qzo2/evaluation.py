@@ -80,15 +80,23 @@ def eval_config(args, cfg=None):
                                                             ("template", args.template)) if v is not None})
 
 
+def sentiment_items(ecfg, split: str, seed: int) -> list:
+    """The built-in sentiment `split` (dev / test) of `seed`, sized and prompted as `ecfg` (a TrainConfig) says."""
+    from . import data as D
+
+    if split not in ("dev", "test"):
+        raise ValueError(f"split must be dev or test (got {split!r})")
+    return D.sentiment_splits(seed, ecfg.n_train, ecfg.n_dev, ecfg.n_test,
+                              template=D.SENTIMENT_TEMPLATES[ecfg.template])[split]
+
+
 def task_items(args, cfg, ecfg) -> tuple[list, str]:
     """(the classification examples `qzo2 eval --task` scores, what they are: 'sentiment test' or 'TASK ROWS.jsonl')."""
     from . import data as D
 
     if args.task == "sentiment":
         seed = args.seed if args.seed is not None else (cfg.seed if cfg else 0)
-        splits = D.sentiment_splits(seed, ecfg.n_train, ecfg.n_dev, ecfg.n_test,
-                                    template=D.SENTIMENT_TEMPLATES[ecfg.template])
-        return splits[args.split], f"sentiment {args.split}"
+        return sentiment_items(ecfg, args.split, seed), f"sentiment {args.split}"
     if not args.data:
         raise ValueError(f"--task {args.task} needs --data PATH with its examples")
     return D.load_task_examples(D.load_task_yaml(args.task), args.data), f"{args.task} {Path(args.data).name}"

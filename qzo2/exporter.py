@@ -97,9 +97,7 @@ def load_run(path: str, checkpoint: str = "auto") -> Trained:
     if not is_run_dir(p):
         return Trained(str(p), {})
     run = RunDir(p)
-    if checkpoint == "auto":  # best by dev metric when the run evaluated, else the last step
-        checkpoint = "best" if (p / "best").is_dir() else "last"
-    ckpt = run.checkpoint(checkpoint)
+    ckpt = run.checkpoint(checkpoint)  # auto: best by dev metric when the run evaluated, else the last step
     state = json.loads((ckpt / "state.json").read_text())
     cfg = (TrainConfig(**state["config"]) if state.get("config")  # the config this checkpoint was trained with
            else load_train_config(str(p / "config.yaml")))

@@ -47,7 +47,10 @@ class RunDir:
         return sorted(int(p.name.split("-")[1]) for p in self.ckpts.glob("step-*") if p.name.split("-")[1].isdigit())
 
     def checkpoint(self, which: str = "last") -> Path:
-        """'last', 'best' or a step number -> the checkpoint directory."""
+        """'last', 'best', 'auto' (best when the run evaluated, else last) or a step number -> the checkpoint
+        directory."""
+        if which == "auto":
+            which = "best" if (self.path / "best").is_dir() else "last"
         if which == "best":
             if not (self.path / "best").is_dir():
                 raise TrainingError(f"{self.path} has no best checkpoint (no dev evaluation ran)")

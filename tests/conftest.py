@@ -76,23 +76,30 @@ def input_ids(batch: int = 2, seq: int = 12, vocab: int = 300, seed: int = 1) ->
     return torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture
-def tiny(make_model_dir, tmp_path):
-    """(quantized dir, unquantized dir, train jsonl) for a tiny Llama."""
+def make_tiny(root, tokenizer):
+    """(quantized dir, unquantized dir, train jsonl of 4 prompt/completion rows) for a tiny Llama, under root."""
     import json
 
     from quant.checkpoint import atomic_dir, open_source, quantize
     from quant.format import QuantConfig
 
-    src, model = make_model_dir("llama")
-    q = tmp_path / "q"
+    src = root / "llama-src"
+    build_model("llama", vocab_size=len(tokenizer) + 20).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    q = root / "q"
     with atomic_dir(q) as tmp:
         quantize(open_source(src), tmp, QuantConfig(bits=4, group_size=32), progress=False)
     words = TEXT.split()
     rows = [{"prompt": " ".join(words[i:i + 4]), "completion": " " + " ".join(words[i + 4:i + 8])} for i in range(0, 32, 8)]
-    data = tmp_path / "train.jsonl"
+    data = root / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return q, src, data
+
+
+@pytest.fixture
+def tiny(tmp_path, tokenizer):
+    """(quantized dir, unquantized dir, train jsonl) for a tiny Llama."""
+    return make_tiny(tmp_path, tokenizer)
 
 
 def train_config(tmp_path, model, data, **kw):

@@ -2,7 +2,6 @@
 scalar at its step; a resume after a crash leaves no duplicate steps (purge_step); wandb writes an offline run under
 the run directory and a resume continues the same run id; the memory and streamed-traffic scalars of the training
 lines; one-line errors for an unknown backend and a missing package."""
-import json
 import math
 import struct
 import sys
@@ -10,9 +9,8 @@ import sys
 import pytest
 import torch
 
-from conftest import TEXT, build_model, train_config
-from quant.checkpoint import atomic_dir, decoder_blocks, open_source, quantize
-from quant.format import QuantConfig
+from conftest import make_tiny, train_config
+from quant.checkpoint import decoder_blocks
 from quant.linear import QuantLinear
 from qzo2 import cli, trainer, tracking
 from qzo2.config import ConfigError, TrainConfig, load_config
@@ -22,19 +20,7 @@ from qzo2.model import load_model
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer):
     """(quantized dir, unquantized dir, train jsonl) for a tiny 2-block Llama, built once for the module."""
-    root = tmp_path_factory.mktemp("tracking")
-    src = root / "src"
-    build_model("llama", vocab_size=len(tokenizer) + 20).save_pretrained(src)
-    tokenizer.save_pretrained(src)
-    q = root / "q"
-    with atomic_dir(q) as tmp:
-        quantize(open_source(src), tmp, QuantConfig(bits=4, group_size=32), progress=False)
-    words = TEXT.split()
-    rows = [{"prompt": " ".join(words[i:i + 4]), "completion": " " + " ".join(words[i + 4:i + 8])}
-            for i in range(0, 32, 8)]
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return q, src, data
+    return make_tiny(tmp_path_factory.mktemp("tracking"), tokenizer)
 
 
 def expected(record: dict) -> dict:
