@@ -1,0 +1,95 @@
+"""Where does the gradient-subspace ZO recipe's walk go, and how much of the gap is ZO noise?
+
+A diagnostic for issue #12 (uses backward, so it is not a recipe): it builds the recipe's basis B (span of
+`--samples` per-example gradients, or their top-r singular subspace) and then trains the same int4 scales on the same
+step batches with the exact projected gradient G = Bᵀ∇L of each batch (one fwd/bwd per step) in one of two modes:
+  fo   θ ← θ − lr·B·G/rms       the expectation of the normalized ZO step (rms: running RMS of |G|, like zo_normalize)
+  zo   θ ← θ − lr·B·mean_j clip(u_jᵀG/rms)·u_j   SPSA with exact directional derivatives u_jᵀG, k = --pairs pairs
+If `fo` reaches the goal and `zo --pairs 1` does not, the noise of one direction per step is what to cut.
+Run from the repo root after `python -m qzo2.bench accuracy --rows rtn`:
+    python scripts/zo_subspace_oracle.py --seed 1 --mode fo --lr 1e-2     (about 6 CPU-minutes for 100 steps)
+"""
+import argparse, math, time, torch
+from qzo2 import data as D, objective
+from qzo2.config import load_config, resolve_paths
+from qzo2.methods import load_for_training
+from qzo2.methods.zo import gradient_pass, set_basis
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--seed", type=int, default=1)
+ap.add_argument("--mode", choices=["fo", "zo"], default="fo")
+ap.add_argument("--rank", type=int, default=32)
+ap.add_argument("--samples", type=int, default=32)
+ap.add_argument("--pairs", type=int, default=1)
+ap.add_argument("--lr", type=float, default=1e-2)
+ap.add_argument("--clip", type=float, default=3.0)
+ap.add_argument("--steps", type=int, default=100)
+ap.add_argument("--warmup", type=int, default=0)
+ap.add_argument("--n-dev", type=int, default=200)
+ap.add_argument("--eval-every", type=int, default=25)
+a = ap.parse_args()
+cfg = resolve_paths(load_config("recipes/accuracy-qzo-subspace.yaml",
+                                [f"seed={a.seed}", "zo_subspace=0", f"n_dev={a.n_dev}", "model=runs/accuracy/int4-rtn"]))
+data = D.read_data(cfg)
+model, tok, method = load_for_training(cfg)
+task = D.build_task(cfg, tok, data)
+T = method.targets
+t0 = time.time()
+_, rows = gradient_pass(model, T, method.kind, [D.encode(task.kind, D.batch_at(task.train, 1, cfg.seed + 1, i), tok,
+                                                           cfg.max_length) for i in range(a.samples)], keep=True)
+set_basis(T, rows, a.rank)
+del rows
+B = torch.cat([t.basis for t in T])  # [N, r]
+theta0 = torch.cat([t.tensor.detach().float().flatten() for t in T])
+c = torch.zeros(B.shape[1], dtype=torch.float64)
+print(f"basis {tuple(B.shape)} in {time.time() - t0:.0f}s", flush=True)
+
+
+def put(c):
+    flat = theta0 + B @ c.float()
+    start = 0
+    for t in T:
+        n = t.tensor.numel()
+        t.tensor.data.copy_(flat[start:start + n].view_as(t.tensor))
+        start += n
+
+
+def dev(step):
+    m = objective.evaluate(model, task.dev_kind, task.dev, tok, cfg.max_length, cfg.eval_batch_size)
+    print(f"step {step}: dev {m['accuracy']:.3f} loss {m['loss']:.4f} " +
+          " ".join(f"{k} {v}" for k, v in m.items() if k.startswith("pred")), f"({time.time() - t0:.0f}s)",
+          flush=True)
+
+
+gen = torch.Generator().manual_seed(1000 + a.seed)
+v, beta = 0.0, 0.9
+dev(0)
+for step in range(a.steps):
+    for t in T:
+        t.tensor.requires_grad_(True)
+    b = D.encode(task.kind, D.batch_at(task.train, cfg.batch_size, cfg.seed, step), tok, cfg.max_length)
+    loss = objective.loss(model, method.kind, b)
+    loss.backward()
+    loss = float(loss.detach())
+    g = torch.cat([t.tensor.grad.float().flatten() for t in T])
+    for t in T:
+        t.tensor.grad = None
+        t.tensor.requires_grad_(False)
+    G = (B.t() @ g).double()  # [r]
+    lr = a.lr * min(1.0, (step + 1) / a.warmup if a.warmup else 1.0) * (1 - step / a.steps)  # linear to 0
+    if a.mode == "fo":
+        v = beta * v + (1 - beta) * float(G @ G)
+        rms = math.sqrt(v / (1 - beta ** (step + 1)))
+        c -= lr * G / rms
+    else:
+        u = torch.randn(a.pairs, B.shape[1], generator=gen, dtype=torch.float64)
+        d = u @ G  # exact directional derivatives [k]
+        v = beta * v + (1 - beta) * float((d ** 2).mean())
+        rms = math.sqrt(v / (1 - beta ** (step + 1)))
+        dc = (d / rms).clamp(-a.clip, a.clip)
+        c -= lr * (dc[:, None] * u).mean(0)
+    put(c)
+    if step % 10 == 0:
+        print(f"step {step}: loss {loss:.4f} |G| {float(G.norm()):.4f} |c| {float(c.norm()):.4f}", flush=True)
+    if (step + 1) % a.eval_every == 0:
+        dev(step + 1)
