@@ -5,6 +5,9 @@ A diagnostic for issue #12 (uses backward, so it is not a recipe): it builds the
 step batches with the exact projected gradient G = Bᵀ∇L of each batch (one fwd/bwd per step) in one of two modes:
   fo   θ ← θ − lr·B·G/rms       the expectation of the normalized ZO step (rms: running RMS of |G|, like zo_normalize)
   zo   θ ← θ − lr·B·mean_j clip(u_jᵀG/rms)·u_j   SPSA with exact directional derivatives u_jᵀG, k = --pairs pairs
+       (--ortho: the trainer's zo_orthogonal directions; --pairs = --rank then gives fo's step up to the RMS;
+       --momentum b: the step is the EMA of those, m ← b·m + (1−b)·mean_j(...), θ ← θ − lr·B·m)
+lr (warmup, linear decay) and the RMS normaliser are the trainer's own (method.lr_at, method.normalized).
 If `fo` reaches the goal and `zo --pairs 1` does not, the noise of one direction per step is what to cut.
 Run from the repo root after `python -m qzo2.bench accuracy --rows rtn`:
     python scripts/zo_subspace_oracle.py --seed 1 --mode fo --lr 1e-2     (about 6 CPU-minutes for 100 steps)
@@ -13,7 +16,8 @@ import argparse, math, time, torch
 from qzo2 import data as D, objective
 from qzo2.config import load_config, resolve_paths
 from qzo2.methods import load_for_training
-from qzo2.methods.zo import gradient_pass, set_basis
+from qzo2.methods.base import step_seed
+from qzo2.methods.zo import gradient_pass, set_basis, subspace_u
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--seed", type=int, default=1)
@@ -27,9 +31,14 @@ ap.add_argument("--steps", type=int, default=100)
 ap.add_argument("--warmup", type=int, default=0)
 ap.add_argument("--n-dev", type=int, default=200)
 ap.add_argument("--eval-every", type=int, default=25)
+ap.add_argument("--batch", type=int, default=16)
+ap.add_argument("--ortho", action="store_true")
+ap.add_argument("--momentum", type=float, default=0.0, help="zo: EMA of the subspace step, m = b*m + (1-b)*step")
 a = ap.parse_args()
 cfg = resolve_paths(load_config("recipes/accuracy-qzo-subspace.yaml",
-                                [f"seed={a.seed}", "zo_subspace=0", f"n_dev={a.n_dev}", "model=runs/accuracy/int4-rtn"]))
+                                [f"seed={a.seed}", "zo_subspace=0", f"n_dev={a.n_dev}", "model=runs/accuracy/int4-rtn",
+                                 f"lr={a.lr}", f"steps={a.steps}", f"warmup_steps={a.warmup}",
+                                 f"batch_size={a.batch}"]))
 data = D.read_data(cfg)
 model, tok, method = load_for_training(cfg)
 task = D.build_task(cfg, tok, data)
@@ -61,8 +70,7 @@ def dev(step):
           flush=True)
 
 
-gen = torch.Generator().manual_seed(1000 + a.seed)
-v, beta = 0.0, 0.9
+v, beta, m = 0.0, cfg.zo_rms_beta, 0.0
 dev(0)
 for step in range(a.steps):
     for t in T:
@@ -76,18 +84,18 @@ for step in range(a.steps):
         t.tensor.grad = None
         t.tensor.requires_grad_(False)
     G = (B.t() @ g).double()  # [r]
-    lr = a.lr * min(1.0, (step + 1) / a.warmup if a.warmup else 1.0) * (1 - step / a.steps)  # linear to 0
+    lr = method.lr_at(step)
     if a.mode == "fo":
         v = beta * v + (1 - beta) * float(G @ G)
         rms = math.sqrt(v / (1 - beta ** (step + 1)))
         c -= lr * G / rms
     else:
-        u = torch.randn(a.pairs, B.shape[1], generator=gen, dtype=torch.float64)
+        seed = step_seed(cfg.seed, step)
+        u = torch.stack([subspace_u(seed, j, B.shape[1], a.ortho) for j in range(a.pairs)]).double()
         d = u @ G  # exact directional derivatives [k]
-        v = beta * v + (1 - beta) * float((d ** 2).mean())
-        rms = math.sqrt(v / (1 - beta ** (step + 1)))
-        dc = (d / rms).clamp(-a.clip, a.clip)
-        c -= lr * (dc[:, None] * u).mean(0)
+        dc = method.normalized(d)[0].clamp(-a.clip, a.clip)
+        m = a.momentum * m + (1 - a.momentum) * (dc[:, None] * u).mean(0)
+        c -= lr * m
     put(c)
     if step % 10 == 0:
         print(f"step {step}: loss {loss:.4f} |G| {float(G.norm()):.4f} |c| {float(c.norm()):.4f}", flush=True)

@@ -69,6 +69,7 @@ class Target:
     aliases: list = field(default_factory=list)  # other (module, name) reading the same tensor (a tied lm_head)
     mask: torch.Tensor | None = None  # ZO: sorted flat indices of the entries perturbed and updated (None: all)
     basis: torch.Tensor | None = None  # ZO subspace: this target's rows of the orthonormal basis [entries, r]
+    orthogonal: bool = False  # ZO subspace: the pairs' coefficients u are orthogonal, not i.i.d. (zo_orthogonal)
 
     @property
     def tensor(self) -> torch.Tensor:
