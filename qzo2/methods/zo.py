@@ -60,8 +60,7 @@ def subspace_u(seed: int, pair: int, r: int, orthogonal: bool, device="cpu") -> 
     rotation of block pair // r, so pairs 0..r-1 are orthogonal with ‖u‖² = r (= E‖u‖² of the Gaussian one), and
     with n_pairs = r the mean of d_j·u_j is exactly the finite-difference gradient on the subspace. A function of
     (seed, pair, r) alone: the same in the forward and in the update, whatever the pair count or its order. Drawn on
-    the CPU whatever `device` is (r numbers: free), so it is also the same on every device type and for the r-vector
-    state of zo_momentum."""
+    the CPU whatever `device` is (r numbers: free), so it is the same on every device type."""
     if not orthogonal:
         return z_for((r,), seed, SUBSPACE_STREAM, pair, "cpu").to(device)
     return _rotation(seed, pair // r, r)[pair % r].to(device, copy=True)
@@ -187,17 +186,14 @@ def projected_gradients(losses: torch.Tensor, eps: float) -> torch.Tensor:
 
 @torch.no_grad()
 def apply_update(targets: list[Target], seed: int, coeffs: list[float], weight_decay: float = 0.0, lr: float = 0.0,
-                 floor: float | None = None, subspace_step: torch.Tensor | None = None) -> None:
+                 floor: float | None = None) -> None:
     """θ ← θ − Σ_j coeffs[j]·z_j − lr·wd·θ (wd only where t.decay), clamped at `floor`; z regenerated from the seed
-    (coeffs[j] = lr·d'_j/k). With `subspace_step` (an [r] vector s, zo_momentum) the move is θ ← θ − B·s instead
-    and coeffs are not used. Computed in fp32 and stored back stochastically rounded (base.store) when θ is
+    (coeffs[j] = lr·d'_j/k). Computed in fp32 and stored back stochastically rounded (base.store) when θ is
     bf16/fp16."""
     for t in targets:
         theta = t.tensor
         new = theta.float() if theta.dtype != torch.float32 else theta.clone()
-        if subspace_step is not None:
-            new.sub_(basis_z(t, subspace_step))
-        for j, c in enumerate(coeffs if subspace_step is None else []):
+        for j, c in enumerate(coeffs):
             if c:
                 new.sub_(target_z(t, seed, j).mul_(c))
         if weight_decay and t.decay:
@@ -312,8 +308,6 @@ class ZeroOrder(Method):
         self.floor = cfg.scale_floor if cfg.method == "qzo" else None
         # zo_normalize: the EMA of mean_j d_j² (bias-corrected like Adam's v), one scalar of state
         self.rms = {"v": torch.zeros((), dtype=torch.float64), "t": torch.zeros((), dtype=torch.int64)}
-        # zo_momentum: the EMA m of the subspace steps, r float64 numbers (sized once the basis exists)
-        self.momentum: torch.Tensor | None = None
         for t in targets:
             t.orthogonal = cfg.zo_orthogonal
         if cfg.zo_mask == "magnitude":
@@ -336,12 +330,6 @@ class ZeroOrder(Method):
                 set_masks(self.targets, scores, cfg.zo_mask_fraction)
             if cfg.zo_subspace:
                 set_basis(self.targets, grads, cfg.zo_subspace)
-                self._init_momentum()
-
-    def _init_momentum(self) -> None:
-        if self.cfg.zo_momentum:
-            r = next(t.basis.shape[1] for t in self.targets if t.basis is not None)
-            self.momentum = torch.zeros(r, dtype=torch.float64)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {"zo.rms_v": self.rms["v"], "zo.rms_t": self.rms["t"]} if self.cfg.zo_normalize else {}
@@ -349,8 +337,6 @@ class ZeroOrder(Method):
             out.update({f"{t.path}.zo_mask": t.mask for t in self.targets if t.mask is not None})
         if self.cfg.zo_subspace:
             out.update({f"{t.path}.zo_basis": t.basis for t in self.targets if t.basis is not None})
-        if self.momentum is not None:
-            out["zo.momentum"] = self.momentum
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -360,8 +346,6 @@ class ZeroOrder(Method):
                 t.mask = tensors.pop(f"{t.path}.zo_mask").to(t.tensor.device)
             if f"{t.path}.zo_basis" in tensors:
                 t.basis = tensors.pop(f"{t.path}.zo_basis").to(t.tensor.device)
-        if self.cfg.zo_momentum:
-            self.momentum = tensors.pop("zo.momentum").to(torch.float64).clone()
         if self.cfg.zo_normalize:
             self.rms["v"].copy_(tensors.pop("zo.rms_v"))
             self.rms["t"].copy_(tensors.pop("zo.rms_t"))
@@ -411,23 +395,15 @@ class ZeroOrder(Method):
             d, out["d_rms"] = self.normalized(d)
         dc = d.clamp(-cfg.clip, cfg.clip) if cfg.clip else d
         lr = self.lr_at(step)
-        coeffs = [lr * float(x) / k for x in dc]
-        subspace_step = None
-        if self.momentum is not None:  # m ← β·m + (1−β)·mean_j d'_j·u_j; θ ← θ − lr·B·m
-            beta, r = cfg.zo_momentum, len(self.momentum)
-            u = torch.stack([subspace_u(seed, j, r, cfg.zo_orthogonal) for j in range(k)]).double()
-            self.momentum.mul_(beta).add_((1 - beta) * (dc.double().cpu()[:, None] * u).mean(0))
-            subspace_step = (lr * self.momentum).float()
-        self.apply_step_update(seed, coeffs, cfg.weight_decay, lr, subspace_step)
+        self.apply_step_update(seed, [lr * float(x) / k for x in dc], cfg.weight_decay, lr)
         out["clip_rate"] = int((dc != d).sum()) / k
         return out
 
-    def apply_step_update(self, seed: int, coeffs: list[float], weight_decay: float, lr: float,
-                          subspace_step: torch.Tensor | None = None) -> None:
+    def apply_step_update(self, seed: int, coeffs: list[float], weight_decay: float, lr: float) -> None:
         """apply_update, now for resident targets; for the tensors a streamer streams (ZO2 mode), deferred until
         their block is next on the device (engine.BlockStreamer.defer), so the step needs no second upload."""
         update = functools.partial(apply_update, seed=seed, coeffs=coeffs, weight_decay=weight_decay, lr=lr,
-                                   floor=self.floor, subspace_step=subspace_step)
+                                   floor=self.floor)
         streamer = getattr(self.model, "qzo2_streamer", None)
         if streamer is None:
             return update(self.targets)
