@@ -23,9 +23,9 @@ for dt, eps in (("fp32", 1e-3), ("bf16", 1e-3), ("bf16", 1e-2), ("bf16", 1e-1), 
     for t, bb in zip(method.targets, basis):
         t.basis = bb
     b = D.encode(task.kind, D.batch_at(task.train, cfg.batch_size, cfg.seed, 0), tok, cfg.max_length)
-    t = time.time()
+    t0 = time.time()
     losses = method.step_losses(b, step_seed(1, 0))
-    el = time.time() - t
+    el = time.time() - t0
     d = projected_gradients(losses, eps)
     res[(dt, eps)] = d
     print(dt, eps, f"{el:.1f}s", [round(float(x), 3) for x in d], flush=True)

@@ -76,15 +76,10 @@ def target_z(t: Target, seed: int, pair: int) -> torch.Tensor:
     pairs' u are orthogonal instead (subspace_u)."""
     theta = t.tensor
     if t.basis is not None:
-        return basis_z(t, subspace_u(seed, pair, t.basis.shape[1], t.orthogonal, theta.device))
+        return masked_z(t, t.basis @ subspace_u(seed, pair, t.basis.shape[1], t.orthogonal, theta.device))
     if t.mask is None:
         return z_for(theta.shape, seed, t.index, pair, theta.device)
     return masked_z(t, z_for((len(t.mask),), seed, t.index, pair, theta.device) if len(t.mask) else None)
-
-
-def basis_z(t: Target, u: torch.Tensor) -> torch.Tensor:
-    """The target's slice of B·u for subspace coefficients u [r] (fp32), as the tensor's shape (0 outside a mask)."""
-    return masked_z(t, t.basis @ u.to(t.basis.device, torch.float32))
 
 
 def masked_z(t: Target, vals: torch.Tensor | None) -> torch.Tensor:
