@@ -127,6 +127,9 @@ class TrainConfig:
     zo_orthogonal: bool = _f(False, "ZO, zo_subspace: the n_pairs directions of a step are orthogonal (rows of a random "
                                     "rotation of the subspace) instead of i.i.d.; n_pairs = zo_subspace gives the "
                                     "exact finite-difference gradient on the subspace")
+    zo_track: float = _f(0.0, "ZO, zo_subspace: track the subspace gradient across steps instead of stepping along "
+                              "each step's own estimate: g += a*mean_j u_j(d_j - u_j.g), theta -= lr*B.g (LMS; one "
+                              "r-vector of state; a = 1 from g = 0 is the plain first step); 0 = off")
     scale_floor: float = _f(1e-7, "qzo: scales are clamped at this floor after each update")
     weight_decay: float = _f(0.0, "theta -= lr*wd*theta on weights, embeddings and scales, not on biases or norm "
                                   "gains (MeZO's reference, HF Trainer); qzo: not allowed (the QZO paper)")
@@ -214,6 +217,10 @@ class TrainConfig:
             raise ConfigError(f"zo_subspace must be >= 0 (got {self.zo_subspace})")
         if self.zo_orthogonal and not self.zo_subspace:
             raise ConfigError("zo_orthogonal chooses the directions inside zo_subspace: set zo_subspace too")
+        if not 0 <= self.zo_track <= 1:
+            raise ConfigError(f"zo_track must be in [0, 1] (got {self.zo_track})")
+        if self.zo_track and not self.zo_subspace:
+            raise ConfigError("zo_track estimates the gradient inside zo_subspace: set zo_subspace too")
         if not 0 < self.zo_mask_fraction <= 1 or not 0 <= self.zo_rms_beta < 1 or self.zo_mask_samples < 1:
             raise ConfigError("zo_mask_fraction must be in (0, 1], zo_rms_beta in [0, 1), zo_mask_samples >= 1")
         if self.method in ZO_METHODS and (self.clip_grad_norm or self.clip_grad_value):

@@ -34,6 +34,8 @@ ap.add_argument("--eval-every", type=int, default=25)
 ap.add_argument("--batch", type=int, default=16)
 ap.add_argument("--ortho", action="store_true")
 ap.add_argument("--momentum", type=float, default=0.0, help="zo: EMA of the subspace step, m = b*m + (1-b)*step")
+ap.add_argument("--track", type=float, default=0.0,
+                help="zo: gradient tracking, g <- g + a*mean_j u_j (d_j - u_j.g), the step -lr*g (0: off)")
 a = ap.parse_args()
 cfg = resolve_paths(load_config("recipes/accuracy-qzo-subspace.yaml",
                                 [f"seed={a.seed}", "zo_subspace=0", f"n_dev={a.n_dev}", "model=runs/accuracy/int4-rtn",
@@ -94,7 +96,11 @@ for step in range(a.steps):
         u = torch.stack([subspace_u(seed, j, B.shape[1], a.ortho) for j in range(a.pairs)]).double()
         d = u @ G  # exact directional derivatives [k]
         dc = method.normalized(d)[0].clamp(-a.clip, a.clip)
-        m = a.momentum * m + (1 - a.momentum) * (dc[:, None] * u).mean(0)
+        if a.track:
+            m = m + a.track * ((dc - u @ m)[:, None] * u).mean(0) if torch.is_tensor(m) else \
+                a.track * (dc[:, None] * u).mean(0)
+        else:
+            m = a.momentum * m + (1 - a.momentum) * (dc[:, None] * u).mean(0)
         c -= lr * m
     put(c)
     if step % 10 == 0:

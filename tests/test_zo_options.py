@@ -192,6 +192,11 @@ def test_zo_options_are_refused_for_first_order_methods():
         TrainConfig(zo_mask="magnitude", zo_mask_fraction=0.0)
     with pytest.raises(ConfigError, match="zo_orthogonal chooses the directions inside zo_subspace"):
         TrainConfig(zo_orthogonal=True)
+    with pytest.raises(ConfigError, match="zo_track estimates the gradient inside zo_subspace"):
+        TrainConfig(zo_track=0.1)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match=r"zo_track must be in \[0, 1\]"):
+            TrainConfig(zo_subspace=4, zo_track=bad)
 
 
 def test_resume_keeps_the_fisher_mask_and_the_running_rms(tiny, tmp_path):
@@ -204,15 +209,20 @@ def test_resume_keeps_the_fisher_mask_and_the_running_rms(tiny, tmp_path):
     assert int(state["zo.rms_t"]) == 7 and sum(v.numel() for k, v in state.items() if k.endswith(".zo_mask")) > 0
 
 
-def test_subspace_basis_is_checkpointed_and_resume_is_bit_identical(tiny, tmp_path):
+@pytest.mark.parametrize("track", [0.0, 0.3])
+def test_subspace_basis_is_checkpointed_and_resume_is_bit_identical(tiny, tmp_path, track):
     """The basis is made once, before step 1: a resumed run must take it from the checkpoint (it makes no new
-    gradient pass), so its z, and every trained tensor, equal the uninterrupted run's."""
+    gradient pass), so its z, and every trained tensor, equal the uninterrupted run's. With zo_track the tracked
+    gradient is state too: a resume that lost it would step differently."""
     q, _, data = tiny
     kw = dict(eval_every=3, save_every=2, log_every=1, zo_subspace=3, zo_mask_samples=4, zo_normalize=True, clip=3.0,
-              zo_orthogonal=True, n_pairs=2)
+              zo_orthogonal=True, n_pairs=2, zo_track=track)
     straight, _ = straight_and_resumed(tmp_path, q, data, 6, 4, ("trained.safetensors", "method.safetensors"),
                                        calls_before=4, **kw)
     state = load_file(str(trainer.RunDir(straight["run"]).checkpoint("last") / "method.safetensors"))
+    assert ("zo.track" in state) == bool(track)
+    if track:
+        assert state["zo.track"].shape == (3,) and state["zo.track"].abs().sum() > 0
     bases = [v for k, v in state.items() if k.endswith(".zo_basis")]
     assert bases and all(b.shape[1] == 3 for b in bases)
     joint = torch.cat(bases).double()
@@ -368,3 +378,47 @@ def test_orthogonal_pairs_spanning_the_subspace_give_its_exact_gradient_step(ort
     else:
         assert err > 0.5
 
+
+
+def subspace_setup(r=3, **kw):
+    """A MeZO method on a tiny llama with an r-dim gradient subspace, a batch, and autograd's Bᵀ∇L at θ."""
+    model = build_model("llama")
+    method = zo_method(model, zo_subspace=r, zo_mask_samples=r, clip=0.0, eps=1e-3, **kw)
+    data = batches(r, rows=1)
+    method.prepare(lambda i, size: data[i])
+    batch = batches(1, rows=2)[0]
+    ref = build_model("llama")
+    params = [t.tensor for t in base.weight_targets(ref, ("linear",))]
+    objective.loss(ref, "lm", batch).backward()
+    g = torch.cat([p.grad.flatten() for p in params]).double()
+    basis = torch.cat([t.basis for t in method.targets]).double()
+    return method, batch, basis, basis.t() @ g
+
+
+def test_tracking_from_one_pair_a_step_converges_to_the_subspace_gradient():
+    """zo_track: on a fixed batch (lr tiny, so θ stays put) the LMS estimate g from one ±ε pair a step converges to
+    the subspace gradient Bᵀ∇L (autograd's), which no single SPSA estimate is near (‖u‖² = r per pair); and the
+    update moves θ by exactly −lr·B·g."""
+    method, batch, basis, want = subspace_setup(n_pairs=1, zo_track=0.3, lr=1e-9)
+    errs = []
+    for step in range(60):
+        method.step(batch, step)
+        errs.append(float((method.track - want).norm() / want.norm()))
+    assert errs[0] > 0.3 and errs[-1] < 0.02, (errs[0], errs[-1])
+    before = torch.cat([t.tensor.detach().flatten() for t in method.targets]).double()
+    w = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64) * 1e-3
+    zo.apply_update(method.targets, 0, [], subspace_step=w)
+    delta = torch.cat([t.tensor.detach().flatten() for t in method.targets]).double() - before
+    torch.testing.assert_close(delta, -basis @ w, atol=1e-7, rtol=0)
+
+
+def test_tracking_at_one_from_zero_is_the_plain_first_step():
+    """a = 1 from g = 0 is the plain SPSA step on the subspace (g = mean_j d_j u_j), whatever n_pairs."""
+    deltas = []
+    for track in (0.0, 1.0):
+        method, batch, _, _ = subspace_setup(n_pairs=2, zo_track=track, lr=1e-2)
+        before = torch.cat([t.tensor.detach().flatten() for t in method.targets]).double()
+        method.step(batch, 0)
+        deltas.append(torch.cat([t.tensor.detach().flatten() for t in method.targets]).double() - before)
+    assert deltas[0].norm() > 0
+    torch.testing.assert_close(deltas[1], deltas[0], atol=1e-7, rtol=1e-4)

@@ -181,16 +181,18 @@ def projected_gradients(losses: torch.Tensor, eps: float) -> torch.Tensor:
 
 @torch.no_grad()
 def apply_update(targets: list[Target], seed: int, coeffs: list[float], weight_decay: float = 0.0, lr: float = 0.0,
-                 floor: float | None = None) -> None:
+                 floor: float | None = None, subspace_step: torch.Tensor | None = None) -> None:
     """θ ← θ − Σ_j coeffs[j]·z_j − lr·wd·θ (wd only where t.decay), clamped at `floor`; z regenerated from the seed
-    (coeffs[j] = lr·d'_j/k). Computed in fp32 and stored back stochastically rounded (base.store) when θ is
-    bf16/fp16."""
+    (coeffs[j] = lr·d'_j/k). `subspace_step` w [r] (zo_track): θ also moves by −B·w along the target's basis.
+    Computed in fp32 and stored back stochastically rounded (base.store) when θ is bf16/fp16."""
     for t in targets:
         theta = t.tensor
         new = theta.float() if theta.dtype != torch.float32 else theta.clone()
         for j, c in enumerate(coeffs):
             if c:
                 new.sub_(target_z(t, seed, j).mul_(c))
+        if subspace_step is not None:
+            new.sub_(masked_z(t, t.basis @ subspace_step.to(t.basis.device, torch.float32)))
         if weight_decay and t.decay:
             decay = theta.float().mul(lr * weight_decay)
             if t.mask is not None:  # outside the mask nothing moves, decay included
@@ -294,7 +296,8 @@ class ZeroOrder(Method):
     """QZO (scales of a quantized model) and MeZO / ZO2 (weights of an unquantized one): one step is
     seed_t = mix(seed, t); the batch stacked 2k times; one forward inside `dual_forward` gives the 2k chunk losses;
     d = (L+ − L−)/2ε per pair, clipped to [−C, C] (DDC); θ ← θ − lr·mean(d'·z). Everything that varies with the step
-    (z, lr) is a pure function of (config, step), so there is no state to save and a resume continues bit for bit.
+    (z, lr) is a pure function of (config, step); the little state the options keep (zo_normalize's RMS, zo_track's
+    r-vector, masks, basis) is checkpointed, so a resume continues bit for bit.
     With a BlockStreamer on the model (ZO2 mode) the update of streamed tensors is deferred to their next upload."""
 
     def __init__(self, model, cfg, targets, kind):
@@ -303,6 +306,7 @@ class ZeroOrder(Method):
         self.floor = cfg.scale_floor if cfg.method == "qzo" else None
         # zo_normalize: the EMA of mean_j d_j² (bias-corrected like Adam's v), one scalar of state
         self.rms = {"v": torch.zeros((), dtype=torch.float64), "t": torch.zeros((), dtype=torch.int64)}
+        self.track: torch.Tensor | None = None  # zo_track: the tracked subspace gradient g [r], float64, made lazily
         for t in targets:
             t.orthogonal = cfg.zo_orthogonal
         if cfg.zo_mask == "magnitude":
@@ -332,6 +336,8 @@ class ZeroOrder(Method):
             out.update({f"{t.path}.zo_mask": t.mask for t in self.targets if t.mask is not None})
         if self.cfg.zo_subspace:
             out.update({f"{t.path}.zo_basis": t.basis for t in self.targets if t.basis is not None})
+        if self.track is not None:
+            out["zo.track"] = self.track
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -341,6 +347,8 @@ class ZeroOrder(Method):
                 t.mask = tensors.pop(f"{t.path}.zo_mask").to(t.tensor.device)
             if f"{t.path}.zo_basis" in tensors:
                 t.basis = tensors.pop(f"{t.path}.zo_basis").to(t.tensor.device)
+        if "zo.track" in tensors and self.cfg.zo_track:
+            self.track = tensors.pop("zo.track").double().cpu()
         if self.cfg.zo_normalize:
             self.rms["v"].copy_(tensors.pop("zo.rms_v"))
             self.rms["t"].copy_(tensors.pop("zo.rms_t"))
@@ -355,6 +363,20 @@ class ZeroOrder(Method):
         self.rms["t"] += 1
         rms = math.sqrt(float(self.rms["v"]) / (1 - beta ** int(self.rms["t"])))
         return d / rms if rms > 0 else d, rms
+
+    def tracked(self, dc: torch.Tensor, seed: int) -> torch.Tensor:
+        """zo_track: one LMS step of the tracked subspace gradient g [r] toward this step's k measurements
+        dc_j ≈ u_j·∇_c L: g ← g + a·mean_j u_j (dc_j − u_j·g) -> g. Plain SPSA steps along mean_j dc_j u_j, whose
+        noise (‖u‖² = r per pair: the estimate's error is ~√(r/k) times the gradient) averages out only over many
+        steps; g averages it over ~1/a steps while the gradient changes slowly, as the step moves θ by lr·B·g. With
+        a = 1 from g = 0 the step is the plain one; stable for a < 2/(1 + (r+1)/k) (mean-square, Gaussian u), so
+        with k = 1 keep a small (≲ 0.05 at r = 32)."""
+        r = next(t.basis.shape[1] for t in self.targets if t.basis is not None)
+        u = torch.stack([subspace_u(seed, j, r, self.cfg.zo_orthogonal) for j in range(len(dc))]).double()
+        if self.track is None:
+            self.track = torch.zeros(r, dtype=torch.float64)
+        self.track += self.cfg.zo_track * ((dc.double().cpu() - u @ self.track)[:, None] * u).mean(0)
+        return self.track
 
     def step_losses(self, batch: dict, seed: int) -> torch.Tensor:
         """The 2k chunk losses [L+_0, L−_0, L+_1, ...] (float64) of the step's batch, the same on every rank.
@@ -390,15 +412,21 @@ class ZeroOrder(Method):
             d, out["d_rms"] = self.normalized(d)
         dc = d.clamp(-cfg.clip, cfg.clip) if cfg.clip else d
         lr = self.lr_at(step)
-        self.apply_step_update(seed, [lr * float(x) / k for x in dc], cfg.weight_decay, lr)
+        if cfg.zo_track:
+            g = self.tracked(dc, seed)
+            self.apply_step_update(seed, [], cfg.weight_decay, lr, subspace_step=lr * g)
+            out["track_norm"] = float(g.norm())
+        else:
+            self.apply_step_update(seed, [lr * float(x) / k for x in dc], cfg.weight_decay, lr)
         out["clip_rate"] = int((dc != d).sum()) / k
         return out
 
-    def apply_step_update(self, seed: int, coeffs: list[float], weight_decay: float, lr: float) -> None:
+    def apply_step_update(self, seed: int, coeffs: list[float], weight_decay: float, lr: float,
+                          subspace_step: torch.Tensor | None = None) -> None:
         """apply_update, now for resident targets; for the tensors a streamer streams (ZO2 mode), deferred until
         their block is next on the device (engine.BlockStreamer.defer), so the step needs no second upload."""
         update = functools.partial(apply_update, seed=seed, coeffs=coeffs, weight_decay=weight_decay, lr=lr,
-                                   floor=self.floor)
+                                   floor=self.floor, subspace_step=subspace_step)
         streamer = getattr(self.model, "qzo2_streamer", None)
         if streamer is None:
             return update(self.targets)
