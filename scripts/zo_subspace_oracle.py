@@ -36,6 +36,10 @@ ap.add_argument("--ortho", action="store_true")
 ap.add_argument("--momentum", type=float, default=0.0, help="zo: EMA of the subspace step, m = b*m + (1-b)*step")
 ap.add_argument("--track", type=float, default=0.0,
                 help="zo: gradient tracking, g <- g + a*mean_j u_j (d_j - u_j.g), the step -lr*g (0: off)")
+ap.add_argument("--adam", type=float, default=0.0,
+                help="precondition the step per coordinate of c: s / sqrt(EMA_b(s^2)) / sqrt(r), b = this (0: off)")
+ap.add_argument("--principal", action="store_true",
+                help="rotate the basis onto the principal axes of the sampled gradients (same span)")
 a = ap.parse_args()
 cfg = resolve_paths(load_config("recipes/accuracy-qzo-subspace.yaml",
                                 [f"seed={a.seed}", "zo_subspace=0", f"n_dev={a.n_dev}", "model=runs/accuracy/int4-rtn",
@@ -49,8 +53,12 @@ t0 = time.time()
 _, rows = gradient_pass(model, T, method.kind, [D.encode(task.kind, D.batch_at(task.train, 1, cfg.seed + 1, i), tok,
                                                            cfg.max_length) for i in range(a.samples)], keep=True)
 set_basis(T, rows, a.rank)
-del rows
 B = torch.cat([t.basis for t in T])  # [N, r]
+if a.principal:
+    _, S, Vh = torch.linalg.svd(torch.cat(rows, dim=1).double() @ B.double(), full_matrices=False)
+    B = (B.double() @ Vh.t()).float()
+    print("principal singular values", [round(float(x), 2) for x in S[:8]], flush=True)
+del rows
 theta0 = torch.cat([t.tensor.detach().float().flatten() for t in T])
 c = torch.zeros(B.shape[1], dtype=torch.float64)
 print(f"basis {tuple(B.shape)} in {time.time() - t0:.0f}s", flush=True)
@@ -72,7 +80,7 @@ def dev(step):
           flush=True)
 
 
-v, beta, m = 0.0, cfg.zo_rms_beta, 0.0
+v, beta, m, w = 0.0, cfg.zo_rms_beta, 0.0, 0.0
 dev(0)
 for step in range(a.steps):
     for t in T:
@@ -90,7 +98,7 @@ for step in range(a.steps):
     if a.mode == "fo":
         v = beta * v + (1 - beta) * float(G @ G)
         rms = math.sqrt(v / (1 - beta ** (step + 1)))
-        c -= lr * G / rms
+        s = G / rms
     else:
         seed = step_seed(cfg.seed, step)
         u = torch.stack([subspace_u(seed, j, B.shape[1], a.ortho) for j in range(a.pairs)]).double()
@@ -101,7 +109,11 @@ for step in range(a.steps):
                 a.track * (dc[:, None] * u).mean(0)
         else:
             m = a.momentum * m + (1 - a.momentum) * (dc[:, None] * u).mean(0)
-        c -= lr * m
+        s = m
+    if a.adam:  # Adam's second moment per coordinate of c (no first moment), the step's norm kept ~ lr
+        w = a.adam * w + (1 - a.adam) * s * s
+        s = s / (w / (1 - a.adam ** (step + 1))).sqrt().clamp_min(1e-12) / math.sqrt(B.shape[1])
+    c -= lr * s
     put(c)
     if step % 10 == 0:
         print(f"step {step}: loss {loss:.4f} |G| {float(G.norm()):.4f} |c| {float(c.norm()):.4f}", flush=True)

@@ -98,25 +98,27 @@ def pair_list(pairs) -> range | list[int]:
     return range(pairs) if isinstance(pairs, int) else list(pairs)
 
 
-def perturbed(t: Target, seed: int, eps: float, pairs) -> list[torch.Tensor]:
-    """[θ+εz_j, θ−εz_j for each pair j of `pairs`] for one target, out of place, in the tensor's dtype."""
+def perturbed(t: Target, seed: int, eps: float, pairs, one_sided: bool = False) -> list[torch.Tensor]:
+    """[θ+εz_j, θ−εz_j for each pair j of `pairs`] for one target, out of place, in the tensor's dtype; one_sided
+    (zo_one_sided): [θ, θ+εz_j for each j], k+1 chunks instead of 2k."""
     theta = t.tensor
     base = theta.float()
-    out = []
+    out = [base.to(theta.dtype)] if one_sided else []  # θ itself, through the chunks' own rounding
     for j in pair_list(pairs):
         ez = target_z(t, seed, j).mul_(eps)
-        out += [(base + ez).to(theta.dtype), (base - ez).to(theta.dtype)]
+        out += [(base + ez).to(theta.dtype)] if one_sided else [(base + ez).to(theta.dtype), (base - ez).to(theta.dtype)]
     return out
 
 
-def _chunked_forward(module: nn.Module, targets: list[tuple[str, Target]], seed: int, eps: float, pairs):
+def _chunked_forward(module: nn.Module, targets: list[tuple[str, Target]], seed: int, eps: float, pairs,
+                     one_sided: bool = False):
     """A forward that runs input chunk c with each (attribute, target) tensor of `module` replaced by the target's
     c-th perturbation (the attribute is the target's own name, or the name an alias reads it under)."""
     cls_forward = type(module).forward
 
     def forward(x, *args, **kwargs):
-        values = {name: perturbed(t, seed, eps, pairs) for name, t in targets}
-        m = 2 * len(pair_list(pairs))
+        values = {name: perturbed(t, seed, eps, pairs, one_sided) for name, t in targets}
+        m = n_chunks(pairs, one_sided)
         if x.shape[0] % m:
             raise ValueError(f"batch of {x.shape[0]} rows cannot be split into {m} perturbation chunks")
         stores = {name: module._parameters if name in module._parameters else module._buffers for name, _ in targets}
@@ -141,15 +143,21 @@ def _chunked_forward(module: nn.Module, targets: list[tuple[str, Target]], seed:
     return forward
 
 
+def n_chunks(pairs, one_sided: bool = False) -> int:
+    """Chunks of the batched forward: 2k (θ ± εz_j), or k+1 one-sided (θ, θ + εz_j)."""
+    k = len(pair_list(pairs))
+    return k + 1 if one_sided else 2 * k
+
+
 @contextlib.contextmanager
-def dual_forward(targets: list[Target], seed: int, eps: float, n_pairs=1):
+def dual_forward(targets: list[Target], seed: int, eps: float, n_pairs=1, one_sided: bool = False):
     """Inside the context one forward of 2k stacked copies of a batch evaluates all 2k perturbations (n_pairs: k, or
-    the list of the k pair indices to evaluate)."""
+    the list of the k pair indices to evaluate); one_sided: k+1 copies, the first unperturbed."""
     handles, by_module = [], {}
     for t in targets:
         if isinstance(t.module, QuantLinear) and t.name == "scales":
             def pre(m, args, t=t):
-                m.chunk_scales = perturbed(t, seed, eps, n_pairs)
+                m.chunk_scales = perturbed(t, seed, eps, n_pairs, one_sided)
 
             def post(m, args, out):
                 m.chunk_scales = None
@@ -160,7 +168,7 @@ def dual_forward(targets: list[Target], seed: int, eps: float, n_pairs=1):
         for module, name in t.aliases:  # every reader of a shared tensor sees the same perturbation
             by_module.setdefault(id(module), (module, []))[1].append((name, t))
     for module, ts in by_module.values():
-        module.forward = _chunked_forward(module, ts, seed, eps, n_pairs)
+        module.forward = _chunked_forward(module, ts, seed, eps, n_pairs, one_sided)
     try:
         yield
     finally:
@@ -173,8 +181,12 @@ def dual_forward(targets: list[Target], seed: int, eps: float, n_pairs=1):
                 t.module.chunk_scales = None
 
 
-def projected_gradients(losses: torch.Tensor, eps: float) -> torch.Tensor:
-    """losses [2k] ordered (+, −) per pair -> d [k] = (L+ − L−) / 2ε, in float64."""
+def projected_gradients(losses: torch.Tensor, eps: float, one_sided: bool = False) -> torch.Tensor:
+    """losses [2k] ordered (+, −) per pair -> d [k] = (L+ − L−) / 2ε, in float64; one_sided: losses [k+1]
+    (L(θ), L+_0, ...) -> d = (L+ − L(θ)) / ε, whose error ε/2·zᵀHz is odd in z: zero-mean, not cancelled."""
+    if one_sided:
+        losses = losses.double()
+        return (losses[1:] - losses[0]) / eps
     losses = losses.double().view(-1, 2)
     return (losses[:, 0] - losses[:, 1]) / (2 * eps)
 
@@ -387,9 +399,11 @@ class ZeroOrder(Method):
         pairs = list(range(k))
         if world.enabled and self.cfg.zo_parallel == "pairs":
             pairs = [j for j in range(k) if j % world.size == world.rank]
-        stacked = repeat_batch(batch, 2 * len(pairs))
-        with torch.no_grad(), dual_forward(self.targets, seed, self.cfg.eps, pairs):
-            sums, counts = objective.chunk_sums(self.model, self.kind, stacked, 2 * len(pairs))
+        one_sided = self.cfg.zo_one_sided
+        m = n_chunks(pairs, one_sided)
+        stacked = repeat_batch(batch, m)
+        with torch.no_grad(), dual_forward(self.targets, seed, self.cfg.eps, pairs, one_sided):
+            sums, counts = objective.chunk_sums(self.model, self.kind, stacked, m)
         if not world.enabled:
             return sums / counts.clamp(min=1)
         if self.cfg.zo_parallel == "pairs":
@@ -406,8 +420,8 @@ class ZeroOrder(Method):
         losses = self.step_losses(batch, seed)
         if not torch.isfinite(losses).all():
             return {"skipped": "nonfinite", "losses": [float(x) for x in losses]}
-        d = projected_gradients(losses, cfg.eps)
-        out = {"loss": float(losses.mean()), "d": float(d.abs().mean())}
+        d = projected_gradients(losses, cfg.eps, cfg.zo_one_sided)
+        out = {"loss": float(losses[0] if cfg.zo_one_sided else losses.mean()), "d": float(d.abs().mean())}
         if cfg.zo_normalize:  # the clip is then in units of the running RMS
             d, out["d_rms"] = self.normalized(d)
         dc = d.clamp(-cfg.clip, cfg.clip) if cfg.clip else d
