@@ -206,6 +206,8 @@ def _accuracy(output: str) -> float:
 ACCURACY_ROWS = {  # row key -> (row name, recipe, base: "rtn" (int4 RTN scales) or "default" (fp32 weights), export)
     "qzo": ("QZO int4 RTN", "recipes/accuracy-qzo.yaml", "rtn", "gptq"),
     "qzo-subspace": ("QZO int4 RTN, gradient subspace", "recipes/accuracy-qzo-subspace.yaml", "rtn", "gptq"),
+    "qzo-track": ("QZO int4 RTN, subspace, 8 one-sided probes, tracked gradient", "recipes/accuracy-qzo-track.yaml",
+                  "rtn", "gptq"),
     "mezo": ("MeZO fp32", "recipes/accuracy-mezo.yaml", "default", "hf"),
     "lomo": ("LOMO int4 RTN scales", "recipes/accuracy-lomo.yaml", "rtn", "gptq"),
     "adalomo": ("AdaLomo int4 RTN scales", "recipes/accuracy-adalomo.yaml", "rtn", "gptq"),

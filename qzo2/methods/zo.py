@@ -106,7 +106,9 @@ def perturbed(t: Target, seed: int, eps: float, pairs, one_sided: bool = False) 
     out = [base.to(theta.dtype)] if one_sided else []  # θ itself, through the chunks' own rounding
     for j in pair_list(pairs):
         ez = target_z(t, seed, j).mul_(eps)
-        out += [(base + ez).to(theta.dtype)] if one_sided else [(base + ez).to(theta.dtype), (base - ez).to(theta.dtype)]
+        out.append((base + ez).to(theta.dtype))
+        if not one_sided:
+            out.append((base - ez).to(theta.dtype))
     return out
 
 
