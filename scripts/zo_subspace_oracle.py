@@ -47,6 +47,7 @@ cfg = resolve_paths(load_config("recipes/accuracy-qzo-subspace.yaml",
                                  f"batch_size={a.batch}"]))
 data = D.read_data(cfg)
 model, tok, method = load_for_training(cfg)
+method.cfg.zo_track, method.cfg.zo_orthogonal = a.track, a.ortho  # read by method.tracked (after validation)
 task = D.build_task(cfg, tok, data)
 T = method.targets
 t0 = time.time()
@@ -104,9 +105,8 @@ for step in range(a.steps):
         u = torch.stack([subspace_u(seed, j, B.shape[1], a.ortho) for j in range(a.pairs)]).double()
         d = u @ G  # exact directional derivatives [k]
         dc = method.normalized(d)[0].clamp(-a.clip, a.clip)
-        if a.track:
-            m = m + a.track * ((dc - u @ m)[:, None] * u).mean(0) if torch.is_tensor(m) else \
-                a.track * (dc[:, None] * u).mean(0)
+        if a.track:  # the trainer's own tracking step (ZeroOrder.tracked draws the same u from the seed)
+            m = method.tracked(dc, seed)
         else:
             m = a.momentum * m + (1 - a.momentum) * (dc[:, None] * u).mean(0)
         s = m
