@@ -127,6 +127,11 @@ class TrainConfig:
     zo_orthogonal: bool = _f(False, "ZO, zo_subspace: the n_pairs directions of a step are orthogonal (rows of a random "
                                     "rotation of the subspace) instead of i.i.d.; n_pairs = zo_subspace gives the "
                                     "exact finite-difference gradient on the subspace")
+    zo_precondition: str = _f("none", "ZO, zo_subspace: adam = a diagonally preconditioned basis P = D^1/2 Q, Q an "
+                                      "orthonormal basis of the D^1/2-scaled gradients, D = 1/(s + 0.1 mean(s)) with s "
+                                      "each entry's RMS gradient in the one-off pass (Adam's second moment): a "
+                                      "full-rank step along the subspace gradient is then -D grad, Adam's direction, "
+                                      "not the gradient's", ("none", "adam"))
     zo_one_sided: bool = _f(False, "ZO: probe one-sided, d_j = (L(theta+eps*z_j) - L(theta))/eps, from k+1 chunks of the "
                                    "batched forward instead of 2k (FZOO style; with n_pairs 8: 9 chunks, not 16)")
     zo_track: float = _f(0.0, "ZO, zo_subspace: track the subspace gradient across steps instead of stepping along "
@@ -217,6 +222,8 @@ class TrainConfig:
             raise ConfigError(f"zo_normalize / zo_mask are for zeroth-order methods (qzo, mezo), not {self.method}")
         if self.zo_subspace < 0:
             raise ConfigError(f"zo_subspace must be >= 0 (got {self.zo_subspace})")
+        if self.zo_precondition != "none" and not self.zo_subspace:
+            raise ConfigError("zo_precondition shapes the basis of zo_subspace: set zo_subspace too")
         if self.zo_orthogonal and not self.zo_subspace:
             raise ConfigError("zo_orthogonal chooses the directions inside zo_subspace: set zo_subspace too")
         if self.zo_one_sided and self.method not in ZO_METHODS:

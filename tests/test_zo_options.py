@@ -198,6 +198,8 @@ def test_zo_options_are_refused_for_first_order_methods():
         TrainConfig(zo_one_sided=True, zo_parallel="pairs")
     with pytest.raises(ConfigError, match="zo_track estimates the gradient inside zo_subspace"):
         TrainConfig(zo_track=0.1)
+    with pytest.raises(ConfigError, match="zo_precondition shapes the basis of zo_subspace"):
+        TrainConfig(zo_precondition="adam")
     for bad in (-0.1, 1.5):
         with pytest.raises(ConfigError, match=r"zo_track must be in \[0, 1\]"):
             TrainConfig(zo_subspace=4, zo_track=bad)
@@ -303,6 +305,67 @@ def test_subspace_from_more_examples_than_its_rank_is_their_principal_subspace()
     zo.set_basis(targets, [g[:2, :30].float(), g[:2, 30:].float()], rank=2)  # examples <= rank: their span
     b = torch.cat([targets[0].basis, targets[1].basis]).double()
     assert (first_two @ first_two.t() @ b - b).norm() < 1e-4
+
+
+def test_preconditioned_basis_steps_along_adams_direction():
+    """zo_precondition=adam: with a basis of full rank, P·Pᵀ = r·D/tr(D), D = 1/(s + 0.1·mean s) per entry and s
+    the RMS of the sampled gradients (numpy float64 as the reference), so the step −lr·P·Pᵀ∇L is Adam's direction
+    −D∇L, not −∇L; with a smaller rank P's columns are combinations of the D·g_i. The plain basis (set_basis) gives
+    P·Pᵀ = I instead, so the test fails if the preconditioning is dropped or D has the wrong power."""
+    import numpy as np
+    gen = torch.Generator().manual_seed(1)
+    m = torch.nn.Module()
+    m.a, m.b = (torch.nn.Parameter(torch.zeros(s), requires_grad=False) for s in ((2, 2), (3,)))
+    targets = [base.Target(0, "a", m, "a"), base.Target(1, "b", m, "b")]
+    g = torch.randn(9, 7, generator=gen, dtype=torch.float64) * torch.tensor([5, 0.1, 1, 3, 0.01, 2, 1.0])
+    parts = [g[:, :4].float(), g[:, 4:].float()]
+    zo.precondition_basis(targets, parts, [(p * p).sum(0) for p in parts], rank=7)
+    p = torch.cat([targets[0].basis, targets[1].basis]).double()
+    assert targets[0].basis.shape == (4, 7) and targets[1].basis.shape == (3, 7)
+    s = np.sqrt((g.numpy() ** 2).mean(0))
+    d = 1 / (s + 0.1 * s.mean())
+    torch.testing.assert_close(p @ p.t(), torch.from_numpy(np.diag(7 * d / d.sum())), atol=1e-5, rtol=1e-4)
+    zo.precondition_basis(targets, parts, [(p * p).sum(0) for p in parts], rank=2)
+    p = torch.cat([targets[0].basis, targets[1].basis]).double()
+    assert float(p.pow(2).sum()) == pytest.approx(2.0, rel=1e-5)
+    dg = torch.from_numpy(d)[:, None] * g.t()  # [7, 9]: the D·g_i
+    coef = torch.linalg.lstsq(dg, p).solution
+    assert (dg @ coef - p).norm() < 1e-4 * p.norm()
+    zo.set_basis(targets, parts, rank=2)
+    plain = torch.cat([targets[0].basis, targets[1].basis]).double()
+    assert (plain @ torch.linalg.lstsq(plain, p).solution - p).norm() > 0.1 * p.norm()  # not the plain top-2 span
+
+
+def test_a_masked_gradient_pass_keeps_only_the_masked_entries():
+    """gradient_pass(masked=True) (the subspace pass after a mask: MeZO's 10⁸ weights would not fit 32 full
+    gradients): each target's rows hold exactly the masked entries of the full pass, and the Fisher sums are the
+    full ones."""
+    model = build_model("llama")
+    targets = base.weight_targets(model, ("linear",))
+    data = batches(3, rows=1)
+    full_sq, full = zo.gradient_pass(model, targets, "lm", data, keep=True)
+    zo.set_masks(targets, full_sq, 0.05)
+    sq, rows = zo.gradient_pass(model, targets, "lm", data, keep=True, masked=True)
+    for t, f, r, a, b in zip(targets, full, rows, full_sq, sq):
+        assert r.shape == (3, len(t.mask))
+        assert torch.equal(r, f[:, t.mask]) and torch.equal(a, b)
+
+
+def test_the_trainer_builds_the_preconditioned_basis_from_its_one_off_pass():
+    """zo_precondition=adam in prepare(): the basis equals precondition_basis of an independent gradient pass over
+    the same examples, and differs from the plain one."""
+    model = build_model("llama")
+    method = zo_method(model, zo_subspace=3, zo_mask_samples=3, zo_precondition="adam", lr=1e-2)
+    data = batches(3, rows=1)
+    method.prepare(lambda i, size: data[i])
+    ref = build_model("llama")
+    ref_targets = base.weight_targets(ref, ("linear",))
+    sq, grads = zo.gradient_pass(ref, ref_targets, "lm", data, keep=True)
+    zo.precondition_basis(ref_targets, grads, sq, 3)
+    for t, r in zip(method.targets, ref_targets):
+        torch.testing.assert_close(t.basis, r.basis, atol=1e-6, rtol=1e-4)
+    zo.set_basis(ref_targets, grads, 3)
+    assert max(float((t.basis - r.basis).abs().max()) for t, r in zip(method.targets, ref_targets)) > 1e-3
 
 
 def test_subspace_z_lies_in_the_span_of_the_sampled_gradients():

@@ -229,14 +229,18 @@ def magnitude_scores(targets: list[Target]) -> list[torch.Tensor]:
     return [-t.tensor.detach().float().abs().flatten() for t in targets]
 
 
-def gradient_pass(model, targets: list[Target], kind: str, batches: list[dict], keep: bool = False):
+def gradient_pass(model, targets: list[Target], kind: str, batches: list[dict], keep: bool = False,
+                  masked: bool = False):
     """One backward per batch (one example each): -> (the diagonal empirical Fisher Σ_i (∂L_i/∂θ)² per target,
-    and with `keep` the per-example gradients, [examples, entries] per target, else None). Each gradient is folded
-    by a post-accumulate hook and freed at once (LOMO-style), so the pass needs one example's activations plus one
-    fp32 value per trained entry (and `keep`: one per entry and example)."""
+    and with `keep` the per-example gradients, [examples, entries] per target, else None; `masked`: only the
+    entries of each target's mask are kept). Each gradient is folded by a post-accumulate hook and freed at once
+    (LOMO-style), so the pass needs one example's activations plus one fp32 value per trained entry (and `keep`: one
+    per kept entry and example)."""
     acc = [torch.zeros(t.tensor.numel(), dtype=torch.float32, device=t.tensor.device) for t in targets]
-    rows = ([torch.zeros(len(batches), t.tensor.numel(), dtype=torch.float32, device=t.tensor.device)
-             for t in targets] if keep else None)  # filled in place: no second copy of every gradient
+    pick = [t.mask if masked and t.mask is not None else None for t in targets]
+    rows = ([torch.zeros(len(batches), t.tensor.numel() if p is None else len(p), dtype=torch.float32,
+                         device=t.tensor.device) for t, p in zip(targets, pick)]
+            if keep else None)  # filled in place: no second copy of every gradient
     handles = []
     for i, (t, a) in enumerate(zip(targets, acc)):
         t.tensor.requires_grad_(True)
@@ -244,8 +248,8 @@ def gradient_pass(model, targets: list[Target], kind: str, batches: list[dict], 
         def fold(tensor, a=a, i=i):
             g = tensor.grad.float().flatten()
             a.add_(g.pow(2))
-            if rows is not None:
-                rows[i][example] = g  # `example`: the loop variable below, read when backward calls the hook
+            if rows is not None:  # `example`: the loop variable below, read when backward calls the hook
+                rows[i][example] = g if pick[i] is None else g[pick[i]]
             tensor.grad = None
 
         handles.append(t.tensor.register_post_accumulate_grad_hook(fold))
@@ -265,12 +269,13 @@ def fisher_scores(model, targets: list[Target], kind: str, batches: list[dict]) 
     return gradient_pass(model, targets, kind, batches)[0]
 
 
-def set_basis(targets: list[Target], grads: list[torch.Tensor], rank: int) -> None:
+def set_basis(targets: list[Target], grads: list[torch.Tensor], rank: int, masked: bool = False) -> None:
     """An orthonormal basis of the per-example gradients (restricted to each target's mask), its rows split back per
     target as t.basis. With as many examples as the rank or fewer: their span (QR). With more: the top-`rank` right
     singular vectors of the [examples, N] gradient matrix, the rank-r subspace that holds most of the gradients'
-    energy (a PCA of the per-example gradients, uncentred), rather than the span of whichever r came first."""
-    cols = [g[:, t.mask] if t.mask is not None else g for g, t in zip(grads, targets)]
+    energy (a PCA of the per-example gradients, uncentred), rather than the span of whichever r came first.
+    `masked`: the gradients hold only the masked entries already (gradient_pass(..., masked=True))."""
+    cols = [g[:, t.mask] if t.mask is not None and not masked else g for g, t in zip(grads, targets)]
     stacked = torch.cat([c.cpu() for c in cols], dim=1)  # [examples, N]
     if stacked.shape[0] <= rank:
         q, _ = torch.linalg.qr(stacked.t().double())  # [N, examples], orthonormal columns
@@ -285,6 +290,32 @@ def set_basis(targets: list[Target], grads: list[torch.Tensor], rank: int) -> No
     for t, c in zip(targets, cols):
         t.basis = q[start:start + c.shape[1]].contiguous().to(t.tensor.device)
         start += c.shape[1]
+
+
+PRECONDITION_DELTA = 0.1  # zo_precondition: D = 1/(s + δ·mean(s)), δ relative so it is free of the loss' units
+
+
+def precondition_basis(targets: list[Target], grads: list[torch.Tensor], sq_sums: list[torch.Tensor],
+                       rank: int, masked: bool = False) -> None:
+    """zo_precondition=adam: t.basis = the target's rows of P = D^½·Q, Q an orthonormal basis (set_basis) of the
+    gradients scaled by D^½, D = 1/(s + δ·mean s) per entry, s = √(Σ_i g_i² / n) the RMS gradient of the one-off
+    pass (Adam's √v; mean over the perturbed entries). θ = θ₀ + P·c, so SPSA on c steps θ by −lr·P·Pᵀ∇L: where P
+    spans everything that is −lr·D·∇L, Adam's direction (entries with small gradients move as much as large ones),
+    where plain Q steps along −∇L. P is rescaled to ‖P‖_F² = r (= ‖Q‖_F²) so E‖z‖² and the lr keep their scale."""
+    n = grads[0].shape[0]
+    rms = [(q.float() / n).sqrt() for q in sq_sums]
+    picked = torch.cat([(x[t.mask] if t.mask is not None else x).cpu() for x, t in zip(rms, targets)])
+    offset = PRECONDITION_DELTA * float(picked.mean())
+    half = [(x + offset).rsqrt() if offset > 0 else torch.ones_like(x) for x in rms]  # D^½, full entries
+    half = [h[t.mask] if t.mask is not None else h for h, t in zip(half, targets)]  # of the perturbed entries
+    cols = [g[:, t.mask] if t.mask is not None and not masked else g for g, t in zip(grads, targets)]
+    set_basis(targets, [g * h for g, h in zip(cols, half)], rank, masked=True)
+    for t, h in zip(targets, half):
+        t.basis = t.basis * h[:, None].to(t.basis.device)
+    total = sum(float(t.basis.double().pow(2).sum()) for t in targets)
+    r = targets[0].basis.shape[1]
+    for t in targets:
+        t.basis = (t.basis * math.sqrt(r / total)).contiguous()
 
 
 def set_masks(targets: list[Target], scores: list[torch.Tensor], fraction: float) -> None:
@@ -337,12 +368,18 @@ class ZeroOrder(Method):
     def prepare(self, batch_at) -> None:
         cfg = self.cfg
         if cfg.zo_mask == "fisher" or cfg.zo_subspace:
-            scores, grads = gradient_pass(self.model, self.targets, self.kind,
-                                          [batch_at(i, 1) for i in range(cfg.zo_mask_samples)], keep=cfg.zo_subspace > 0)
-            if cfg.zo_mask == "fisher":
-                set_masks(self.targets, scores, cfg.zo_mask_fraction)
+            batches = [batch_at(i, 1) for i in range(cfg.zo_mask_samples)]
+            masked = cfg.zo_mask != "none"
+            if cfg.zo_mask == "fisher":  # the mask first, so the subspace pass keeps only its entries: with MeZO's
+                # 10⁸ weights, 32 full gradients would take 13.6 GB, the masked ones a fraction of that
+                set_masks(self.targets, gradient_pass(self.model, self.targets, self.kind, batches)[0],
+                          cfg.zo_mask_fraction)
             if cfg.zo_subspace:
-                set_basis(self.targets, grads, cfg.zo_subspace)
+                scores, grads = gradient_pass(self.model, self.targets, self.kind, batches, keep=True, masked=masked)
+                if cfg.zo_precondition == "adam":
+                    precondition_basis(self.targets, grads, scores, cfg.zo_subspace, masked=masked)
+                else:
+                    set_basis(self.targets, grads, cfg.zo_subspace, masked=masked)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {"zo.rms_v": self.rms["v"], "zo.rms_t": self.rms["t"]} if self.cfg.zo_normalize else {}
