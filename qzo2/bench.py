@@ -209,6 +209,8 @@ ACCURACY_ROWS = {  # row key -> (row name, recipe, base: "rtn" (int4 RTN scales)
     "qzo-track": ("QZO int4 RTN, subspace, 8 one-sided probes, tracked gradient", "recipes/accuracy-qzo-track.yaml",
                   "rtn", "gptq"),
     "mezo": ("MeZO fp32", "recipes/accuracy-mezo.yaml", "default", "hf"),
+    "mezo-track": ("MeZO fp32, Fisher mask 1.6%, subspace, 8 one-sided probes, tracked gradient",
+                   "recipes/accuracy-mezo-track.yaml", "default", "hf"),
     "lomo": ("LOMO int4 RTN scales", "recipes/accuracy-lomo.yaml", "rtn", "gptq"),
     "adalomo": ("AdaLomo int4 RTN scales", "recipes/accuracy-adalomo.yaml", "rtn", "gptq"),
     "adamw": ("AdamW int4 RTN scales", "recipes/accuracy-adamw.yaml", "rtn", "gptq"),

@@ -10,7 +10,7 @@ step batches with the exact projected gradient G = Bᵀ∇L of each batch (one f
   full θ ← θ − lr·∇L/rms on every scale, no basis (--adam b: per-entry Adam without momentum, ∇L/√v̂/√N, so
        lr 0.13 is AdamW's per-entry 1e-4 here): is the basis or the step's geometry the ceiling?
 --precond adam|fisher|scale: a diagonally preconditioned basis (the trainer's zo_precondition=adam is `adam`);
---refresh N: the basis rebuilt at θ_t every N steps (an upper bound for a basis that follows θ); --lookahead η.
+--refresh N: the basis rebuilt at θ_t every N steps (an upper bound for a basis that follows θ).
 lr (warmup, linear decay) and the RMS normaliser are the trainer's own (method.lr_at, method.normalized).
 If `fo` reaches the goal and `zo --pairs 1` does not, the noise of one direction per step is what to cut.
 Run from the repo root after `python -m qzo2.bench accuracy --rows rtn`:
@@ -49,9 +49,6 @@ ap.add_argument("--precond", choices=["none", "adam", "fisher", "scale"], defaul
 ap.add_argument("--delta", type=float, default=0.1)
 ap.add_argument("--principal", action="store_true",
                 help="rotate the basis onto the principal axes of the sampled gradients (same span)")
-ap.add_argument("--lookahead", type=float, default=0.0,
-                help="also take --samples gradients at theta_0 - eta * (unit mean gradient), eta = this, and span both "
-                     "sets (use --rank 2*samples); theta stays theta_0 (a Krylov-like basis; 0: off)")
 ap.add_argument("--refresh", type=int, default=0,
                 help="upper bound for a basis that follows theta: every N steps rebuild it from new gradients at "
                      "theta_t (uses backward during training: a diagnosis only; 0: off)")
@@ -87,12 +84,6 @@ def write(flat):
 
 
 rows = grads(0)
-if a.lookahead:
-    here = flat_theta()
-    mean = torch.cat(rows, dim=1).mean(0)
-    write(here - a.lookahead * mean / mean.norm())
-    rows = [torch.cat([x, y]) for x, y in zip(rows, grads(a.samples))]
-    write(here)
 if a.precond == "adam":  # the trainer's own zo_precondition=adam
     precondition_basis(T, rows, [x.pow(2).sum(0) for x in rows], a.rank)
     B = torch.cat([t.basis for t in T])  # [N, r], ||B||_F^2 = r
