@@ -151,33 +151,30 @@ for step in range(a.steps):
             v = beta * v + (1 - beta) * float(g.double() @ g.double())
             g = g / math.sqrt(v / (1 - beta ** (step + 1)))
         theta0 -= lr * g
-        put(c)
-        if step % 10 == 0:
-            print(f"step {step}: loss {loss:.4f} |g| {float(g.norm()):.4f}", flush=True)
-        if (step + 1) % a.eval_every == 0:
-            dev(step + 1)
-        continue
-    G = (B.t() @ g).double()  # [r]
-    if a.mode == "fo":
-        v = beta * v + (1 - beta) * float(G @ G)
-        rms = math.sqrt(v / (1 - beta ** (step + 1)))
-        s = G / rms
+        norms = f"|g| {float(g.norm()):.4f}"
     else:
-        seed = step_seed(cfg.seed, step)
-        u = torch.stack([subspace_u(seed, j, B.shape[1], a.ortho) for j in range(a.pairs)]).double()
-        d = u @ G  # exact directional derivatives [k]
-        dc = method.normalized(d)[0].clamp(-a.clip, a.clip)
-        if a.track:  # the trainer's own tracking step (ZeroOrder.tracked draws the same u from the seed)
-            m = method.tracked(dc, seed)
+        G = (B.t() @ g).double()  # [r]
+        if a.mode == "fo":
+            v = beta * v + (1 - beta) * float(G @ G)
+            rms = math.sqrt(v / (1 - beta ** (step + 1)))
+            s = G / rms
         else:
-            m = a.momentum * m + (1 - a.momentum) * (dc[:, None] * u).mean(0)
-        s = m
-    if a.adam:  # Adam's second moment per coordinate of c (no first moment), the step's norm kept ~ lr
-        w = a.adam * w + (1 - a.adam) * s * s
-        s = s / (w / (1 - a.adam ** (step + 1))).sqrt().clamp_min(1e-12) / math.sqrt(B.shape[1])
-    c -= lr * s
+            seed = step_seed(cfg.seed, step)
+            u = torch.stack([subspace_u(seed, j, B.shape[1], a.ortho) for j in range(a.pairs)]).double()
+            d = u @ G  # exact directional derivatives [k]
+            dc = method.normalized(d)[0].clamp(-a.clip, a.clip)
+            if a.track:  # the trainer's own tracking step (ZeroOrder.tracked draws the same u from the seed)
+                m = method.tracked(dc, seed)
+            else:
+                m = a.momentum * m + (1 - a.momentum) * (dc[:, None] * u).mean(0)
+            s = m
+        if a.adam:  # Adam's second moment per coordinate of c (no first moment), the step's norm kept ~ lr
+            w = a.adam * w + (1 - a.adam) * s * s
+            s = s / (w / (1 - a.adam ** (step + 1))).sqrt().clamp_min(1e-12) / math.sqrt(B.shape[1])
+        c -= lr * s
+        norms = f"|G| {float(G.norm()):.4f} |c| {float(c.norm()):.4f}"
     put(c)
     if step % 10 == 0:
-        print(f"step {step}: loss {loss:.4f} |G| {float(G.norm()):.4f} |c| {float(c.norm()):.4f}", flush=True)
+        print(f"step {step}: loss {loss:.4f} {norms}", flush=True)
     if (step + 1) % a.eval_every == 0:
         dev(step + 1)

@@ -269,13 +269,19 @@ def fisher_scores(model, targets: list[Target], kind: str, batches: list[dict]) 
     return gradient_pass(model, targets, kind, batches)[0]
 
 
+def _perturbed_columns(targets: list[Target], grads: list[torch.Tensor], masked: bool) -> list[torch.Tensor]:
+    """Each target's per-example gradients [examples, entries] on its perturbed entries: its mask's columns, unless
+    `masked` says the gradients hold only those already."""
+    return [g[:, t.mask] if t.mask is not None and not masked else g for g, t in zip(grads, targets)]
+
+
 def set_basis(targets: list[Target], grads: list[torch.Tensor], rank: int, masked: bool = False) -> None:
     """An orthonormal basis of the per-example gradients (restricted to each target's mask), its rows split back per
     target as t.basis. With as many examples as the rank or fewer: their span (QR). With more: the top-`rank` right
     singular vectors of the [examples, N] gradient matrix, the rank-r subspace that holds most of the gradients'
     energy (a PCA of the per-example gradients, uncentred), rather than the span of whichever r came first.
     `masked`: the gradients hold only the masked entries already (gradient_pass(..., masked=True))."""
-    cols = [g[:, t.mask] if t.mask is not None and not masked else g for g, t in zip(grads, targets)]
+    cols = _perturbed_columns(targets, grads, masked)
     stacked = torch.cat([c.cpu() for c in cols], dim=1)  # [examples, N]
     if stacked.shape[0] <= rank:
         q, _ = torch.linalg.qr(stacked.t().double())  # [N, examples], orthonormal columns
@@ -308,7 +314,7 @@ def precondition_basis(targets: list[Target], grads: list[torch.Tensor], sq_sums
     offset = PRECONDITION_DELTA * float(picked.mean())
     half = [(x + offset).rsqrt() if offset > 0 else torch.ones_like(x) for x in rms]  # D^½, full entries
     half = [h[t.mask] if t.mask is not None else h for h, t in zip(half, targets)]  # of the perturbed entries
-    cols = [g[:, t.mask] if t.mask is not None and not masked else g for g, t in zip(grads, targets)]
+    cols = _perturbed_columns(targets, grads, masked)
     set_basis(targets, [g * h for g, h in zip(cols, half)], rank, masked=True)
     for t, h in zip(targets, half):
         t.basis = t.basis * h[:, None].to(t.basis.device)
