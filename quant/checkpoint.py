@@ -113,14 +113,28 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
             shutil.copy2(src / f, dst / f)
 
 
-def gguf_source(path: Path) -> Source:
-    """A .gguf file, dequantized by transformers into an in-memory model (fine for small models only)."""
+def gguf_source(path: Path, trust_remote_code: bool = False) -> Source:
+    """A .gguf file, dequantized by transformers into an in-memory model (fine for small models only). The tokenizer
+    also reads a tokenizer_config.json beside the file: code it names (auto_map) runs only with trust_remote_code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    kw = dict(gguf_file=path.name, trust_remote_code=trust_remote_code)
+    try:  # the tokenizer first: it is the quick one to fail
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
     except Exception as e:
+        if "trust_remote_code" in str(e):  # transformers' refusal to run the directory's code
+            raise CheckpointError(
+                f"{path.parent}: its tokenizer_config.json asks to run custom tokenizer code (auto_map), which is "
+                f"not run: move {path.name} to a directory without it, or pass --trust-remote-code (qzo2 quantize) "
+                f"if you trust that code") from None
+        try:  # transformers reports an unreadable GGUF header as a bad JSON config file: say what it is
+            import gguf
+
+            gguf.GGUFReader(str(path))
+        except Exception as bad:
+            raise CheckpointError(f"cannot load {path}: not a readable GGUF file ({type(bad).__name__}: "
+                                  f"{(str(bad).splitlines() or [''])[0]}); download or convert it again") from None
         raise CheckpointError(f"cannot load {path} as a GGUF causal LM: {str(e).splitlines()[0]}") from None
     config = model.config
     if hasattr(config, "quantization_config"):
@@ -147,7 +161,7 @@ def open_source(src: str | os.PathLike, trust_remote_code: bool = False) -> Sour
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{src} is a file but not a .gguf; give a model directory or a .gguf file")
-        return gguf_source(path)
+        return gguf_source(path, trust_remote_code)
     return hf_dir_source(path, trust_remote_code)
 
 
@@ -245,7 +259,9 @@ def atomic_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the result normal permissions
         for f in tmp.iterdir():
             os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
-        if dst.exists():
+        if dst.exists() and exchange(tmp, dst):  # tmp now holds the old version
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif dst.exists():  # no atomic exchange on this filesystem: two renames (dst is briefly absent)
             old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
             os.replace(dst, old / "x")
             os.replace(tmp, dst)
@@ -255,6 +271,25 @@ def atomic_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the OS or filesystem
+    cannot, so a replaced directory is never missing for a moment where it can be avoided. Python's os module has
+    no renameat2, hence ctypes."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+        except (OSError, AttributeError):
+            _renameat2 = False
+    if not _renameat2:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+_renameat2 = None
 
 
 def write_json(path: Path, obj) -> None:
@@ -531,15 +566,27 @@ def _gptq_layer_reader(where: dict[str, Path], cfg: QuantConfig):
     def read(mod: str, old: nn.Linear) -> QuantLinear:
         layer = QuantLinear(old.in_features, old.out_features, cfg.bits, cfg.group_size, bias=old.bias is not None)
         g_name = f"{mod}.g_idx"
-        layer.load_codes(
-            read_tensor(where, f"{mod}.qweight"),
-            unpack_zeros(read_tensor(where, f"{mod}.qzeros"), cfg.bits, cfg.checkpoint_format),
-            read_tensor(where, f"{mod}.scales").to(torch.float32),
-            read_tensor(where, g_name) if g_name in where else None,
-        )
+        parts = {"qweight": read_tensor(where, f"{mod}.qweight"),
+                 "zeros": unpack_zeros(read_tensor(where, f"{mod}.qzeros"), cfg.bits, cfg.checkpoint_format),
+                 "scales": read_tensor(where, f"{mod}.scales").to(torch.float32)}
+        check_layer_tensors(mod, where[f"{mod}.scales"], layer, parts)
+        layer.load_codes(parts["qweight"], parts["zeros"], parts["scales"],
+                         read_tensor(where, g_name) if g_name in where else None)
         return layer
 
     return read
+
+
+def check_layer_tensors(mod: str, file: Path, layer: QuantLinear, parts: dict[str, torch.Tensor]) -> None:
+    """A quantized layer's tensors as its config says they must be (shapes from in/out features, bits and group
+    size) and finite scales; else one CheckpointError line naming the file."""
+    for name, t in parts.items():
+        want = tuple(getattr(layer, name).shape)
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"{file}: {mod}.{name} has shape {tuple(t.shape)}, but the config (bits "
+                                  f"{layer.bits}, group size {layer.group_size}) gives {want}; re-quantize the model")
+    if not torch.isfinite(parts["scales"]).all():
+        raise CheckpointError(f"{file}: {mod}.scales holds NaN/inf values; re-quantize the model or restore the file")
 
 
 def _nf4_layer_reader(where: dict[str, Path]):
@@ -570,6 +617,7 @@ def quantize(
     seqlen: int = 512,
     max_shard_bytes: int = 4 << 30,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> QuantizeReport:
     """Quantize `source` into the empty directory `dst` by RTN, GPTQ (gptqmodel) or NF4 (bitsandbytes)."""
     check = lambda modules: check_quantizable(modules, cfg)  # noqa: E731
@@ -579,12 +627,14 @@ def quantize(
         return quantize_source(source, dst, nf4_encoder(cfg.group_size), skip, max_shard_bytes, progress, check)
     if cfg.method == "rtn":
         return quantize_source(source, dst, gptq_encoder(cfg), skip, max_shard_bytes, progress, check)
-    with tempfile.TemporaryDirectory(prefix="qzo2-gptq-", dir=dst.parent) as work:
-        encoder = gptq_encoder(cfg, gptqmodel_codes(source, Path(work), cfg, calib, nsamples, seqlen))
+    with tempfile.TemporaryDirectory(prefix="gptq-work-", dir=dst) as work:  # inside the output's temporary
+        encoder = gptq_encoder(cfg, gptqmodel_codes(source, Path(work), cfg, calib, nsamples, seqlen,
+                                                    trust_remote_code))
         return quantize_source(source, dst, encoder, skip, max_shard_bytes, progress, check)
 
 
-def gptqmodel_codes(source: Source, work: Path, cfg: QuantConfig, calib: Path, nsamples: int, seqlen: int):
+def gptqmodel_codes(source: Source, work: Path, cfg: QuantConfig, calib: Path, nsamples: int, seqlen: int,
+                    trust_remote_code: bool = False):
     """Run GPTQ (gptqmodel) on the whole model into `work`, and return a per-module reader of its results
     re-encoded in `cfg.checkpoint_format`."""
     from .gptq import quantize_with_gptqmodel
@@ -593,7 +643,7 @@ def gptqmodel_codes(source: Source, work: Path, cfg: QuantConfig, calib: Path, n
     text = Path(calib).read_text(encoding="utf-8")
     quantize_with_gptqmodel(str(hf_dir), str(work / "gptq"), bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
                             desc_act=cfg.desc_act, calib_texts=[text], nsamples=nsamples, seqlen=seqlen,
-                            damp_percent=cfg.damp_percent)
+                            damp_percent=cfg.damp_percent, trust_remote_code=trust_remote_code)
     gcfg = QuantConfig.from_dict(json.loads((work / "gptq" / "quantize_config.json").read_text()))
     _, where = checkpoint_tensors(work / "gptq")
 

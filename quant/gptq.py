@@ -29,8 +29,9 @@ def _calibration(tokenizer, texts: list[str], nsamples: int, seqlen: int) -> lis
 
 def quantize_with_gptqmodel(model_dir: str, out_dir: str, *, bits: int, group_size: int, sym: bool,
                             desc_act: bool, calib_texts: list[str], nsamples: int = 128, seqlen: int = 512,
-                            damp_percent: float = 0.01) -> None:
-    """GPTQ-quantize the HF model in model_dir on the CPU and save gptqmodel's checkpoint to out_dir."""
+                            damp_percent: float = 0.01, trust_remote_code: bool = False) -> None:
+    """GPTQ-quantize the HF model in model_dir on the CPU and save gptqmodel's checkpoint to out_dir. Code the
+    directory names (auto_map) runs only with trust_remote_code."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -41,13 +42,23 @@ def quantize_with_gptqmodel(model_dir: str, out_dir: str, *, bits: int, group_si
     import torch
     from transformers import AutoTokenizer
 
+    from .checkpoint import CheckpointError
+
     model_dir, out_dir = os.path.abspath(model_dir), os.path.abspath(out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):  # transformers' refusal says how to allow the code
+            raise
+        raise CheckpointError(f"{model_dir}: its tokenizer_config.json asks to run custom tokenizer code (auto_map), "
+                              f"which GPTQ calibration does not run; use --method rtn, or give it a tokenizer_class "
+                              f"transformers has built in") from None
     calib = _calibration(tokenizer, calib_texts, nsamples, seqlen)
     qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
                           damp_percent=damp_percent, device="cpu")
     # gptqmodel would otherwise load the source weights as bfloat16 on the CPU
-    model = GPTQModel.load(model_dir, qcfg, dtype=torch.float32)
+    model = GPTQModel.load(model_dir, qcfg, dtype=torch.float32, trust_remote_code=trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="qzo2-gptqmodel-logs-") as scratch:
         cwd = os.getcwd()
         os.chdir(scratch)  # gptqmodel writes ./logs/*.log into the working directory

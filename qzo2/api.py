@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
@@ -53,16 +54,21 @@ def quantize(model: str | os.PathLike | None, output: str | os.PathLike, *, bits
 
     from .config import parse_size
     from .model import default_text_path, resolve_source
+    from .data import read_utf8
+    from .outputs import guard_output, locked, remove_stale, write_marker
 
     out, src_name = Path(output), None if model is None else str(model)
-    src = Path(resolve_source(src_name)).resolve()
-    if out.resolve() == src or out.resolve() in src.parents:
-        raise ValueError(f"output {out} is (or contains) the source model {src_name}; choose another directory")
+    out = guard_output(out, [resolve_source(src_name), calib], replace=overwrite)
     if out.exists() and not overwrite:
         raise ValueError(f"output {out} already exists (pass --overwrite / overwrite=True to replace it)")
     if format not in ("gptq", "gptq_v2", "nf4") or method not in ("rtn", "gptq"):
         raise ValueError(f"format must be gptq, gptq_v2 or nf4 and method rtn or gptq (got {format!r}, {method!r})")
     skip = [skip] if isinstance(skip, str) else list(skip)
+    for pattern in skip:  # before anything loads: re.error is no ValueError, it would be a traceback
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"--skip {pattern!r}: not a valid regular expression ({e})") from None
     source = open_source(resolve_source(src_name), trust_remote_code=trust_remote_code)
     if group_size is None:
         group_size = auto_group_size(source.config, skip, (64,) if format == "nf4" else (128, 64, 32))
@@ -71,10 +77,17 @@ def quantize(model: str | os.PathLike | None, output: str | os.PathLike, *, bits
     cfg = QuantConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
                       checkpoint_format="gptq" if format == "nf4" else format, method=method)
     calib = Path(calib) if calib else (default_text_path() if method == "gptq" else None)
+    if calib is not None:
+        read_utf8(calib, "calibration file")  # a missing or non-UTF-8 file: one line, before GPTQ starts
     shard = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        return quantize_source(source, tmp, cfg, fmt=format, skip=skip, calib=calib, nsamples=nsamples,
-                               seqlen=seqlen, max_shard_bytes=shard, progress=progress)
+    with locked(out, "quantize"):  # one writer per output; what a killed quantize left goes first
+        remove_stale(out.parent, re.escape(out.name))
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            report = quantize_source(source, tmp, cfg, fmt=format, skip=skip, calib=calib, nsamples=nsamples,
+                                     seqlen=seqlen, max_shard_bytes=shard, progress=progress,
+                                     trust_remote_code=trust_remote_code)
+            write_marker(tmp, "quantize", source=str(Path(resolve_source(src_name)).resolve()), format=format)
+        return report
 
 
 # ---- train ---------------------------------------------------------------------------------------------------------
@@ -177,11 +190,11 @@ def _given_keys(config) -> set[str]:
     if isinstance(config, TrainConfig):
         return set(config.to_dict())
     if isinstance(config, (str, os.PathLike)):
-        import yaml
+        from .config import read_yaml
 
         try:
-            data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError):
+            data = read_yaml(Path(config)) or {}
+        except (OSError, ConfigError):
             return set()  # make_config reports it
         return set(renamed({str(k): v for k, v in data.items()})) if isinstance(data, dict) else set()
     return set(renamed({str(k): v for k, v in dict(config or {}).items()}))
@@ -220,10 +233,12 @@ def evaluate(model: TrainResult | str | os.PathLike | "nn.Module" | None = None,
     "predicted" (per-class prediction rates), "n"}. task=None: perplexity on `text` (default: the shipped Hamlet)
     -> {"perplexity", "tokens"}."""
     from . import data as D
-    from .evaluation import load_for_eval, perplexity, sentiment_items
+    from .evaluation import check_windows, load_for_eval, perplexity, sentiment_items
     from .model import default_text_path
     from .objective import evaluate as score
 
+    if task is None:
+        check_windows(seqlen, nseq)
     cfg = None
     if isinstance(model, TrainResult):
         model, tokenizer, cfg = model.model, model.tokenizer, model.config

@@ -609,10 +609,11 @@ def format_table(records: list[dict]) -> str:
 
 
 def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, steps: int = 10, warmup: int = 2,
-              bits: int = 4, group_size: int = 128, device: str = "auto", dtype: str | None = None, depth: int = 2,
-              compare: bool = False, output=None, seed: int = 0, echo=print) -> list[dict]:
+              bits: int = 4, group_size: int | None = None, device: str = "auto", dtype: str | None = None,
+              depth: int = 2, compare: bool = False, output=None, seed: int = 0, echo=print) -> list[dict]:
     """`qzo2 bench`: for each mode, a fresh random model, `warmup` + `steps` timed steps, one JSON line (echoed
-    and appended to `output`). `compare` puts `forward` first and ends with a markdown table. Each mode's model
+    and appended to `output`). group_size None: the largest of 128/64/32 that divides every layer, as `qzo2
+    quantize` picks it. `compare` puts `forward` first and ends with a markdown table. Each mode's model
     is freed before the next is built; a CUDA out-of-memory in one mode is recorded as its `error` and the
     others still run. -> the records."""
     modes = [m.strip() for m in modes.split(",") if m.strip()] if isinstance(modes, str) else list(modes)
@@ -645,7 +646,11 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     if any(m in ("qzo", "qzo-offload") + FIRST_ORDER_MODES for m in modes):
-        _check_quantizable(make_config(shape), bits, group_size)
+        from quant.checkpoint import auto_group_size
+
+        config = make_config(shape)
+        group_size = auto_group_size(config) if group_size is None else group_size
+        _check_quantizable(config, bits, group_size)
     if compare and "forward" in modes:
         modes = ["forward"] + [m for m in modes if m != "forward"]
     out = Path(output) if output else None

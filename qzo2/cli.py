@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .config import keys_help, parse_size
+from .outputs import os_error_line
 
 EPILOG_QUANTIZE = """examples:
   qzo2 quantize -o runs/smollm2-int4                       # the embedded SmolLM2-135M, RTN int4 g64, GPTQ v1
@@ -44,6 +45,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count or a length of 0 would only fail later, less clearly)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {value})")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,16 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["dev", "test"], default="test", help="sentiment split (default test)")
     e.add_argument("--seed", type=int, default=None, help="sentiment split seed (default: the run's, else 0)")
     e.add_argument("--ppl", default=None, metavar="FILE", help="text file for perplexity (default: Hamlet)")
-    e.add_argument("--seqlen", type=int, default=256)
-    e.add_argument("--nseq", type=int, default=8)
+    e.add_argument("--seqlen", type=positive_int, default=256, help="perplexity window in tokens (default 256)")
+    e.add_argument("--nseq", type=positive_int, default=8, help="perplexity windows (default 8)")
     e.add_argument("--generate", action="append", default=[], metavar="PROMPT", help="greedy generation (repeatable)")
-    e.add_argument("--max-new-tokens", type=int, default=40)
+    e.add_argument("--max-new-tokens", type=positive_int, default=40)
     e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="activations (default: a run's training dtype, else fp32)")
     e.add_argument("--device", default=None, help="auto, cpu or cuda (default: a run's device setting, else auto)")
-    e.add_argument("--batch-size", type=int, default=None,
+    e.add_argument("--batch-size", type=positive_int, default=None,
                    help="examples (perplexity: windows) per forward (default: a run's eval_batch_size, else 16; 4)")
-    e.add_argument("--max-length", type=int, default=None,
+    e.add_argument("--max-length", type=positive_int, default=None,
                    help="task prompt tokens (default: a run's max_length, else 256)")
     e.add_argument("--template", choices=["review", "sst2", "goodbad"], default=None,
                    help="sentiment prompt template (default: a run's template, else review)")
@@ -155,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
     b.add_argument("--bits", type=int, default=4, choices=[2, 4, 8], help="code bits of the quantized modes")
-    b.add_argument("--group-size", type=int, default=128, help="input channels per scale; -1 = per channel")
+    b.add_argument("--group-size", type=int, default=None,
+                   help="input channels per scale; -1 = per channel (default: as qzo2 quantize picks it, 128 or the "
+                        "largest of 64/32 that divides every layer)")
     b.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     b.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="activations and dense weights (default bf16 on cuda, fp32 on cpu)")
@@ -274,11 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     where = _rank_tag()
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:  # Config/Data/TrainingError: ValueErrors
+    except (ValueError, OSError, ImportError, RuntimeError) as e:  # Config/Data/TrainingError: ValueErrors
         if os.environ.get("QZO2_DEBUG", "").strip() not in ("", "0"):
             raise  # the whole traceback, for a bug report
         if isinstance(e, RuntimeError):
             return _runtime_error(args.verb, where, e)
+        if isinstance(e, OSError):  # read-only or full disk, permissions, a vanished file: say which file
+            print(f"qzo2 {args.verb}: error{where}: {os_error_line(e)}", file=sys.stderr)
+            return 2
         print(f"qzo2 {args.verb}: error{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               file=sys.stderr)
         return 2

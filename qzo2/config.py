@@ -5,6 +5,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,8 +35,26 @@ def parse_size(text: str) -> int:
     return int(n)
 
 
-def _f(default, help: str, choices: tuple | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _f(default, help: str, choices: tuple | None = None, range: str | None = None):
+    """A config key: its default, help, and the values it takes (`choices`, or a numeric `range` such as
+    "(0, inf)" or "[0, 1)": brackets include the end, parentheses exclude it; inf is never a value)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "range": range})
+
+
+def in_range(value, spec: str) -> bool:
+    """Whether a number lies in a range like "[0, 1)" (NaN never does)."""
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    above = value >= lo if spec[0] == "[" else value > lo
+    below = value <= hi if spec[-1] == "]" else value < hi
+    return above and below and math.isfinite(value)
+
+
+def range_text(spec: str) -> str:
+    """"[1, inf)" -> ">= 1", "(0, inf)" -> "> 0", "[0, 1)" -> "in [0, 1)"."""
+    lo, hi = (x.strip() for x in spec[1:-1].split(","))
+    if hi == "inf":
+        return f"{'>=' if spec[0] == '[' else '>'} {lo} and finite"
+    return f"in {spec}"
 
 
 ZO_METHODS = ("qzo", "mezo")
@@ -65,7 +84,7 @@ class TrainConfig:
                               "ZO2 mode); auto = only the blocks that do not fit in gpu_memory", ("auto", "on", "off"))
     gpu_memory: str = _f("", "device memory budget for the model, e.g. 8GiB or 500MB; '' = 90% of the GPU's free "
                              "memory (on CPU: no budget, nothing streamed)")
-    prefetch_depth: int = _f(2, "offload: device slots uploads are prefetched into (>= 2)")
+    prefetch_depth: int = _f(2, "offload: device slots uploads are prefetched into (>= 2)", range="[2, inf)")
     trainable: str = _f("", "regex on tensor names: train only matching ones (e.g. 'layers\\.(2[4-9])\\.'); '' = all")
     also_train: str = _f("", "quantized model: comma list of unquantized module kinds trained beside the scales: "
                              "norm (RMSNorm/LayerNorm gains), embedding (and a tied head), linear (an untied head and "
@@ -89,41 +108,41 @@ class TrainConfig:
     dev_split: str = _f("", "the split of dev_file when it has several (default validation); with no dev_file, "
                             "the split of train_file's dataset used as dev")
     dev_fraction: float = _f(0.0, "with neither dev_file nor dev_split: this share of the train rows, drawn with "
-                                  "the seed, held out as dev (0 = no dev set)")
+                                  "the seed, held out as dev (0 = no dev set)", range="[0, 1)")
     columns: str = _f("", "FIELD=COLUMN,...: take qzo2's fields (text, prompt, completion, messages, instruction, "
                           "input, output, or a task's fields and label) from these source columns; only mapped "
                           "columns are kept (YAML: a mapping)")
-    n_train: int = _f(1000, "sentiment: training examples")
-    n_dev: int = _f(500, "sentiment: dev examples (model selection)")
-    n_test: int = _f(500, "sentiment: test examples (`qzo2 eval --split test`)")
-    max_length: int = _f(256, "tokens per row (prompts are cut from the left for tasks, rows from the right for text)")
+    n_train: int = _f(1000, "sentiment: training examples", range="[1, inf)")
+    n_dev: int = _f(500, "sentiment: dev examples (model selection)", range="[0, inf)")
+    n_test: int = _f(500, "sentiment: test examples (`qzo2 eval --split test`)", range="[0, inf)")
+    max_length: int = _f(256, "tokens per row (prompts are cut from the left for tasks, rows from the right for text)", range="[1, inf)")
     train_on_prompt: bool = _f(False, "text data: also take the loss on prompt tokens")
     # optimization (QZO paper defaults: lr 1e-7, eps 1e-3, batch 16, C 100, constant lr)
-    steps: int = _f(1000, "optimization steps")
-    batch_size: int = _f(16, "examples per step (each seen 2*n_pairs times in one batched forward)")
-    lr: float = _f(1e-6, "peak learning rate")
+    steps: int = _f(1000, "optimization steps", range="[1, inf)")
+    batch_size: int = _f(16, "examples per step (each seen 2*n_pairs times in one batched forward)", range="[1, inf)")
+    lr: float = _f(1e-6, "peak learning rate", range="(0, inf)")
     lr_schedule: str = _f("constant", "learning-rate schedule after warmup", ("constant", "linear", "cosine"))
-    warmup_steps: int = _f(0, "linear warmup steps")
-    eps: float = _f(1e-3, "perturbation size epsilon")
-    n_pairs: int = _f(1, "independent +-eps pairs per step, averaged")
+    warmup_steps: int = _f(0, "linear warmup steps", range="[0, inf)")
+    eps: float = _f(1e-3, "perturbation size epsilon", range="(0, inf)")
+    n_pairs: int = _f(1, "independent +-eps pairs per step, averaged", range="[1, inf)")
     clip: float = _f(100.0, "DDC: clip the projected gradient to [-clip, clip] (with zo_normalize: in units of its "
-                            "running RMS, e.g. 3); 0 disables")
+                            "running RMS, e.g. 3); 0 disables", range="[0, inf)")
     zo_parallel: str = _f("batch", "ZO under torchrun / accelerate launch: batch = each rank runs the 2k chunks on its "
                                    "slice of every step's batch (batch_size stays the global batch); pairs = each "
                                    "rank runs the whole batch for the pairs j with j mod ranks == rank (raise "
                                    "n_pairs with the ranks: at least one pair each)", ("batch", "pairs"))
     zo_normalize: bool = _f(False, "ZO: divide each step's projected gradients by their running RMS (EMA of d^2, "
                                    "FZOO/MEAZO style): a scale-free step whose lr transfers")
-    zo_rms_beta: float = _f(0.9, "ZO, zo_normalize: decay of the running mean of d^2")
+    zo_rms_beta: float = _f(0.9, "ZO, zo_normalize: decay of the running mean of d^2", range="[0, 1)")
     zo_mask: str = _f("none", "ZO: perturb and update only a fixed subset: magnitude = the smallest-magnitude "
                               "entries (Sparse-MeZO), fisher = the largest diagonal Fisher from a gradient pass over "
                               "zo_mask_samples examples at batch 1 (SensZOQ); the rest stays bitwise unchanged",
                       ("none", "magnitude", "fisher"))
-    zo_mask_fraction: float = _f(0.01, "ZO, zo_mask: fraction of the trained entries in the mask")
+    zo_mask_fraction: float = _f(0.01, "ZO, zo_mask: fraction of the trained entries in the mask", range="(0, 1]")
     zo_mask_samples: int = _f(32, "ZO, zo_mask=fisher / zo_subspace: training examples of the one-off gradient "
-                                   "pass (batch 1)")
+                                   "pass (batch 1)", range="[1, inf)")
     zo_subspace: int = _f(0, "ZO: perturb only within the span of the per-example gradients of that one-off pass "
-                             "(an orthonormal basis of up to this many directions, over the masked entries); 0 = off")
+                             "(an orthonormal basis of up to this many directions, over the masked entries); 0 = off", range="[0, inf)")
     zo_orthogonal: bool = _f(False, "ZO, zo_subspace: the n_pairs directions of a step are orthogonal (rows of a random "
                                     "rotation of the subspace) instead of i.i.d.; n_pairs = zo_subspace gives the "
                                     "exact finite-difference gradient on the subspace")
@@ -136,35 +155,35 @@ class TrainConfig:
                                    "batched forward instead of 2k (FZOO style; with n_pairs 8: 9 chunks, not 16)")
     zo_track: float = _f(0.0, "ZO, zo_subspace: track the subspace gradient across steps instead of stepping along "
                               "each step's own estimate: g += a*mean_j u_j(d_j - u_j.g), theta -= lr*B.g (LMS; one "
-                              "r-vector of state; a = 1 from g = 0 is the plain first step); 0 = off")
-    scale_floor: float = _f(1e-7, "qzo: scales are clamped at this floor after each update")
+                              "r-vector of state; a = 1 from g = 0 is the plain first step); 0 = off", range="[0, 1]")
+    scale_floor: float = _f(1e-7, "qzo: scales are clamped at this floor after each update", range="[0, inf)")
     weight_decay: float = _f(0.0, "theta -= lr*wd*theta on weights, embeddings and scales, not on biases or norm "
-                                  "gains (MeZO's reference, HF Trainer); qzo: not allowed (the QZO paper)")
+                                  "gains (MeZO's reference, HF Trainer); qzo: not allowed (the QZO paper)", range="[0, inf)")
     clip_grad_norm: float = _f(0.0, "first-order: clip the global gradient norm (LOMO/AdaLomo: two backward passes, "
-                                    "the first only measures); 0 = off")
-    clip_grad_value: float = _f(0.0, "first-order: clip each gradient entry to [-v, v]; 0 = off")
+                                    "the first only measures); 0 = off", range="[0, inf)")
+    clip_grad_value: float = _f(0.0, "first-order: clip each gradient entry to [-v, v]; 0 = off", range="[0, inf)")
     loss_scale_window: int = _f(1000, "first-order, dtype=fp16: dynamic loss scale (from 2^16), halved and the step "
-                                      "skipped on overflow, doubled after this many overflow-free steps")
+                                      "skipped on overflow, doubled after this many overflow-free steps", range="[1, inf)")
     gradient_accumulation_steps: int = _f(1, "adamw: micro-batches per step (batch_size is the whole step's); the "
-                                             "fused LOMO/AdaLomo update, HiFT, GRASS and ZO steps cannot accumulate")
-    hift_group_size: int = _f(1, "hift: units (embedding, each decoder block, norm + head) trained together per step")
+                                             "fused LOMO/AdaLomo update, HiFT, GRASS and ZO steps cannot accumulate", range="[1, inf)")
+    hift_group_size: int = _f(1, "hift: units (embedding, each decoder block, norm + head) trained together per step", range="[1, inf)")
     hift_strategy: str = _f("down2up", "hift: order of the groups: down2up (embedding to head), up2down, random (one "
                                        "seeded permutation)", ("down2up", "up2down", "random"))
-    grass_rank: int = _f(64, "grass: rows r of each weight matrix whose projected gradient is trained")
-    grass_refresh: int = _f(100, "grass: steps between row selections (each takes one full gradient)")
+    grass_rank: int = _f(64, "grass: rows r of each weight matrix whose projected gradient is trained", range="[1, inf)")
+    grass_refresh: int = _f(100, "grass: steps between row selections (each takes one full gradient)", range="[1, inf)")
     grass_select: str = _f("top", "grass: top = the r largest-norm gradient rows; sample = r rows drawn with "
                                   "probability proportional to their norm, unbiased scaling", ("top", "sample"))
     grass_reset: bool = _f(True, "grass: restart the r x n Adam moments at each row selection (else keep the rows "
                                  "that stay selected)")
-    grass_scale: float = _f(1.0, "grass: scale alpha of the row update")
-    max_skips: int = _f(10, "stop with an error after this many consecutive non-finite steps")
+    grass_scale: float = _f(1.0, "grass: scale alpha of the row update", range="(0, inf)")
+    max_skips: int = _f(10, "stop with an error after this many consecutive non-finite steps", range="[1, inf)")
     seed: int = _f(0, "seed of the data order, the perturbations and the sentiment splits")
     # evaluation, logging, checkpoints
-    eval_every: int = _f(100, "dev evaluation every N steps (0: only at the end)")
-    eval_batch_size: int = _f(16, "examples per evaluation forward")
-    log_every: int = _f(10, "metrics.jsonl line every N steps")
-    save_every: int = _f(100, "checkpoint every N steps (and at the end)")
-    keep_last: int = _f(2, "checkpoints kept besides the best one")
+    eval_every: int = _f(100, "dev evaluation every N steps (0: only at the end)", range="[0, inf)")
+    eval_batch_size: int = _f(16, "examples per evaluation forward", range="[1, inf)")
+    log_every: int = _f(10, "metrics.jsonl line every N steps", range="[1, inf)")
+    save_every: int = _f(100, "checkpoint every N steps (and at the end)", range="[1, inf)")
+    keep_last: int = _f(2, "checkpoints kept besides the best one", range="[0, inf)")
     output_dir: str = _f("runs/qzo2", "run directory: config, metrics, checkpoints, plot")
     overwrite: bool = _f(False, "replace an existing run directory (only a run dir or an empty one) instead of "
                                 "resuming from it; the old run is removed only once the new one has started")
@@ -175,34 +194,28 @@ class TrainConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
-        positive = ("steps", "batch_size", "n_pairs", "max_length", "eval_batch_size", "log_every", "save_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("lr", "eps"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0 (got {getattr(self, name)})")
-        if self.clip < 0 or self.keep_last < 0 or self.eval_every < 0 or self.warmup_steps < 0:
-            raise ConfigError("clip, keep_last, eval_every and warmup_steps must be >= 0")
-        if self.prefetch_depth < 2:
-            raise ConfigError(f"prefetch_depth must be >= 2 (got {self.prefetch_depth})")
+            value, choices, span = getattr(self, f.name), f.metadata.get("choices"), f.metadata.get("range")
+            if not isinstance(value, TYPES[f.type]) or (f.type != "bool" and isinstance(value, bool)):
+                raise ConfigError(f"{f.name} expects {f.type}, got {value!r}")
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name}={value!r} is not one of {', '.join(choices)}")
+            if span and not in_range(value, span):
+                raise ConfigError(f"{f.name} must be {range_text(span)} (got {value})")
+        if self.trainable:
+            try:
+                re.compile(self.trainable)
+            except re.error as e:
+                raise ConfigError(f"trainable={self.trainable!r} is not a valid regular expression ({e})") from None
         if self.gpu_memory:
             try:
                 parse_size(self.gpu_memory)
             except ValueError as e:
                 raise ConfigError(f"gpu_memory={e}") from None
-        if not 0 <= self.dev_fraction < 1:
-            raise ConfigError(f"dev_fraction must be in [0, 1) (got {self.dev_fraction})")
         if self.dev_fraction and (self.dev_file or self.dev_split or self.task == "sentiment"):
             raise ConfigError("dev_fraction carves a dev set out of train_file when there is no other: not with "
                               "dev_file, dev_split or task=sentiment (whose dev set is n_dev)")
         if not self.task and not self.train_file:
             raise ConfigError("set task (e.g. task=sentiment) or train_file=PATH.jsonl")
-        if self.gradient_accumulation_steps < 1:
-            raise ConfigError(f"gradient_accumulation_steps must be >= 1 (got {self.gradient_accumulation_steps})")
         if self.gradient_accumulation_steps > 1:
             why = {"lomo": "LOMO updates each tensor inside backward, as soon as its gradient exists, so there is "
                            "nothing to accumulate into", "qzo": "a ZO step is one forward of the whole batch",
@@ -220,8 +233,6 @@ class TrainConfig:
             raise ConfigError(f"zo_parallel is for zeroth-order methods (qzo, mezo), not {self.method}")
         if self.method not in ZO_METHODS and (self.zo_normalize or self.zo_mask != "none" or self.zo_subspace):
             raise ConfigError(f"zo_normalize / zo_mask are for zeroth-order methods (qzo, mezo), not {self.method}")
-        if self.zo_subspace < 0:
-            raise ConfigError(f"zo_subspace must be >= 0 (got {self.zo_subspace})")
         if self.zo_precondition != "none" and not self.zo_subspace:
             raise ConfigError("zo_precondition shapes the basis of zo_subspace: set zo_subspace too")
         if self.zo_orthogonal and not self.zo_subspace:
@@ -230,26 +241,16 @@ class TrainConfig:
             raise ConfigError(f"zo_one_sided is for zeroth-order methods (qzo, mezo), not {self.method}")
         if self.zo_one_sided and self.zo_parallel == "pairs":
             raise ConfigError("zo_one_sided shares one unperturbed chunk among the pairs: use zo_parallel=batch")
-        if not 0 <= self.zo_track <= 1:
-            raise ConfigError(f"zo_track must be in [0, 1] (got {self.zo_track})")
         if self.zo_track and not self.zo_subspace:
             raise ConfigError("zo_track estimates the gradient inside zo_subspace: set zo_subspace too")
-        if not 0 < self.zo_mask_fraction <= 1 or not 0 <= self.zo_rms_beta < 1 or self.zo_mask_samples < 1:
-            raise ConfigError("zo_mask_fraction must be in (0, 1], zo_rms_beta in [0, 1), zo_mask_samples >= 1")
         if self.method in ZO_METHODS and (self.clip_grad_norm or self.clip_grad_value):
             raise ConfigError("clip_grad_norm / clip_grad_value are for first-order methods; zeroth-order steps clip "
                               "the projected gradient with clip (DDC)")
-        if self.hift_group_size < 1 or self.grass_rank < 1 or self.grass_refresh < 1:
-            raise ConfigError("hift_group_size, grass_rank and grass_refresh must be >= 1")
-        if self.clip_grad_norm < 0 or self.clip_grad_value < 0 or self.loss_scale_window < 1:
-            raise ConfigError("clip_grad_norm and clip_grad_value must be >= 0, loss_scale_window >= 1")
         if self.weight_decay and self.method == "qzo":
             raise ConfigError("weight_decay is not for method=qzo: QZO trains the scales without weight decay (as "
                               "the QZO paper), so set weight_decay=0")
         if self.method == "grass" and self.dtype == "fp16":  # its row-sparse backward has no loss scaler
             raise ConfigError("method=grass does not scale the loss, which fp16 needs: use dtype=bf16 or fp32")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0 (got {self.weight_decay})")
         unknown = [n for n in self.report_to.split(",") if n.strip() and n.strip().lower() not in REPORT_TO]
         if unknown:
             raise ConfigError(f"report_to: unknown {', '.join(repr(n.strip()) for n in unknown)}; a comma list of "
@@ -303,32 +304,82 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **values)
 
 
+TYPES = {"bool": bool, "int": int, "float": (int, float), "str": str}
+
+
 def _coerce(name: str, value):
+    """A value for key `name` by the key's type: text (a key=value override, a recipe scalar: the text as typed)
+    is parsed as that type; a string key keeps its text (`output_dir=010` is the directory 010, not 8)."""
     kind = FIELDS[name].type
+    bad = ConfigError(f"{name} expects {'true/false' if kind == 'bool' else kind}, got {value!r}")
     if kind == "bool":
         if isinstance(value, bool):
             return value
-        if str(value).lower() in ("1", "true", "yes", "on"):
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
             return True
-        if str(value).lower() in ("0", "false", "no", "off"):
+        if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"{name} expects true/false, got {value!r}")
-    try:
-        if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        raise bad
+    if kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise bad  # steps=true is not 1
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            raise bad from None
         if kind == "float":
-            return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} expects {kind}, got {value!r}") from None
+            return float(number)
+        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+            return int(value)  # exact, however large
+        if not math.isfinite(number) or not float(number).is_integer():
+            raise bad
+        return int(number)
     if name == "columns" and isinstance(value, dict):  # YAML `columns: {text: review}` -> "text=review"
         return ",".join(f"{k}={v}" for k, v in value.items())
     if name == "report_to" and isinstance(value, list):  # YAML `report_to: [jsonl, tensorboard]`
         return ",".join(str(v) for v in value)
+    if value is None:
+        return ""
     if isinstance(value, bool) and "on" in (FIELDS[name].metadata["choices"] or ()):
-        return "on" if value else "off"  # YAML 1.1 reads a bare on/off (yes/no) as a boolean
-    return "" if value is None else str(value)
+        return "on" if value else "off"  # the API's offload=True
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(f"{name} expects text, got {value!r} (quote it in YAML: {name}: '...')")
+    return str(value)
+
+
+class _TextLoader(yaml.SafeLoader):
+    """YAML for recipes and config.yaml: scalars stay the text as typed (the key's type parses it, see _coerce:
+    `output_dir: 010` stays '010', `offload: on` stays 'on'), null is None, and a key given twice is an error."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+for _tag in ("bool", "int", "float", "timestamp"):
+    _TextLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", yaml.SafeLoader.construct_yaml_str)
+
+
+def read_yaml(path: Path, what: str = "recipe"):
+    """A YAML file as _TextLoader reads it; a bad file is one ConfigError line naming it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}); give a YAML file") from None
+    try:
+        return yaml.load(text, Loader=_TextLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{what} {path}{where}: invalid YAML: {problem}") from None
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -365,10 +416,7 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> TrainConfig:
             raise ConfigError(f"recipe {recipe} is a directory; give a YAML file such as recipes/sentiment.yaml")
         if not path.is_file():
             raise ConfigError(f"recipe {recipe} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{recipe}: invalid YAML: {str(e).splitlines()[0]}") from None
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{recipe}: a recipe is a mapping of key: value")
         for k, v in renamed({str(k): v for k, v in data.items()}).items():
@@ -380,7 +428,7 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> TrainConfig:
         k, v = item.split("=", 1)
         k = RENAMED.get(k, k)
         _check_key(k, "overrides")
-        values[k] = _coerce(k, yaml.safe_load(v) if v else "")
+        values[k] = _coerce(k, v)  # the text as typed, parsed by the key's type
     return TrainConfig(**values)
 
 

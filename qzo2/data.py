@@ -51,6 +51,18 @@ class DataError(ValueError):
     """A dataset, task file or row that cannot be used; the message names the file and line where there is one."""
 
 
+def read_utf8(path, what: str) -> str:
+    """The text of a user's file (`what` says which: "data file", "task file"...); a binary or UTF-16 file is one
+    DataError naming it, not a UnicodeDecodeError that names no file."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        utf16 = e.object[:2] in (b"\xff\xfe", b"\xfe\xff")  # the byte-order mark UTF-16 editors write
+        how = "UTF-16" if utf16 else f"byte 0x{e.object[e.start]:02x} at offset {e.start}"
+        raise DataError(f"{what} {path} is not UTF-8 text ({how}): save it as UTF-8") from None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # reading rows
 
@@ -65,7 +77,7 @@ def read_json_rows(path) -> list[tuple[str, object]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, "data file")
     if path.suffix == ".jsonl":
         rows = []
         # JSON Lines ends a record at "\n" only (optionally "\r\n"); str.splitlines() would also break at
@@ -525,7 +537,7 @@ def load_task_yaml(path) -> ClassificationTask:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, "task file")
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -949,9 +961,9 @@ def sentiment_rows(seed: int = 0, n_train: int = 1000, n_dev: int = 500, n_test:
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Atomically write rows as JSON Lines."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    from .outputs import write_file
+
+    write_file(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 if __name__ == "__main__":  # the offline datasets as files

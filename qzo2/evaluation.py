@@ -7,10 +7,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .outputs import write_file
+
+
+def check_windows(seqlen, nseq, batch_size=1) -> None:
+    """perplexity's window settings, checked before any model is loaded: a window scores the tokens after its first,
+    so it needs two."""
+    for name, value, low in (("seqlen", seqlen, 2), ("nseq", nseq, 1), ("batch_size", batch_size, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low} (got {value!r})")
+
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, seqlen: int = 256, nseq: int = 8, batch_size: int = 4) -> float:
     """exp(mean next-token NLL) over the first nseq non-overlapping windows of seqlen tokens."""
+    check_windows(seqlen, nseq, batch_size)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     n = min(nseq, ids.numel() // seqlen)
     if n == 0:
@@ -148,10 +159,8 @@ def write_lm_eval_task(out_dir, items: list, name: str, about: str = "") -> Path
         raise ValueError("an lm-eval task needs the same candidates for every example")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = out_dir / f"{name}.jsonl"
-    tmp = rows.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"prompt": e.prompt, "label": int(e.label)}, ensure_ascii=False) + "\n"
-                           for e in items), encoding="utf-8")
-    tmp.replace(rows)
+    write_file(rows, "".join(json.dumps({"prompt": e.prompt, "label": int(e.label)}, ensure_ascii=False) + "\n"
+                             for e in items))
     task = {
         "task": name,
         "dataset_path": "json",  # datasets' packaged JSON builder: reads the local file, nothing is downloaded
@@ -168,7 +177,7 @@ def write_lm_eval_task(out_dir, items: list, name: str, about: str = "") -> Path
     path = out_dir / f"{name}.yaml"
     head = (f"# written by qzo2 eval --lm-eval-task: {len(items)} examples of {about or name}; `acc` is qzo2's\n"
             f"# accuracy when every candidate is one token after the prompt (see qzo2.evaluation.write_lm_eval_task)\n")
-    path.write_text(head + yaml.safe_dump(task, sort_keys=False, allow_unicode=True, width=1000), encoding="utf-8")
+    write_file(path, head + yaml.safe_dump(task, sort_keys=False, allow_unicode=True, width=1000))
     return path
 
 
@@ -218,6 +227,7 @@ def evaluate_cli(args) -> list[str]:
     """What `qzo2 eval` prints. Task settings (template, max_length, eval batch size, seed) default to the run's."""
     import json
 
+    from . import data as D
     from .config import load_config
     from .model import default_text_path
     from .objective import evaluate
@@ -236,15 +246,12 @@ def evaluate_cli(args) -> list[str]:
         lines = [f"wrote lm-eval task {name} ({len(items)} examples of {about}): {path}",
                  f"score a model directory (a `qzo2 export` of a run) on it: lm_eval --model hf --model_args "
                  f"pretrained={target},dtype=float32 --include_path {lm_eval_dir} --tasks {name}"]
-        from transformers import AutoTokenizer
-
-        from .model import resolve_source
+        from .model import load_tokenizer, resolve_source
 
         src = cfg.model if cfg else args.model
         try:
             source = Path(resolve_source(src))
-            tokenizer = (AutoTokenizer.from_pretrained(str(source), local_files_only=True) if source.is_dir()
-                         else None)
+            tokenizer = load_tokenizer(source) if source.is_dir() else None
         except (OSError, ValueError):
             tokenizer = None
         if tokenizer is None:
@@ -253,6 +260,8 @@ def evaluate_cli(args) -> list[str]:
             lines += [f"warning: {w}" for w in lm_eval_caveats(items, tokenizer, ecfg.max_length)]
         return lines
 
+    if args.ppl or not (args.task or args.generate):
+        check_windows(args.seqlen, args.nseq)
     model, tokenizer, cfg = load_for_eval(args.model, args.checkpoint, args.dtype, args.device)
     ecfg = eval_config(args, cfg)
     lines = []
@@ -270,10 +279,10 @@ def evaluate_cli(args) -> list[str]:
                 raise ValueError("--predictions needs the examples scored in one process (not under torchrun)")
             out = Path(args.predictions)
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text("".join(json.dumps({"index": i, "label": e.label, "pred": int(max(range(len(s)),
-                                                                                          key=s.__getitem__)),
-                                               "scores": s}) + "\n"
-                                   for i, (e, s) in enumerate(zip(items, scores))), encoding="utf-8")
+            write_file(out, "".join(json.dumps({"index": i, "label": e.label, "pred": int(max(range(len(s)),
+                                                                                            key=s.__getitem__)),
+                                                 "scores": s}) + "\n"
+                                     for i, (e, s) in enumerate(zip(items, scores))))
             lines.append(f"per-example candidate scores (mean log-prob per token): {out}")
     for prompt in args.generate:
         lines.append(f"> {prompt}\n{generate(model, tokenizer, prompt, args.max_new_tokens)}")
@@ -281,7 +290,7 @@ def evaluate_cli(args) -> list[str]:
         path = Path(args.ppl) if args.ppl else default_text_path()
         if not path.is_file():
             raise ValueError(f"text file {path} does not exist")
-        ppl = perplexity(model, tokenizer, path.read_text(encoding="utf-8"), seqlen=args.seqlen, nseq=args.nseq,
+        ppl = perplexity(model, tokenizer, D.read_utf8(path, "text file"), seqlen=args.seqlen, nseq=args.nseq,
                          batch_size=args.batch_size or 4)
         lines.append(f"perplexity {ppl:.2f} ({args.nseq}x{args.seqlen} tokens of {path.name})")
     return lines

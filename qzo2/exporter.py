@@ -13,13 +13,13 @@ layer whatever the model size, and both write into a temporary directory renamed
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from quant.checkpoint import (
     CheckpointError, ShardWriter, atomic_dir, checkpoint_tensors, copy_tokenizer_files, empty_model,
@@ -29,6 +29,7 @@ from quant.checkpoint import (
 from quant.format import convert_qzeros
 
 from .model import is_quantized_dir, resolve_source
+from .outputs import guard_output, locked, remove_stale, write_marker
 
 FORMATS = ("gptq", "gptq_v2", "hf")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -89,7 +90,7 @@ def load_run(path: str, checkpoint: str = "auto") -> Trained:
     else last; best; last; or a step number); any model
     directory or .gguf -> itself with nothing trained (so `export --format hf` also dequantizes a plain GPTQ dir)."""
     from .config import TrainConfig, load_config as load_train_config
-    from .run import RunDir, is_run_dir
+    from .run import RunDir, check_inputs, fingerprint, is_run_dir, read_state, read_trained
 
     p = Path(path)
     if not p.exists():
@@ -98,16 +99,21 @@ def load_run(path: str, checkpoint: str = "auto") -> Trained:
         return Trained(str(p), {})
     run = RunDir(p)
     ckpt = run.checkpoint(checkpoint)  # auto: best by dev metric when the run evaluated, else the last step
-    state = json.loads((ckpt / "state.json").read_text())
+    state = read_state(ckpt)
     cfg = (TrainConfig(**state["config"]) if state.get("config")  # the config this checkpoint was trained with
            else load_train_config(str(p / "config.yaml")))
+    base = resolve_source(cfg.model)
+    if not Path(base).exists():
+        raise CheckpointError(f"the base model {base} of run {path} does not exist (moved or deleted?); restore it "
+                              f"there to export this run")
+    check_inputs(state.get("inputs"), {"model": fingerprint(base)}, ckpt, keys=("model",), cfg=cfg)
     metrics = [m for m in run.read_metrics() if m.get("step") == state["step"]]
     info = dict(method=cfg.method, step=state["step"], steps=cfg.steps, checkpoint=checkpoint, task=cfg.task,
                 train_file=cfg.train_file, n_train=cfg.n_train, objective=cfg.objective, lr=cfg.lr, eps=cfg.eps,
                 batch_size=cfg.batch_size, seed=cfg.seed, base=cfg.model, trained_values=state.get("trained"),
                 dtype=cfg.dtype,
                 dev={k: v for m in metrics for k, v in m.items() if k.startswith("dev_")})
-    tensors = load_file(str(ckpt / "trained.safetensors"))
+    tensors = read_trained(ckpt)
     scales = sum(k.endswith(".scales") for k in tensors)
     info["trains"] = ("quantization scales" + (" and other tensors" if scales < len(tensors) else "")
                       if scales else "weights")
@@ -293,19 +299,23 @@ def export(path: str, out: str, fmt: str = "gptq", dtype: str | None = None, che
         raise CheckpointError(f"unknown export format {fmt!r}; choose from {FORMATS}")
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose from {tuple(DTYPES)}")
+    guard_output(out, [path], replace=overwrite)  # before anything loads; the base is checked once known
     t = load_run(path, checkpoint)
     dtype = dtype or default_dtype(t)
-    if Path(out).resolve() in (Path(path).resolve(), Path(t.base).resolve()):
-        raise CheckpointError(f"output {out} is the input; choose another directory")
-    if Path(out).exists() and not overwrite:
+    target = guard_output(out, [path, t.base], replace=overwrite)
+    if target.exists() and not overwrite:
         raise CheckpointError(f"output {out} already exists (pass --overwrite to replace it)")
     report = ExportReport(Path(out), fmt, dtype=dtype if fmt == "hf" else "fp16")
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        if fmt == "hf":
-            export_hf(t, tmp, DTYPES[dtype], max_shard_bytes, report)
-        else:
-            export_gptq(t, tmp, fmt, max_shard_bytes, report)
-        (tmp / "README.md").write_text(model_card(t, fmt, dtype))
+    with locked(target, "export"):  # one writer per output; what a killed export left goes first
+        remove_stale(target.parent, re.escape(target.name))
+        with atomic_dir(target, overwrite=overwrite) as tmp:
+            if fmt == "hf":
+                export_hf(t, tmp, DTYPES[dtype], max_shard_bytes, report)
+            else:
+                export_gptq(t, tmp, fmt, max_shard_bytes, report)
+            (tmp / "README.md").write_text(model_card(t, fmt, dtype))
+            write_marker(tmp, "export", format=fmt, source=str(Path(path).resolve()),
+                         checkpoint=t.run.get("step"))
     if report.clamped:
         warnings.warn(f"{report.clamped} trained scales were outside the checkpoint dtype's range and were clamped",
                       stacklevel=2)

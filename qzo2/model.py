@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from quant.checkpoint import load_quantized, open_source
+from quant.checkpoint import CheckpointError, load_quantized, open_source
 
 from .data import package_dir
 
@@ -56,22 +56,39 @@ def is_quantized_dir(path: Path) -> bool:
     return path.is_dir() and cfg.exists() and "quantization_config" in json.loads(cfg.read_text())
 
 
+def load_tokenizer(path):
+    """The tokenizer of a model directory, never running code from it: a tokenizer_config.json whose auto_map names
+    a .py file would make transformers ask on a terminal (or run it); here it is one CheckpointError naming the
+    directory."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):  # transformers' refusal says how to allow the code
+            raise
+        raise CheckpointError(f"{path}: its tokenizer_config.json asks to run custom tokenizer code (auto_map), "
+                              f"which qzo2 does not run; give it a tokenizer_class transformers has built in, or "
+                              f"use another model") from None
+
+
 def load_model(src: str | None, dtype: torch.dtype = torch.float32, backend: str = "auto"):
     """Any model qzo2 accepts -> (HF causal LM in eval mode, tokenizer with a pad token: EOS if it had none).
-    Quantized dirs get QuantLinear layers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    Quantized dirs get QuantLinear layers. No code from the model's files is run."""
+    from transformers import AutoModelForCausalLM
 
     path = Path(resolve_source(src))
     if is_quantized_dir(path):
+        tokenizer = load_tokenizer(path)  # first: it is the quick one to fail
         model = load_quantized(path, dtype=dtype, backend=backend)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     elif path.is_file():  # .gguf: open_source dequantizes it into an in-memory model and reads its tokenizer
         source = open_source(path)
         model, tokenizer = source.extra["model"].to(dtype), source.extra["tokenizer"]
     else:
         open_source(path)  # validates: config.json, safetensors only
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                     trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer

@@ -4,15 +4,21 @@
   run/metrics.jsonl, metrics.png  one JSON line per log step / dev evaluation
   run/checkpoints/step-NNNNNN/    trained.safetensors (the trained tensors), method.safetensors (optimizer state,
                                   when the method has any), state.json (step, counters, the config trained with)
-  run/best/                       a copy of the best checkpoint by dev metric
+  run/best/                       the best checkpoint by dev metric (written before the step checkpoint that
+                                  points at it, so best/ is never behind the pointer)
   run/tensorboard/, run/wandb/    with report_to=tensorboard / wandb: the same scalars (qzo2/tracking.py)
-Every write is atomic (temporary file or directory, then a rename).
+Every write is atomic and exclusive (a temporary file or directory made by mkstemp/mkdtemp, then a rename), and one
+process writes a run at a time (qzo2/outputs.py: the lock). Each checkpoint's state.json records fingerprints of the
+inputs (base model, data files, task); resume and export refuse inputs that changed under the same path.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,9 +27,12 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from quant.checkpoint import atomic_dir
+from quant.checkpoint import TOKENIZER_FILES, atomic_dir
 
-from .config import PATH_KEYS, TrainConfig, is_symbolic, renamed
+from .config import FIELDS, MEMORY, PATH_KEYS, ConfigError, TrainConfig, _coerce, is_symbolic, read_yaml, renamed
+from .outputs import append_line, guard_output, remove_stale, write_file
+
+CONFIG_HEAD = "# qzo2 train config"
 
 
 class TrainingError(ValueError):
@@ -31,8 +40,18 @@ class TrainingError(ValueError):
 
 
 def is_run_dir(path) -> bool:
-    """A `qzo2 train` output directory (config.yaml + checkpoints/), as opposed to a model directory."""
-    return (Path(path) / "config.yaml").is_file() and (Path(path) / "checkpoints").is_dir()
+    """A `qzo2 train` output directory (its config.yaml, with checkpoints/ or qzo2's header line: a run that died
+    before its first checkpoint is one too), as opposed to a model directory."""
+    config = Path(path) / "config.yaml"
+    if not config.is_file():
+        return False
+    if (Path(path) / "checkpoints").is_dir():
+        return True
+    try:
+        with open(config, encoding="utf-8") as f:
+            return f.readline().startswith(CONFIG_HEAD)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 class RunDir:
@@ -67,35 +86,38 @@ class RunDir:
         return self.ckpts / f"step-{step:06d}"
 
     def log(self, record: dict) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.metrics, json.dumps(record))
 
     def read_metrics(self) -> list[dict]:
+        if self.metrics.is_symlink():
+            raise TrainingError(f"{self.metrics} is a symbolic link; qzo2 never writes through one: remove it")
         if not self.metrics.exists():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        records = []
+        for n, line in enumerate(self.metrics.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                records += [json.loads(line)] if line.strip() else []
+            except ValueError as e:
+                raise TrainingError(f"{self.metrics} line {n} is corrupt ({e}); remove that line") from None
+        return records
 
     def truncate_metrics(self, step: int) -> None:
-        """After resuming from `step`, drop records a crashed run wrote past it (they will be written again)."""
+        """After resuming from `step`, drop records a crashed run wrote past it (they will be written again);
+        step -1 drops every record (a run restarted from scratch)."""
         kept = [r for r in self.read_metrics() if r["step"] <= step]
-        tmp = self.metrics.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.metrics)
+        write_file(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
-    def copy_best(self) -> None:
-        """best/ <- the last checkpoint."""
-        src = self.checkpoint("last")
-        with atomic_dir(self.path / "best", overwrite=True) as tmp:
-            for f in src.iterdir():
-                shutil.copy2(f, tmp / f.name)
+    def remove_stale(self) -> None:
+        """Temporaries a killed writer of this run left (the run's lock is held): half-written checkpoints,
+        best/, config.yaml, metrics."""
+        remove_stale(self.ckpts, r"step-\d{6}")
+        remove_stale(self.path, r"(?:best|config\.yaml|metrics\.jsonl|metrics\.png)")
+        remove_stale(self.path.parent, re.escape(self.path.name))  # a replaced run's remains (replace_run)
 
 
-def save_checkpoint(run: RunDir, targets, method_state: dict, state: dict, keep_last: int) -> Path:
-    """checkpoints/step-N/ with the trained tensors, the method's state tensors and state.json; older checkpoints
-    beyond keep_last are deleted."""
-    step = state["step"]
-    dst = run.ckpts / f"step-{step:06d}"
-    run.ckpts.mkdir(parents=True, exist_ok=True)
+def write_checkpoint(dst: Path, targets, method_state: dict, state: dict) -> Path:
+    """dst/ (a step checkpoint or best/), replaced atomically: the trained tensors, the method's state tensors
+    and state.json."""
     with atomic_dir(dst, overwrite=True) as tmp:
         save_file({t.path: t.tensor.detach().contiguous().cpu() for t in targets}, str(tmp / "trained.safetensors"),
                   metadata={"format": "pt"})
@@ -103,28 +125,159 @@ def save_checkpoint(run: RunDir, targets, method_state: dict, state: dict, keep_
             save_file({k: v.detach().contiguous().cpu() for k, v in method_state.items()},
                       str(tmp / "method.safetensors"), metadata={"format": "pt"})
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    return dst
+
+
+def _write_run_checkpoint(run: RunDir, dst: Path, targets, method_state: dict, state: dict) -> None:
+    """write_checkpoint; a failed write (disk full, read-only) is one TrainingError line that names the checkpoint
+    left intact."""
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        write_checkpoint(dst, targets, method_state, state)
+    except OSError as e:
+        last = run.checkpoint("last") if run.steps() else None
+        raise TrainingError(f"writing {dst} failed ({e.strerror or e}); "
+                            + (f"the last complete checkpoint {last} is intact" if last else "no checkpoint exists yet")
+                            ) from e
+
+
+def save_checkpoint(run: RunDir, targets, method_state: dict, state: dict, keep_last: int) -> Path:
+    """checkpoints/step-N/; older checkpoints beyond keep_last are deleted."""
+    dst = run.ckpts / f"step-{state['step']:06d}"
+    _write_run_checkpoint(run, dst, targets, method_state, state)
     for old in run.steps()[:-keep_last or None] if keep_last else []:
         shutil.rmtree(run.ckpts / f"step-{old:06d}", ignore_errors=True)
     return dst
 
 
+def save_best(run: RunDir, targets, method_state: dict, state: dict) -> Path:
+    """best/: the checkpoint of the best dev metric so far."""
+    _write_run_checkpoint(run, run.path / "best", targets, method_state, state)
+    return run.path / "best"
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json; a missing or corrupt one is one TrainingError line naming it."""
+    f = Path(path) / "state.json"
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TrainingError(f"checkpoint {path} has no state.json (an incomplete checkpoint: use another "
+                            f"--checkpoint or step)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TrainingError(f"{f} is corrupt ({str(e).splitlines()[0]}); use another checkpoint (--checkpoint "
+                            f"STEP) or restore the file") from None
+
+
+def read_tensors(f: Path, what: str = "checkpoint file") -> dict:
+    """A safetensors file of a run; a truncated or corrupt one is one TrainingError line naming it."""
+    if not f.is_file():
+        raise TrainingError(f"{what} {f} is missing; use another checkpoint (--checkpoint STEP)")
+    try:
+        return load_file(str(f))
+    except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
+        raise TrainingError(f"{what} {f} cannot be read ({str(e).splitlines()[0]}): truncated or corrupt? Use "
+                            f"another checkpoint (--checkpoint STEP)") from None
+
+
+def read_trained(path: Path) -> dict:
+    """A checkpoint's trained tensors, checked finite (NaN/inf in what is trained is refused, naming the file)."""
+    f = Path(path) / "trained.safetensors"
+    tensors = read_tensors(f)
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise TrainingError(f"{f}: trained tensor {name} holds NaN/inf; use a checkpoint from before the "
+                                f"divergence (--checkpoint STEP)")
+    return tensors
+
+
 def load_trained(path: Path, targets) -> dict:
-    """Copy a checkpoint's trained tensors into the targets (names must match); return its state."""
-    tensors = load_file(str(path / "trained.safetensors"))
+    """Copy a checkpoint's trained tensors into the targets (names and shapes must match); return its state."""
+    tensors = read_trained(path)
     names = {t.path for t in targets}
     if set(tensors) != names:
         missing = sorted(names - set(tensors))[:1] or sorted(set(tensors) - names)[:1]
         raise TrainingError(f"checkpoint {path} does not match this model/method (first mismatch: {missing[0]})")
+    for t in targets:
+        if tuple(tensors[t.path].shape) != tuple(t.tensor.shape):
+            raise TrainingError(f"{path / 'trained.safetensors'}: {t.path} has shape {tuple(tensors[t.path].shape)}, "
+                                f"the model's is {tuple(t.tensor.shape)} (was the base model re-quantized?)")
+    state = read_state(path)
     with torch.no_grad():
         for t in targets:
             t.tensor.copy_(tensors[t.path].to(t.tensor.dtype))
-    return json.loads((path / "state.json").read_text())
+    return state
 
 
 def load_method_state(path: Path) -> dict:
     """A checkpoint's method state tensors ({} when the method keeps none)."""
     f = path / "method.safetensors"
-    return load_file(str(f)) if f.exists() else {}
+    return read_tensors(f, "method state") if f.exists() else {}
+
+
+def check_finite(targets, source: str) -> None:
+    """Refuse a model whose trained tensors hold NaN/inf (an edited or diverged base): every step would be
+    skipped."""
+    for t in targets:
+        if t.tensor.is_floating_point() and not torch.isfinite(t.tensor).all():
+            raise TrainingError(f"model {source}: {t.path} holds NaN/inf values; it cannot be trained or "
+                                f"evaluated (re-quantize or restore it)")
+
+
+# ---- fingerprints of the inputs ------------------------------------------------------------------------------------
+MODEL_FILES = ("config.json", "quantize_config.json", "model.safetensors.index.json") + TOKENIZER_FILES
+
+
+def fingerprint(path) -> str | None:
+    """sha256 over what defines an input: a file's bytes; for a directory its model files (config, weights,
+    tokenizer) or, for a data directory, every file, with their relative names. None for a path that is not there
+    (a dataset name, built-in data)."""
+    p = Path(path)
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        model = [f for f in files if f.parent == p and (f.name in MODEL_FILES or f.suffix == ".safetensors")]
+        files = model or files
+    else:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(p) if f != p else f.name}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def input_fingerprints(cfg: TrainConfig) -> dict:
+    """{key: fingerprint} of the run's inputs on disk: model, train_file, dev_file, task (a task .yaml)."""
+    from .model import resolve_source
+
+    out = {}
+    for key in ("model", "train_file", "dev_file", "task"):
+        value = getattr(cfg, key)
+        if key == "model":
+            value = resolve_source(value)
+        elif not value or value.startswith(MEMORY) or is_symbolic(key, value):
+            continue
+        fp = fingerprint(value)
+        if fp:
+            out[key] = fp
+    return out
+
+
+def check_inputs(recorded: dict | None, current: dict, where: Path, keys=("model", "train_file", "dev_file", "task"),
+                 cfg: TrainConfig | None = None) -> None:
+    """Refuse to go on from a checkpoint whose recorded input fingerprints differ from the inputs now (a base
+    re-quantized in place, a rewritten data file). Checkpoints written before fingerprints were kept pass."""
+    for key in keys:
+        old, new = (recorded or {}).get(key), current.get(key)
+        if old and old != new:
+            path = getattr(cfg, key) if cfg is not None else key
+            raise TrainingError(f"{key} {path} changed since {where} was trained from it (its content fingerprint "
+                                f"differs): restore the original, or train a new run (another output_dir or "
+                                f"overwrite=true)")
 
 
 # ---- starting, resuming, replacing a run ---------------------------------------------------------------------------
@@ -136,15 +289,26 @@ RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep_las
 
 
 def saved_config(run: RunDir) -> dict:
-    """The config the run's last checkpoint was trained with (older runs: config.yaml), missing keys defaulted."""
-    state = json.loads((run.checkpoint("last") / "state.json").read_text())
-    old = state.get("config") or yaml.safe_load((run.path / "config.yaml").read_text()) or {}
+    """The config the run's last checkpoint was trained with (older runs, or a run with no checkpoint yet:
+    config.yaml), missing keys defaulted."""
+    state = read_state(run.checkpoint("last")) if run.steps() else {}
+    old = state.get("config") or _config_yaml(run) or {}
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     return {**defaults, **renamed(old)}
 
 
+def _config_yaml(run: RunDir) -> dict:
+    """run/config.yaml as written, each value typed by its key (keys this version no longer has are left out)."""
+    try:
+        data = read_yaml(run.path / "config.yaml", "run config") or {}
+        return {k: _coerce(k, v) for k, v in renamed({str(k): v for k, v in data.items()}).items() if k in FIELDS}
+    except ConfigError as e:
+        raise TrainingError(str(e)) from None
+
+
 def check_resume(run: RunDir, cfg: TrainConfig) -> None:
-    """Refuse to resume with a config that differs from the checkpoint's outside RESUMABLE_CHANGES."""
+    """Refuse to resume (or restart a run that has no checkpoint yet) with a config that differs from the one it
+    was started with outside RESUMABLE_CHANGES."""
     old = saved_config(run)
     new = cfg.to_dict()
     for key in PATH_KEYS:  # runs written before paths were stored resolved
@@ -160,19 +324,23 @@ def check_resume(run: RunDir, cfg: TrainConfig) -> None:
 
 def open_run(cfg: TrainConfig) -> tuple[RunDir, bool]:
     """Decide, before anything is loaded, what output_dir means: (run, replace) where replace says an old run is
-    to be replaced once the new one can start. Resuming is run.steps() non-empty and replace False."""
+    to be replaced once the new one can start. Resuming is run.steps() non-empty and replace False; a run that
+    died before its first checkpoint starts again from step 0 with the same config."""
     run = RunDir(cfg.output_dir)
-    if run.path.exists() and not run.path.is_dir():
-        raise TrainingError(f"output_dir {run.path} is a file, not a directory")
+    inputs = [cfg.model, cfg.train_file, cfg.dev_file, cfg.task]
+    inputs = [v for k, v in zip(("model", "train_file", "dev_file", "task"), inputs)
+              if v and not v.startswith(MEMORY) and not is_symbolic(k, v)]
+    try:  # the cwd / home / root, and (to be replaced) only a run that holds none of this run's inputs
+        guard_output(run.path, inputs if cfg.overwrite else (), kind="run", replace=cfg.overwrite)
+    except ValueError as e:
+        raise TrainingError(str(e).replace("output ", "output_dir ", 1)) from None
     if not run.path.exists() or not any(run.path.iterdir()):
         return run, False
     if cfg.overwrite:
-        if not is_run_dir(run.path):
-            raise TrainingError(f"output_dir {run.path} is not a qzo2 run directory (no config.yaml and checkpoints/)"
-                                f"; overwrite=true replaces only a run, so choose another output_dir")
         return run, True
-    if not run.steps():
-        raise TrainingError(f"{run.path} exists and holds no checkpoint to resume (set overwrite=true)")
+    if not is_run_dir(run.path):
+        raise TrainingError(f"output_dir {run.path} exists and is not a qzo2 run directory; choose another "
+                            f"output_dir")
     check_resume(run, cfg)
     return run, False
 
@@ -180,13 +348,10 @@ def open_run(cfg: TrainConfig) -> tuple[RunDir, bool]:
 def write_config(run: RunDir, cfg: TrainConfig, given: TrainConfig) -> None:
     """run/config.yaml: the config with resolved paths; a comment keeps the paths as they were typed."""
     typed = {k: getattr(given, k) for k in PATH_KEYS if getattr(given, k) != getattr(cfg, k)}
-    head = "# qzo2 train config (paths resolved)"
+    head = f"{CONFIG_HEAD} (paths resolved)"
     if typed:
         head += f"; as given in {os.getcwd()}: " + ", ".join(f"{k}={v!r}" for k, v in typed.items())
-    text = head.replace("\n", " ") + "\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    tmp = run.path / ".config.yaml.tmp"
-    tmp.write_text(text)
-    tmp.replace(run.path / "config.yaml")
+    write_file(run.path / "config.yaml", head.replace("\n", " ") + "\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def replace_run(run: RunDir) -> None:
@@ -221,6 +386,8 @@ def plot_metrics(run: RunDir) -> Path | None:
     ax.set_title(run.path.name)
     fig.tight_layout()
     out = run.path / "metrics.png"
-    fig.savefig(out, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    write_file(out, buf.getvalue())
     return out

@@ -27,6 +27,7 @@ import sys
 
 from .config import REPORT_TO
 from .run import RunDir, TrainingError
+from .outputs import write_file
 
 GB = 1 << 30  # every *_gb figure is in GiB (2^30 bytes), as torch.cuda.max_memory_allocated() / 1024**3 is
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # report_to name -> the package it imports
@@ -129,7 +130,7 @@ class Wandb:
             run_id = os.environ.get("WANDB_RUN_ID") or "".join(secrets.choice(string.ascii_lowercase + string.digits)
                                                              for _ in range(8))  # as wandb's own ids
             id_file.parent.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(run_id + "\n")
+            write_file(id_file, run_id + "\n")
         self.run = wandb.init(mode=os.environ.get("WANDB_MODE", "offline"), dir=str(run.path),
                               project=os.environ.get("WANDB_PROJECT") or "qzo2", name=run.path.name, id=run_id,
                               resume="allow")

@@ -6,6 +6,7 @@ bit. What a step does is the method's business (qzo2/methods/); nothing here kno
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -17,8 +18,10 @@ from .config import TrainConfig, lr_at, resolve_paths
 from .methods import load_for_training
 from .objective import dev_metric, evaluate
 from .engine import placement
-from .run import (RunDir, TrainingError, load_method_state, load_trained, open_run, plot_metrics, replace_run,
-                  save_checkpoint, write_config)
+from .outputs import locked
+from .run import (RunDir, TrainingError, check_finite, check_inputs, input_fingerprints, load_method_state,
+                  load_trained, open_run, plot_metrics, read_state, replace_run, save_best, save_checkpoint,
+                  write_config)
 
 __all__ = ["train", "TrainingError", "RunDir", "lr_at", "load_for_training", "StopSignals"]
 
@@ -131,8 +134,9 @@ def train(cfg: TrainConfig, memory: dict | None = None, keep_model: bool = False
     (qzo2/distributed.py says what crosses ranks), and a signal on any rank stops all of them after the same step."""
     owns_group = not distributed.initialized()
     world = distributed.init(cfg.device)
-    try:
-        return _train(cfg, world, memory, keep_model)
+    try:  # rank 0 writes the run directory, and holds its lock: a second `qzo2 train` into it is refused
+        with locked(resolve_paths(cfg).output_dir, "train") if world.main else contextlib.nullcontext():
+            return _train(cfg, world, memory, keep_model)
     finally:
         if owns_group:
             distributed.shutdown()
@@ -149,28 +153,39 @@ def _train(cfg: TrainConfig, world: distributed.World, memory: dict | None = Non
     run, replace = open_run(cfg)  # output_dir checked and the resume validated before anything loads
     tracking.require(cfg.report_to)  # so is a missing tensorboard / wandb package
     resuming = bool(run.steps()) and not replace
+    if world.main:
+        run.remove_stale()  # what a killed writer of this run left (we hold the lock)
+    inputs = input_fingerprints(cfg)
+    if resuming:  # the same config on changed inputs is not the same run
+        check_inputs(read_state(run.checkpoint("last")).get("inputs"), inputs, run.path, cfg=cfg)
     # every rank must see the same run directory (multi-node: output_dir on shared storage) and decide alike
     distributed.check_same(run.steps()[-1] if resuming else -1, "the step to resume from (is output_dir on storage "
                            "every node shares?)")
     distributed.barrier()  # every rank has looked at output_dir before rank 0 changes it
     data = D.read_data(cfg, memory)  # data errors before the model (minutes at 7B)
     model, tokenizer, method = load_for_training(cfg)
+    check_finite(method.targets, cfg.model)  # an edited or diverged base: every step would be skipped
     where = placement(model)
     task = D.build_task(cfg, tokenizer, data)
     if not task.train:
         raise TrainingError("no training examples")
+    if cfg.dev_file and not task.dev:
+        raise TrainingError(f"dev_file {cfg.dev_file} holds no dev examples; give a dev set with rows, or no "
+                            f"dev_file")
     if world.main:
         if replace:  # the new run can start: only now does the old one go
             replace_run(run)
         run.path.mkdir(parents=True, exist_ok=True)
         write_config(run, cfg, given)
+        if not resuming:  # a run restarted from step 0 (no checkpoint yet) logs from scratch
+            run.truncate_metrics(-1)
     tracker = tracking.Tracker(run, cfg, run.steps()[-1] if resuming else None) if world.main else None
     log = tracker.log if world.main else (lambda record: None)  # metrics.jsonl + report_to
     shard = world if method.shards_batch else None
 
     targets = method.targets
     state = {"step": 0, "skipped": 0, "consecutive_skips": 0, "best_step": None, "best_metric": None,
-             "trained": trained_count(targets), "method": cfg.method}
+             "trained": trained_count(targets), "method": cfg.method, "inputs": inputs}
 
     def save(state: dict) -> None:
         method.flush()
@@ -189,9 +204,11 @@ def _train(cfg: TrainConfig, world: distributed.World, memory: dict | None = Non
             say(f"step {step}: " + ", ".join(f"dev {k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
         if state["best_metric"] is None or dev_metric(m) > state["best_metric"]:
             state.update(best_step=step, best_metric=dev_metric(m))
+            if world.main:  # best/ first: a kill between the two leaves best/ ahead of the last checkpoint (the
+                # resumed run redoes the step and writes the same best/), never behind the pointer
+                method.flush()
+                save_best(run, targets, method.state_tensors(), dict(state, config=cfg.to_dict()))
             save(state)
-            if world.main:
-                run.copy_best()
 
     completed = False  # the loop ended without an exception (a wandb run is marked failed otherwise)
     stop = StopSignals()
@@ -205,6 +222,7 @@ def _train(cfg: TrainConfig, world: distributed.World, memory: dict | None = Non
                 state = load_trained(ckpt, targets)
                 method.load_state_tensors(load_method_state(ckpt))
                 state.pop("config", None)
+                state["inputs"] = inputs
                 if world.main:
                     run.truncate_metrics(state["step"])
                 bar.update(state["step"])

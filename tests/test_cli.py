@@ -123,8 +123,14 @@ def test_existing_output_is_kept_unless_overwrite(make_model_dir, tmp_path, caps
     (dst / "precious.txt").write_text("keep me")
     run_bad(capsys, ["quantize", str(src), "-o", str(dst)], "already exists")
     assert (dst / "precious.txt").read_text() == "keep me"
-    assert main(["quantize", str(src), "-o", str(dst), "--overwrite", "-q"]) == 0
-    assert not (dst / "precious.txt").exists() and (dst / "model.safetensors").exists()
+    run_bad(capsys, ["quantize", str(src), "-o", str(dst), "--overwrite", "-q"], "not a checkpoint written by qzo2")
+    assert (dst / "precious.txt").read_text() == "keep me"  # --overwrite replaces only qzo2's own outputs
+    q = tmp_path / "q"
+    assert main(["quantize", str(src), "-o", str(q), "-q"]) == 0
+    first = (q / "model.safetensors").read_bytes()
+    assert main(["quantize", str(src), "-o", str(q), "--overwrite", "-q", "--bits", "8"]) == 0
+    assert (q / "model.safetensors").read_bytes() != first and json.loads((q / "qzo2.json").read_text())["command"] \
+        == "quantize"
 
 
 def test_failure_midway_leaves_nothing(make_model_dir, tmp_path, capsys, monkeypatch):

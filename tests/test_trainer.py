@@ -88,7 +88,7 @@ def test_ddc_clips_the_update(tiny, tmp_path):
     from qzo2.methods import base, zo
 
     q, _, data = tiny
-    cfg = config(tmp_path, q, data, steps=1, eval_every=0, clip=1e-6, lr=1.0, scale_floor=-1e9)
+    cfg = config(tmp_path, q, data, steps=1, eval_every=0, clip=1e-6, lr=1.0, scale_floor=0.0)
     model, tok, method = trainer.load_for_training(cfg)
     targets = method.targets
     before = {t.path: t.tensor.clone() for t in targets}
