@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import warnings
@@ -277,7 +278,15 @@ def _rank_tag() -> str:
     return f" (rank {os.environ.get('RANK', '?')} of {size})" if size.strip() not in ("", "1") else ""
 
 
+# import-time warnings of packages the gptq extra installs (torchao's missing CUDA libraries on a CPU machine, torch's
+# deprecation of their enum registration): noise on every command, not about the user's input
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("QZO2_DEBUG", "").strip() in ("", "0"):
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a bad argument already reported in one line
