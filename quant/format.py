@@ -1,6 +1,6 @@
 """GPTQ checkpoint layout: bit packing of codes and zero points, v1/v2 zero conventions, quantize_config.
 
-Layout of one quantized Linear (in_features K, out_features N, bits b, group size G; shared/REFERENCE.md):
+Layout of one quantized Linear (in_features K, out_features N, bits b, group size G; the GPTQ format as auto-gptq/gptqmodel write it):
   qweight int32 [K*b/32, N]   codes packed along the input dim, lowest bits first:
                               q[k, n] = (qweight[k // (32/b), n] >> (b * (k % (32/b)))) & (2^b - 1)
   qzeros  int32 [K/G, N*b/32] zero points packed along the output dim, same order

@@ -171,7 +171,7 @@ def bench_kernels(rows: int = 1536, repeats: int = 5, shapes=((576, 576), (1536,
     return out
 
 
-# ---- accuracy benchmark (BENCHMARKS.md): SmolLM2 + Rotten Tomatoes, every row a separate `qzo2` process -------
+# ---- accuracy benchmark (docs/benchmarks.md): SmolLM2 + Rotten Tomatoes, every row a separate `qzo2` process -------
 # Runs the command as its child and writes that child's ru_maxrss (KiB) to argv[2]. A process's ru_maxrss starts at
 # the RSS of the process it was forked from (Linux records the old address space's high-water mark at exec), so
 # measured straight from this (possibly large) process it would read max(ours, the command's); from this small
@@ -315,7 +315,7 @@ def accuracy_table(results: Path, rows: list[str] | None = None) -> str:
     return "\n".join(out)
 
 
-# ---- speed benchmark (`qzo2 bench`, BENCHMARKS.md): random-weight models built in place, one ZO step per mode -------
+# ---- speed benchmark (`qzo2 bench`, docs/benchmarks.md): random-weight models built in place, one ZO step per mode -------
 FIRST_ORDER_MODES = ("lomo", "adalomo", "adamw", "hift")  # first-order steps on the int4 scales
 MODES = ("forward", "qzo", "qzo-offload", "mezo", "zo2") + FIRST_ORDER_MODES + ("grass",)  # grass: dense weights
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -699,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     kb = sub.add_parser("kernels", help="CPU quantized-matmul paths, median ms per product (JSON lines)")
     kb.add_argument("--rows", type=int, default=1536, help="activation rows (tokens) per product")
     kb.add_argument("--repeats", type=int, default=5)
-    a = sub.add_parser("accuracy", help="the accuracy benchmark of BENCHMARKS.md (SmolLM2 + Rotten Tomatoes)")
+    a = sub.add_parser("accuracy", help="the accuracy benchmark of docs/benchmarks.md (SmolLM2 + Rotten Tomatoes)")
     a.add_argument("-o", "--output", default="runs/accuracy", help="work and result directory")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--rows", default="fp32,rtn,gptq,qzo,mezo",

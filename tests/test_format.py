@@ -1,4 +1,4 @@
-"""GPTQ packing against an independent numpy packer written from the format description (shared/REFERENCE.md)."""
+"""GPTQ packing against an independent numpy packer written from the format description (the layout in quant/format.py)."""
 import numpy as np
 import pytest
 import torch
