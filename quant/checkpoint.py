@@ -113,21 +113,35 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
             shutil.copy2(src / f, dst / f)
 
 
+def load_tokenizer(directory, trust_remote_code: bool = False, **kwargs):
+    """AutoTokenizer of a model directory (a .gguf's with gguf_file=), offline. Code its tokenizer_config.json names
+    (auto_map) runs only with trust_remote_code: transformers would otherwise ask on a terminal, or run it; here
+    the refusal is one CheckpointError naming the directory."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                             trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):  # transformers' refusal says how to allow the code
+            raise
+        raise CheckpointError(f"{directory}: its tokenizer_config.json asks to run custom tokenizer code (auto_map), "
+                              f"which qzo2 does not run unless asked: pass --trust-remote-code (qzo2 quantize) if "
+                              f"you trust it, or give it a tokenizer_class transformers has built in") from None
+
+
 def gguf_source(path: Path, trust_remote_code: bool = False) -> Source:
     """A .gguf file, dequantized by transformers into an in-memory model (fine for small models only). The tokenizer
     also reads a tokenizer_config.json beside the file: code it names (auto_map) runs only with trust_remote_code."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     kw = dict(gguf_file=path.name, trust_remote_code=trust_remote_code)
     try:  # the tokenizer first: it is the quick one to fail
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kw)
+        tokenizer = load_tokenizer(path.parent, **kw)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
+    except CheckpointError:
+        raise
     except Exception as e:
-        if "trust_remote_code" in str(e):  # transformers' refusal to run the directory's code
-            raise CheckpointError(
-                f"{path.parent}: its tokenizer_config.json asks to run custom tokenizer code (auto_map), which is "
-                f"not run: move {path.name} to a directory without it, or pass --trust-remote-code (qzo2 quantize) "
-                f"if you trust that code") from None
         try:  # transformers reports an unreadable GGUF header as a bad JSON config file: say what it is
             import gguf
 

@@ -40,20 +40,11 @@ def quantize_with_gptqmodel(model_dir: str, out_dir: str, *, bits: int, group_si
     except ImportError as e:
         raise ImportError(_MISSING) from e
     import torch
-    from transformers import AutoTokenizer
 
-    from .checkpoint import CheckpointError
+    from .checkpoint import load_tokenizer
 
     model_dir, out_dir = os.path.abspath(model_dir), os.path.abspath(out_dir)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
-                                                  trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        if "trust_remote_code" not in str(e):  # transformers' refusal says how to allow the code
-            raise
-        raise CheckpointError(f"{model_dir}: its tokenizer_config.json asks to run custom tokenizer code (auto_map), "
-                              f"which GPTQ calibration does not run; use --method rtn, or give it a tokenizer_class "
-                              f"transformers has built in") from None
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
     calib = _calibration(tokenizer, calib_texts, nsamples, seqlen)
     qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
                           damp_percent=damp_percent, device="cpu")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from quant.checkpoint import CheckpointError, load_quantized, open_source
+from quant.checkpoint import load_quantized, load_tokenizer, open_source
 
 from .data import package_dir
 
@@ -54,22 +54,6 @@ def resolve_device(device: str = "auto") -> torch.device:
 def is_quantized_dir(path: Path) -> bool:
     cfg = path / "config.json"
     return path.is_dir() and cfg.exists() and "quantization_config" in json.loads(cfg.read_text())
-
-
-def load_tokenizer(path):
-    """The tokenizer of a model directory, never running code from it: a tokenizer_config.json whose auto_map names
-    a .py file would make transformers ask on a terminal (or run it); here it is one CheckpointError naming the
-    directory."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except ValueError as e:
-        if "trust_remote_code" not in str(e):  # transformers' refusal says how to allow the code
-            raise
-        raise CheckpointError(f"{path}: its tokenizer_config.json asks to run custom tokenizer code (auto_map), "
-                              f"which qzo2 does not run; give it a tokenizer_class transformers has built in, or "
-                              f"use another model") from None
 
 
 def load_model(src: str | None, dtype: torch.dtype = torch.float32, backend: str = "auto"):
