@@ -145,8 +145,10 @@ def save_checkpoint(run: RunDir, targets, method_state: dict, state: dict, keep_
     """checkpoints/step-N/; older checkpoints beyond keep_last are deleted."""
     dst = run.ckpts / f"step-{state['step']:06d}"
     _write_run_checkpoint(run, dst, targets, method_state, state)
-    for old in run.steps()[:-keep_last or None] if keep_last else []:
-        shutil.rmtree(run.ckpts / f"step-{old:06d}", ignore_errors=True)
+    for old in run.steps()[:-keep_last or None] if keep_last else []:  # renamed first: never half a checkpoint
+        trash = Path(tempfile.mkdtemp(prefix=f".step-{old:06d}.old-", dir=run.ckpts))
+        os.replace(run.ckpts / f"step-{old:06d}", trash / "x")
+        shutil.rmtree(trash, ignore_errors=True)
     return dst
 
 
