@@ -20,10 +20,32 @@ def model_inputs(model, batch: dict) -> dict:
     return inputs
 
 
+def candidate_logprobs(logits_last: torch.Tensor, batch: dict) -> torch.Tensor:
+    """[B, C] mean log-prob of each candidate's tokens (a batch of data.encode_candidates), from the logits of the
+    last n_last positions (more positions are fine: only the last n_last are read). Logit t predicts token t+1."""
+    if "cand_ids" in batch:  # shared-prompt rows: the last position predicts every single-token candidate
+        logp = torch.log_softmax(logits_last[:, -1].float(), -1)
+        rows = logp.shape[0] // batch["cand_ids"].shape[0]  # a stacked (2k-chunk) batch repeats the examples
+        return logp.gather(-1, batch["cand_ids"].repeat(rows, 1).to(logp.device))
+    n = batch["n_last"]
+    logits = logits_last[:, -n:-1].float()
+    targets = batch["input_ids"][:, -n + 1:].to(logits.device)
+    mask = batch["cand_mask"][:, -n + 1:].to(logits.device).bool()
+    logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(mask, logp, torch.zeros_like(logp))  # padded rows may hold NaN logits: never multiply them in
+    scores = logp.sum(-1) / mask.sum(-1)
+    return scores.view(len(batch["labels"]), -1)
+
+
+def classification_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the candidates' length-normalized log-likelihoods (MeZO's training as classification)."""
+    return F.cross_entropy(scores, labels.to(scores.device))
+
+
 def classification_scores(model, batch: dict) -> torch.Tensor:
     """[rows/C, C] mean candidate log-probs; only the last n_last positions' logits are computed."""
     out = model(**model_inputs(model, batch), logits_to_keep=batch["n_last"])
-    return D.candidate_logprobs(out.logits.float(), batch)
+    return candidate_logprobs(out.logits.float(), batch)
 
 
 def lm_chunk_sums(model, batch: dict, chunks: int, rows_per_head: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +128,7 @@ def evaluate(model, kind: str, items: list, tokenizer, max_length: int, batch_si
             if scores is not None:
                 scores.extend(s.tolist())
             sums[0] += int((pred == batch["labels"]).sum())
-            sums[1] += float(D.classification_loss(s, batch["labels"])) * len(batch["labels"])
+            sums[1] += float(classification_loss(s, batch["labels"])) * len(batch["labels"])
             sums[2:] += torch.bincount(pred, minlength=len(sums) - 2).double()
         distributed.all_sum(sums)
         return {"accuracy": int(sums[0]) / len(items), "loss": float(sums[1]) / len(items),

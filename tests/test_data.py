@@ -11,7 +11,8 @@ import torch
 
 from conftest import build_model
 from qzo2 import data as D
-from qzo2.data import ClassificationExample, DataError, candidate_logprobs, encode_candidates
+from qzo2.data import ClassificationExample, DataError, encode_candidates
+from qzo2.objective import candidate_logprobs, classification_loss
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
@@ -233,7 +234,7 @@ def test_batch_at_covers_each_epoch(n, bs):
 def test_batch_at_is_pure():
     items = list(range(50))
     forward = [D.batch_at(items, 8, 1, s) for s in range(20)]
-    D._epoch_order.cache_clear()
+    D.batching._epoch_order.cache_clear()
     backward = [D.batch_at(items, 8, 1, s) for s in reversed(range(20))][::-1]
     assert forward == backward
     assert forward[0] != D.batch_at(items, 8, 2, 0)
@@ -395,7 +396,7 @@ def test_candidate_logprobs_match_unpadded_brute_force(tokenizer, family):
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
                        logits_to_keep=b["n_last"]).logits
         assert logits.shape[1] == b["n_last"]
-        scores = D.candidate_logprobs(logits, b)
+        scores = candidate_logprobs(logits, b)
         brute = torch.zeros(2, 2, dtype=torch.float64)
         for i, e in enumerate(EXAMPLES):
             prompt = tokenizer(e.prompt).input_ids
@@ -405,16 +406,16 @@ def test_candidate_logprobs_match_unpadded_brute_force(tokenizer, family):
                 brute[i, j] = sum(lp[len(prompt) + k - 1, t] for k, t in enumerate(c)) / len(c)
     assert scores.shape == (2, 2)
     torch.testing.assert_close(scores.double(), brute, atol=1e-5, rtol=0)
-    loss = D.classification_loss(scores, b["labels"])
+    loss = classification_loss(scores, b["labels"])
     torch.testing.assert_close(loss, -torch.log_softmax(scores, -1)[[0, 1], [1, 0]].mean())
 
 
 def test_candidate_logprobs_ignore_nan_in_padding(tokenizer):
     b = D.encode_candidates(EXAMPLES, tokenizer, 128)
     logits = torch.randn(4, b["n_last"], 400)
-    clean = D.candidate_logprobs(logits, b)
+    clean = candidate_logprobs(logits, b)
     logits[b["cand_mask"][:, -b["n_last"] + 1:].eq(0).nonzero(as_tuple=True)] = float("nan")
-    torch.testing.assert_close(D.candidate_logprobs(logits, b), clean)
+    torch.testing.assert_close(candidate_logprobs(logits, b), clean)
 
 
 def test_shared_prompt_scores_equal_per_candidate_rows(tokenizer):
