@@ -32,16 +32,21 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes [K, N] (values in [0, 2^bits)) -> qweight int32 [K*bits/32, N], packed along dim 0."""
+def _pack(v: torch.Tensor, bits: int, dim: int, name: str, what: str) -> torch.Tensor:
+    """Values in [0, 2^bits) -> int32, 32/bits of them per word along `dim` (low bits first)."""
     _check_bits(bits)
     per = 32 // bits
-    K, N = q.shape
-    if K % per:
-        raise ValueError(f"in_features {K} is not a multiple of {per} (needed to pack {bits}-bit codes)")
-    q = q.to(torch.int64).reshape(K // per, per, N)
-    shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
-    return _to_int32((q << shifts).sum(dim=1))
+    if v.shape[dim] % per:
+        raise ValueError(f"{name} {v.shape[dim]} is not a multiple of {per} (needed to pack {bits}-bit {what})")
+    shape = list(v.shape)
+    shape[dim:dim + 1] = [shape[dim] // per, per]
+    shifts = (torch.arange(per, dtype=torch.int64) * bits).view([per if d == dim + 1 else 1 for d in range(len(shape))])
+    return _to_int32((v.to(torch.int64).reshape(shape) << shifts).sum(dim=dim + 1))
+
+
+def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes [K, N] (values in [0, 2^bits)) -> qweight int32 [K*bits/32, N], packed along dim 0."""
+    return _pack(q, bits, 0, "in_features", "codes")
 
 
 def unpack_rows(qweight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -55,14 +60,7 @@ def unpack_rows(qweight: torch.Tensor, bits: int) -> torch.Tensor:
 
 def pack_cols(z: torch.Tensor, bits: int) -> torch.Tensor:
     """Values [G, N] -> int32 [G, N*bits/32], packed along dim 1 (the qzeros layout)."""
-    _check_bits(bits)
-    per = 32 // bits
-    G, N = z.shape
-    if N % per:
-        raise ValueError(f"out_features {N} is not a multiple of {per} (needed to pack {bits}-bit zeros)")
-    z = z.to(torch.int64).reshape(G, N // per, per)
-    shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, 1, per)
-    return _to_int32((z << shifts).sum(dim=2))
+    return _pack(z, bits, 1, "out_features", "zeros")
 
 
 def unpack_cols(qzeros: torch.Tensor, bits: int) -> torch.Tensor:

@@ -8,13 +8,12 @@ training loop installs its Ctrl-C / SIGTERM handlers only on the main thread, an
 
     from qzo2 import quantize, train, export, evaluate
     quantize(None, "runs/int4")                                      # the embedded SmolLM2-135M, RTN int4
-    result = train(method="adalomo", model="runs/int4", steps=80, lr=1e-3, output_dir="runs/demo")
+    result = train("recipes/sentiment-adalomo.yaml", model="runs/int4", steps=80, output_dir="runs/demo")
     print(result.best_metric, evaluate(result, task="sentiment")["accuracy"])
     export(result, "runs/demo-gptq")
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -175,14 +174,14 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = N
     from .trainer import train as run_training
 
     out = run_training(cfg, memory or None, keep_model=True)
-    checkpoint = "best" if out["best_step"] is not None and out["best_step"] == out["step"] else "last"
-    if load_best and out["best_step"] is not None and out["best_step"] != out["step"]:
-        load_trained(RunDir(out["run"]).checkpoint("best"), out["targets"])
+    checkpoint = "best" if out.best_step is not None and out.best_step == out.step else "last"
+    if load_best and out.best_step is not None and out.best_step != out.step:
+        load_trained(RunDir(out.run).checkpoint("best"), out.targets)
         checkpoint = "best"
-    return TrainResult(run=Path(out["run"]), step=out["step"], best_step=out["best_step"],
-                       best_metric=out["best_metric"], interrupted=out["interrupted"], skipped=out["skipped"],
-                       trained=out["trained"], config=cfg, model=out["model"], tokenizer=out["tokenizer"],
-                       metrics=RunDir(out["run"]).read_metrics(), checkpoint=checkpoint)
+    return TrainResult(run=Path(out.run), step=out.step, best_step=out.best_step, best_metric=out.best_metric,
+                       interrupted=out.interrupted, skipped=out.skipped, trained=out.trained, config=cfg,
+                       model=out.model, tokenizer=out.tokenizer, metrics=RunDir(out.run).read_metrics(),
+                       checkpoint=checkpoint)
 
 
 def _given_keys(config) -> set[str]:
@@ -230,42 +229,17 @@ def evaluate(model: TrainResult | str | os.PathLike | "nn.Module" | None = None,
 
     task="sentiment": accuracy on the built-in split (`split` dev/test of the seeded Rotten Tomatoes splits);
     task=TASK.yaml: accuracy on `data` (rows in memory or any data source path); returns {"accuracy", "loss",
-    "predicted" (per-class prediction rates), "n"}. task=None: perplexity on `text` (default: the shipped Hamlet)
-    -> {"perplexity", "tokens"}."""
-    from . import data as D
-    from .evaluation import check_windows, load_for_eval, perplexity, sentiment_items
-    from .model import default_text_path
-    from .objective import evaluate as score
+    "predicted" (per-class prediction rates), "n"}. task=None: perplexity on `text` (default: the shipped Hamlet),
+    `batch_size` windows per forward (default 4) -> {"perplexity", "tokens"}. One implementation with the CLI:
+    evaluation.evaluate_model."""
+    from .evaluation import evaluate_model
 
-    if task is None:
-        check_windows(seqlen, nseq)
     cfg = None
     if isinstance(model, TrainResult):
         model, tokenizer, cfg = model.model, model.tokenizer, model.config
-    elif model is None or isinstance(model, (str, os.PathLike)):
-        model, tokenizer, cfg = load_for_eval(None if model is None else str(model), checkpoint)
-    elif tokenizer is None:
-        raise TypeError("evaluate(model) with an nn.Module needs its tokenizer")
-    run = cfg or TrainConfig()
-    seed = run.seed if seed is None else seed
-    template = run.template if template is None else template
-    max_length = run.max_length if max_length is None else max_length
-    batch_size = run.eval_batch_size if batch_size is None else batch_size
-    was_training = model.training
-    model.eval()
-    try:
-        if task is None:
-            body = text if text is not None else default_text_path().read_text(encoding="utf-8")
-            return {"perplexity": perplexity(model, tokenizer, body, seqlen=seqlen, nseq=nseq), "tokens": seqlen * nseq}
-        if task == "sentiment":
-            items = sentiment_items(dataclasses.replace(run, template=template), split, seed)
-        else:
-            if data is None:
-                raise ValueError(f"task {task} needs data: rows or a data source path")
-            spec = D.load_task_yaml(task)
-            rows = D.read_rows(data) if isinstance(data, (str, os.PathLike)) else _located(data, "eval")
-            items = D.task_examples(spec, rows, data if isinstance(data, (str, os.PathLike)) else "eval_data")
-        m = score(model, "classification", items, tokenizer, max_length, batch_size)
-        return {**m, "n": len(items)}
-    finally:
-        model.train(was_training)
+    if task not in (None, "sentiment") and data is not None and not isinstance(data, (str, os.PathLike)):
+        data = _located(data, "eval")
+    r = evaluate_model(model, tokenizer, cfg=cfg, checkpoint=checkpoint, task=task, data=data, split=split, seed=seed,
+                       template=template, max_length=max_length, batch_size=batch_size, ppl=task is None, text=text,
+                       seqlen=seqlen, nseq=nseq)
+    return r.metrics if task is not None else {"perplexity": r.perplexity, "tokens": seqlen * nseq}

@@ -1,11 +1,11 @@
 """Benchmark helpers: named model shapes, random-weight models built in place and random-weight checkpoints written
-to disk, the speed benchmark behind `qzo2 bench`, CPU kernel timings, and the accuracy benchmark.
+to disk, the speed benchmark behind `qzo2 bench`, and CPU kernel timings. (The accuracy benchmark is not part of the
+library: benchmarks/accuracy.py.)
 
     qzo2 bench --shape tiny --mode forward,qzo,qzo-offload,mezo,zo2 --batch 2 --seq 64 --compare
 
     python -m qzo2.bench random-checkpoint --shape llama-3b -o /tmp/synth/src [--max-shard-size-gb 2]
     python -m qzo2.bench kernels
-    python -m qzo2.bench accuracy --seed 0 [--rows fp32,rtn,gptq,qzo,mezo] [key=value ...]
 """
 from __future__ import annotations
 
@@ -171,154 +171,22 @@ def bench_kernels(rows: int = 1536, repeats: int = 5, shapes=((576, 576), (1536,
     return out
 
 
-# ---- accuracy benchmark (docs/benchmarks.md): SmolLM2 + Rotten Tomatoes, every row a separate `qzo2` process -------
-# Runs the command as its child and writes that child's ru_maxrss (KiB) to argv[2]. A process's ru_maxrss starts at
-# the RSS of the process it was forked from (Linux records the old address space's high-water mark at exec), so
-# measured straight from this (possibly large) process it would read max(ours, the command's); from this small
-# launcher it is the command's own.
-_LAUNCH = ("import json, resource, subprocess, sys; rc = subprocess.call(json.loads(sys.argv[1])); "
-           "open(sys.argv[2], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(rc)")
-
-
-def run_measured(argv: list[str]) -> dict:
-    """Run a command; its wall time, peak RSS (its own, through a small launcher) and output. Raises if it fails."""
-    import subprocess
-    import tempfile
-
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="qzo2-rss-") as tmp:
-        rss_file = Path(tmp) / "maxrss"
-        proc = subprocess.run([sys.executable, "-c", _LAUNCH, json.dumps(list(map(str, argv))), str(rss_file)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        out = proc.stdout
-        if proc.returncode:
-            raise RuntimeError(f"{' '.join(map(str, argv))} failed (exit {proc.returncode}):\n{out[-2000:]}")
-        maxrss_kib = int(rss_file.read_text())
-    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gib": round(maxrss_kib / 2**20, 2),
-            "output": out}
-
-
-def _accuracy(output: str) -> float:
-    line = [ln for ln in output.splitlines() if " accuracy " in ln][-1]
-    return float(line.split(" accuracy ")[1].split()[0])
-
-
-ACCURACY_ROWS = {  # row key -> (row name, recipe, base: "rtn" (int4 RTN scales) or "default" (fp32 weights), export)
-    "qzo": ("QZO int4 RTN", "recipes/accuracy-qzo.yaml", "rtn", "gptq"),
-    "qzo-subspace": ("QZO int4 RTN, gradient subspace", "recipes/accuracy-qzo-subspace.yaml", "rtn", "gptq"),
-    "qzo-track": ("QZO int4 RTN, subspace, 8 one-sided probes, tracked gradient", "recipes/accuracy-qzo-track.yaml",
-                  "rtn", "gptq"),
-    "mezo": ("MeZO fp32", "recipes/accuracy-mezo.yaml", "default", "hf"),
-    "mezo-track": ("MeZO fp32, Fisher mask 1.6%, subspace, 8 one-sided probes, tracked gradient",
-                   "recipes/accuracy-mezo-track.yaml", "default", "hf"),
-    "lomo": ("LOMO int4 RTN scales", "recipes/accuracy-lomo.yaml", "rtn", "gptq"),
-    "adalomo": ("AdaLomo int4 RTN scales", "recipes/accuracy-adalomo.yaml", "rtn", "gptq"),
-    "adamw": ("AdamW int4 RTN scales", "recipes/accuracy-adamw.yaml", "rtn", "gptq"),
-    "lomo-weights": ("LOMO fp32 weights", "recipes/accuracy-lomo-weights.yaml", "default", "hf"),
-    "adalomo-weights": ("AdaLomo fp32 weights", "recipes/accuracy-adalomo-weights.yaml", "default", "hf"),
-    "adamw-weights": ("AdamW fp32 weights", "recipes/accuracy-adamw-weights.yaml", "default", "hf"),
-    "hift": ("HiFT int4 RTN scales", "recipes/accuracy-hift.yaml", "rtn", "gptq"),
-    "hift-weights": ("HiFT fp32 weights", "recipes/accuracy-hift-weights.yaml", "default", "hf"),
-    "grass": ("GRASS fp32 weights", "recipes/accuracy-grass.yaml", "default", "hf"),
-}
-
-
-def bench_accuracy(out: Path, seed: int, rows: list[str], overrides: list[str], gptq_nsamples: int = 128,
-                   tag: str = "", recipes: dict | None = None) -> list[dict]:
-    """The accuracy table: zero-shot fp32/bf16/int4 RTN/int4 GPTQ and every trained row of ACCURACY_ROWS (QZO and
-    MeZO, LOMO / AdaLomo / AdamW on the int4 scales and on the fp32 weights); test accuracy (500 examples, the same
-    for every seed) of each trained run's exported checkpoint, with train steps, wall time and peak RSS. JSON lines
-    to out/results.jsonl. `recipes` maps a row key to another recipe."""
-    from .config import load_config
-
-    qzo2 = [sys.executable, "-m", "qzo2.cli"]
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    recipes = recipes or {}
-
-    def record(row: str, **kw):
-        rec = dict(row=row + (f" ({tag.strip('-')})" if tag else ""), seed=seed, **kw)
-        results.append(rec)
-        with open(out / "results.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(json.dumps(rec), flush=True)
-
-    def quantized(method: str) -> Path:
-        path = out / f"int4-{method}"
-        if not path.exists():
-            extra = ["--nsamples", str(gptq_nsamples)] if method == "gptq" else []
-            m = run_measured(qzo2 + ["quantize", "-o", str(path), "--method", method, "-q", *extra])
-            record(f"quantize {method}", wall_s=m["wall_s"], peak_rss_gib=m["peak_rss_gib"], options=extra)
-        return path
-
-    def zero_shot(row: str, model: str, *extra: str):
-        m = run_measured(qzo2 + ["eval", model, "--task", "sentiment", "--seed", str(seed), *extra])
-        record(row, steps=0, test_accuracy=_accuracy(m["output"]), eval_wall_s=m["wall_s"],
-               eval_peak_rss_gib=m["peak_rss_gib"])
-
-    def trained(key: str):
-        row, recipe, base, fmt = ACCURACY_ROWS[key]
-        recipe = recipes.get(key, recipe)
-        model = str(quantized("rtn")) if base == "rtn" else "default"
-        run = out / f"{key}{tag}-seed{seed}"
-        t = run_measured(qzo2 + ["train", recipe, f"model={model}", f"seed={seed}", f"output_dir={run}",
-                                 "overwrite=true", "progress=false", *overrides])
-        exported = Path(f"{run}-{fmt}")
-        run_measured(qzo2 + ["export", str(run), "-o", str(exported), "--format", fmt, "--overwrite"])
-        template = load_config(str(run / "config.yaml")).template
-        e = run_measured(qzo2 + ["eval", str(exported), "--task", "sentiment", "--seed", str(seed),
-                                 "--template", template])
-        best = json.loads((run / "best" / "state.json").read_text()) if (run / "best").is_dir() else {}
-        metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        dev = {r["step"]: r["dev_accuracy"] for r in metrics if "dev_accuracy" in r}
-        record(row, recipe=recipe, steps=max(r["step"] for r in metrics), best_step=best.get("step"),
-               dev_accuracy=dev, test_accuracy=_accuracy(e["output"]), train_wall_s=t["wall_s"],
-               train_peak_rss_gib=t["peak_rss_gib"], eval_wall_s=e["wall_s"], exported=str(exported))
-
-    jobs = {"fp32": lambda: zero_shot("zero-shot fp32", "default"),
-            "bf16": lambda: zero_shot("zero-shot bf16", "default", "--dtype", "bf16"),
-            "rtn": lambda: zero_shot("zero-shot int4 RTN", str(quantized("rtn"))),
-            "rtn-goodbad": lambda: zero_shot("zero-shot int4 RTN, template goodbad", str(quantized("rtn")),
-                                             "--template", "goodbad"),
-            "gptq": lambda: zero_shot("zero-shot int4 GPTQ", str(quantized("gptq")))}
-    jobs.update({key: (lambda key=key: trained(key)) for key in ACCURACY_ROWS})
-    unknown = [r for r in rows if r not in jobs]
-    if unknown:
-        raise ValueError(f"unknown row {unknown[0]!r}; choose from {list(jobs)}")
-    for row in rows:  # in the order given
-        jobs[row]()
-    return results
-
-
-def accuracy_table(results: Path, rows: list[str] | None = None) -> str:
-    """The README's accuracy table from results.jsonl: one line per row name (the latest record of each seed), test
-    accuracy per seed and their mean, steps, mean train wall time, peak RSS."""
-    latest: dict = {}
-    for line in results.read_text().splitlines():
-        rec = json.loads(line)
-        if "test_accuracy" in rec:
-            latest.setdefault(rec["row"], {})[rec["seed"]] = rec
-    names = rows or list(latest)
-    out = ["| row | seeds | test accuracy per seed | mean | steps | train wall (mean) | peak RSS |",
-           "|---|---|---|---|---|---|---|"]
-    for name in names:
-        recs = [latest[name][s] for s in sorted(latest.get(name, {}))]
-        if not recs:
-            continue
-        accs = [r["test_accuracy"] for r in recs]
-        walls = [r["train_wall_s"] for r in recs if r.get("train_wall_s")]
-        rss = [r.get("train_peak_rss_gib") or r.get("eval_peak_rss_gib") for r in recs]
-        out.append(f"| {name} | {', '.join(str(r['seed']) for r in recs)} | {' / '.join(f'{a:.3f}' for a in accs)} "
-                   f"| **{sum(accs) / len(accs):.3f}** | {recs[0].get('steps', 0)} | "
-                   f"{f'{sum(walls) / len(walls) / 60:.1f} min' if walls else '-'} | "
-                   f"{max(r for r in rss if r):.2f} GiB |")
-    return "\n".join(out)
-
-
 # ---- speed benchmark (`qzo2 bench`, docs/benchmarks.md): random-weight models built in place, one ZO step per mode -------
-FIRST_ORDER_MODES = ("lomo", "adalomo", "adamw", "hift")  # first-order steps on the int4 scales
-MODES = ("forward", "qzo", "qzo-offload", "mezo", "zo2") + FIRST_ORDER_MODES + ("grass",)  # grass: dense weights
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def bench_modes() -> dict:
+    """mode -> (its method's spec, how the model is built): every method's modes (qzo2/methods registers them);
+    `forward` (two plain forwards, the floor) is not a method."""
+    from .methods import registry
+
+    return registry.bench_modes()
+
+
+def mode_names() -> tuple[str, ...]:
+    return ("forward",) + tuple(bench_modes())
+
+
+from .model import DTYPES  # noqa: E402
 # one JSON line per mode, these keys in this order (see bench_mode); ratio_to_forward is 1.0 for forward itself
 RECORD_FIELDS = ("shape", "mode", "device", "gpu", "dtype", "batch", "seq", "steps", "warmup", "bits", "group_size",
                  "depth", "streamed_blocks", "build_s", "h2d_floor_ms", "step_ms", "tok_s", "torch_peak_gb",
@@ -428,8 +296,7 @@ def bench_method(mode: str, model, targets, **overrides):
     from .config import TrainConfig
     from .methods import build_method
 
-    method = {"qzo-offload": "qzo", "zo2": "mezo"}.get(mode, mode)
-    cfg = TrainConfig(method=method, task="sentiment", progress=False, **overrides)
+    cfg = TrainConfig(method=bench_modes()[mode][0].name, task="sentiment", progress=False, **overrides)
     return build_method(cfg, model, targets, "lm")
 
 
@@ -509,8 +376,10 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
     from .methods import scale_targets, weight_targets
     from .objective import lm_chunk_losses
 
-    quantized = mode in ("qzo", "qzo-offload") + FIRST_ORDER_MODES
-    offload = mode in ("qzo-offload", "zo2")
+    if mode != "forward" and mode not in bench_modes():
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(mode_names())}")
+    how = bench_modes().get(mode)
+    quantized, offload = (how[1].quantized, how[1].offload) if how else (False, False)
     t0 = time.perf_counter()
     model = random_model(shape, dtype, device, quantized, bits, group_size,
                          codes_device="cpu" if offload else None, seed=seed)
@@ -518,12 +387,10 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
     if quantized:
         targets = scale_targets(model)
         engine.set_cache_base("auto", [t.module for t in targets], device)
-    elif mode in ("mezo", "zo2", "grass"):
+    elif how:
         targets = weight_targets(model, ("linear",))
-    elif mode == "forward":
+    else:  # forward
         targets = None
-    else:
-        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     if offload:  # built on the device (fast), then every block's codes / Linear weights move to host buffers
         _, blocks = decoder_blocks(model)
         streamer = engine.BlockStreamer(model, device, set(range(len(blocks))), depth,
@@ -618,10 +485,10 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
     others still run. -> the records."""
     modes = [m.strip() for m in modes.split(",") if m.strip()] if isinstance(modes, str) else list(modes)
     if not modes:
-        raise ValueError("no mode given; choose from " + ", ".join(MODES))
+        raise ValueError("no mode given; choose from " + ", ".join(mode_names()))
     for m in modes:
-        if m not in MODES:
-            raise ValueError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+        if m not in mode_names():
+            raise ValueError(f"unknown mode {m!r}; choose from {', '.join(mode_names())}")
     if len(set(modes)) != len(modes):
         raise ValueError(f"mode {next(m for m in modes if modes.count(m) > 1)!r} is given twice")
     if shape not in SHAPES:
@@ -645,7 +512,7 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
         dtype = "bf16" if dev.type == "cuda" else "fp32"
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    if any(m in ("qzo", "qzo-offload") + FIRST_ORDER_MODES for m in modes):
+    if any(m in bench_modes() and bench_modes()[m][1].quantized for m in modes):
         from quant.checkpoint import auto_group_size
 
         config = make_config(shape)
@@ -693,32 +560,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     r.add_argument("--max-shard-size-gb", type=float, default=2.0, help="safetensors shard size in GiB (default 2)")
     r.add_argument("--seed", type=int, default=0)
-    t = sub.add_parser("accuracy-table", help="the README table from an accuracy results.jsonl")
-    t.add_argument("-o", "--output", default="runs/accuracy", help="the accuracy benchmark's directory")
-    t.add_argument("--rows", default="", help="comma list of row names, in order (default: all, as recorded)")
     kb = sub.add_parser("kernels", help="CPU quantized-matmul paths, median ms per product (JSON lines)")
     kb.add_argument("--rows", type=int, default=1536, help="activation rows (tokens) per product")
     kb.add_argument("--repeats", type=int, default=5)
-    a = sub.add_parser("accuracy", help="the accuracy benchmark of docs/benchmarks.md (SmolLM2 + Rotten Tomatoes)")
-    a.add_argument("-o", "--output", default="runs/accuracy", help="work and result directory")
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--rows", default="fp32,rtn,gptq,qzo,mezo",
-                   help="comma list of fp32,bf16,rtn,rtn-goodbad,gptq," + ",".join(ACCURACY_ROWS) +
-                        " (bf16 is slow on CPUs without bf16 GEMM)")
-    a.add_argument("--recipe", action="append", default=[], metavar="ROW=PATH",
-                   help="another recipe for a trained row (repeatable), e.g. lomo=my-lomo.yaml")
-    a.add_argument("--gptq-nsamples", type=int, default=128, help="GPTQ calibration sequences (512 tokens each)")
-    a.add_argument("--tag", default="", help="suffix of the trained runs' directories and rows, e.g. -600steps")
-    a.add_argument("overrides", nargs="*", help="key=value overrides for both training recipes")
     args = p.parse_args(argv)
-    if args.verb == "accuracy":
-        recipes = dict(r.split("=", 1) for r in args.recipe)
-        bench_accuracy(Path(args.output), args.seed, args.rows.split(","), args.overrides, args.gptq_nsamples,
-                       args.tag, recipes)
-        return 0
-    if args.verb == "accuracy-table":
-        print(accuracy_table(Path(args.output) / "results.jsonl", [r for r in args.rows.split(",") if r] or None))
-        return 0
     if args.verb == "kernels":
         bench_kernels(args.rows, args.repeats)
         return 0

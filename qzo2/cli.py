@@ -23,18 +23,16 @@ transformers + optimum + gptqmodel load, and that `qzo2 train` fine-tunes by tra
 
 
 EPILOG_EXPORT = """examples:
-  qzo2 export runs/sentiment-qzo -o runs/sentiment-gptq                  # GPTQ, only the scales changed
-  qzo2 export runs/sentiment-qzo -o runs/sentiment-hf --format hf --dtype bf16
-  qzo2 export runs/sentiment-mezo -o runs/mezo-hf --format hf            # a MeZO run: merged weights
+  qzo2 export runs/sentiment-adalomo -o runs/sentiment-gptq             # GPTQ, only the scales changed
+  qzo2 export runs/sentiment-adalomo -o runs/sentiment-hf --format hf --dtype bf16
+  qzo2 export runs/my-dense-run -o runs/my-hf --format hf                # a run on a dense model: merged weights
 
 Both load with AutoModelForCausalLM.from_pretrained (gptq needs optimum + gptqmodel) and with `qzo2 eval`."""
 
 
-EPILOG_BENCH = """examples:
-  qzo2 bench --shape tiny --mode forward,qzo,qzo-offload,mezo,zo2 --batch 2 --seq 64 --compare   # CPU smoke run
-  qzo2 bench --shape llama2-7b --mode forward,qzo,qzo-offload --batch 16 --seq 256 --compare -o runs/bench.jsonl
-  qzo2 bench --shape opt-6.7b --mode qzo-offload,zo2,mezo --batch 1 --seq 2048 --compare
-  qzo2 bench --shape llama2-7b --mode forward,qzo,lomo,adalomo,adamw --batch 1 --seq 512 --compare
+EPILOG_BENCH = """examples (the modes: see --mode; docs/bench.md has the measured runs):
+  qzo2 bench --shape tiny --mode forward,MODE,MODE --batch 2 --seq 64 --compare        # CPU smoke run
+  qzo2 bench --shape llama2-7b --mode forward,MODE --batch 16 --seq 256 --compare -o runs/bench.jsonl
 
 Models are random (random codes and scales for the quantized modes), built directly on the device. One JSON line
 per mode: step_ms (median of the last half of the measured steps), tok_s (batch*seq per step), torch_peak_gb,
@@ -95,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--trust-remote-code", action="store_true", help="allow model code from the source directory")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
-    t = sub.add_parser("train", help="fine-tune: zeroth-order (QZO scales / MeZO weights) or first-order (LOMO, "
-                                     "AdaLomo, AdamW, HiFT, GRASS) on scales or weights",
+    t = sub.add_parser("train", help="fine-tune the scales of a quantized model or the weights of a dense one ("
+                                     + ", ".join(_methods()) + ")",
                        description="Train from a YAML recipe with key=value overrides, e.g.\n"
                                    "  qzo2 train recipes/sentiment.yaml model=runs/smollm2-int4 steps=200",
                        epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,12 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--shape", default="tiny", help="tiny, tiny-opt, llama-3b, llama2-7b, llama2-13b, llama2-70b, "
                                                    "opt-6.7b, opt-13b, opt-175b (default tiny)")
-    b.add_argument("--mode", default="qzo",
-                   help="comma list of forward (two plain forwards: the floor), qzo (quantized, resident), "
-                        "qzo-offload (decoder blocks' codes streamed), mezo (dense weights resident), zo2 (dense "
-                        "blocks' Linear weights streamed, updated on arrival, copied back), lomo, adalomo, adamw, "
-                        "hift (first-order steps on the int4 scales: forward + backward), grass (GRASS on the "
-                        "dense Linear weights) (default qzo)")
+    b.add_argument("--mode", default=None,
+                   help="comma list of forward (two plain forwards: the floor) and the methods' modes: "
+                        + ", ".join(_bench_modes()) + " (default: the first)")
     b.add_argument("--batch", type=int, default=1, help="rows per step (default 1)")
     b.add_argument("--seq", type=int, default=512, help="tokens per row (default 512)")
     b.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")
@@ -174,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     b.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="activations and dense weights (default bf16 on cuda, fp32 on cpu)")
-    b.add_argument("--depth", type=int, default=2, help="qzo-offload: prefetch depth, device slots (>= 2)")
+    b.add_argument("--depth", type=int, default=2, help="streamed modes: prefetch depth, device slots (>= 2)")
     b.add_argument("--compare", action="store_true", help="forward first (ratios), then a markdown table last")
     b.add_argument("-o", "--output", default=None, help="append the JSON lines to this file")
     b.add_argument("--seed", type=int, default=0, help="seed of the random weights, data and perturbations")
@@ -207,22 +202,22 @@ def cmd_train(args) -> int:
     if _main_rank():
         print("# qzo2 train, resolved config\n" + config_yaml(cfg), end="", flush=True)
     result = train(cfg)
-    best = f", best dev {result['best_metric']:.4f} at step {result['best_step']}" if result["best_step"] is not None else ""
+    best = f", best dev {result.best_metric:.4f} at step {result.best_step}" if result.best_step is not None else ""
     how = {None: "finished", signal.SIGINT: "interrupted (Ctrl-C), saved", signal.SIGTERM: "terminated, saved"}.get(
-        result["signal"], f"stopped by signal {result['signal']}, saved")
+        result.signal, f"stopped by signal {result.signal}, saved")
     if _main_rank():  # rank 0 alone reports
-        print(f"{how} at step {result['step']} ({result['trained']:,} trained values, {result['skipped']} skipped "
-              f"steps){best}; run: {result['run']}")
-    return 128 + result["signal"] if result["signal"] else 0  # 130 after Ctrl-C, 143 after SIGTERM, as shells do
+        print(f"{how} at step {result.step} ({result.trained:,} trained values, {result.skipped} skipped "
+              f"steps){best}; run: {result.run}")
+    return 128 + result.signal if result.signal else 0  # 130 after Ctrl-C, 143 after SIGTERM, as shells do
 
 
 def cmd_export(args) -> int:
-    from .exporter import export
+    from .api import export
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the clamp warning is printed below as one line
-        report = export(args.run, args.output, args.format, args.dtype, args.checkpoint, args.overwrite,
-                        args.max_shard_size)
+        report = export(args.run, args.output, format=args.format, dtype=args.dtype, checkpoint=args.checkpoint,
+                        overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     if report.clamped:
         print(f"qzo2 export: warning: {report.clamped} trained scales were outside the checkpoint dtype's range "
               f"and were clamped", file=sys.stderr)
@@ -233,9 +228,39 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import evaluate_cli
+    from .evaluation import evaluate_model, write_lm_eval
 
-    for line in evaluate_cli(args):
+    if args.lm_eval_task and not args.task:
+        raise ValueError("--lm-eval-task needs --task (sentiment or a task .yaml)")
+    if args.task and args.task != "sentiment" and not args.data:
+        raise ValueError(f"--task {args.task} needs --data PATH with its examples")
+    task = dict(task=args.task or None, data=args.data, split=args.split, seed=args.seed, template=args.template,
+                max_length=args.max_length)  # settings a run dir's config fills in (TrainConfig's for a model)
+    if args.lm_eval_task:  # the examples only: the model is not loaded (its tokenizer is, to check the mapping)
+        t = write_lm_eval(args.lm_eval_task, args.model, **task)
+        lines = [f"wrote lm-eval task {t.name} ({t.n} examples of {t.about}): {t.path}",
+                 f"score a model directory (a `qzo2 export` of a run) on it: lm_eval --model hf --model_args "
+                 f"pretrained={t.model_dir or 'EXPORT_DIR'},dtype=float32 --include_path {args.lm_eval_task} "
+                 f"--tasks {t.name}"]
+        lines += (["(no tokenizer directory to check the candidates' tokens with)"] if t.caveats is None
+                  else [f"warning: {w}" for w in t.caveats])
+    else:
+        r = evaluate_model(args.model, checkpoint=args.checkpoint, dtype=args.dtype, device=args.device,
+                           batch_size=args.batch_size, predictions=args.predictions, prompts=args.generate,
+                           max_new_tokens=args.max_new_tokens, ppl=bool(args.ppl) or not (args.task or args.generate),
+                           text_file=args.ppl, seqlen=args.seqlen, nseq=args.nseq, **task)
+        lines = []
+        if r.metrics is not None:
+            m = r.metrics
+            lines.append(f"{args.model or 'default'}: {r.about}: accuracy {m['accuracy']:.4f} on {m['n']} examples "
+                         f"(candidate loss {m['loss']:.4f}; predicted classes "
+                         f"{' / '.join(f'{x:.3f}' for x in m['predicted'])})")
+        if r.predictions is not None:
+            lines.append(f"per-example candidate scores (mean log-prob per token): {r.predictions}")
+        lines += [f"> {prompt}\n{text}" for prompt, text in r.generations]
+        if r.perplexity is not None:
+            lines.append(f"perplexity {r.perplexity:.2f} ({args.nseq}x{args.seqlen} tokens of {r.text.name})")
+    for line in lines:
         print(line)
     return 0
 
@@ -243,7 +268,7 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
-    run_bench(args.shape, args.mode, args.batch, args.seq, args.steps, args.warmup, args.bits, args.group_size,
+    run_bench(args.shape, args.mode or _bench_modes()[0], args.batch, args.seq, args.steps, args.warmup, args.bits, args.group_size,
               args.device, args.dtype, args.depth, args.compare, args.output, args.seed,
               echo=lambda line: print(line, flush=True))
     return 0
@@ -281,6 +306,18 @@ def _rank_tag() -> str:
 # import-time warnings of packages the gptq extra installs (torchao's missing CUDA libraries on a CPU machine, torch's
 # deprecation of their enum registration): noise on every command, not about the user's input
 QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def _methods() -> tuple[str, ...]:
+    from .methods import registry
+
+    return registry.names()
+
+
+def _bench_modes() -> tuple[str, ...]:
+    from .bench import mode_names
+
+    return mode_names()[1:]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,10 +35,12 @@ def parse_size(text: str) -> int:
     return int(n)
 
 
-def _f(default, help: str, choices: tuple | None = None, range: str | None = None):
+def _f(default, help: str, choices: tuple | None = None, range: str | None = None, experimental: bool = False):
     """A config key: its default, help, and the values it takes (`choices`, or a numeric `range` such as
-    "(0, inf)" or "[0, 1)": brackets include the end, parentheses exclude it; inf is never a value)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "range": range})
+    "(0, inf)" or "[0, 1)": brackets include the end, parentheses exclude it; inf is never a value).
+    `experimental`: an option that measured no gain, kept to reproduce a study (--help marks it)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "range": range,
+                                            "experimental": experimental})
 
 
 def in_range(value, spec: str) -> bool:
@@ -57,31 +59,35 @@ def range_text(spec: str) -> str:
     return f"in {spec}"
 
 
-ZO_METHODS = ("qzo", "mezo")
-FO_METHODS = ("lomo", "adalomo", "adamw", "hift", "grass")
-METHODS = ZO_METHODS + FO_METHODS
 RENAMED = {"mezo_params": "params"}  # old key -> new key, still read from recipes and old run directories
 REPORT_TO = ("jsonl", "tensorboard", "wandb")  # report_to names (qzo2/tracking.py); jsonl is always written
 
 
-@dataclass
+def _registry():
+    from .methods import registry  # late: the method modules import this one
+
+    return registry
+
+
+@dataclass(init=False)
 class TrainConfig:
+    """The run's keys (model, data, schedule, placement, checkpoints) plus `options`, the chosen method's own keys
+    (a dataclass its module declares, see qzo2/methods/registry.py). Keys are flat everywhere a user sees them:
+    `TrainConfig(method=NAME, key=value, ...)`, recipes, `key=value` overrides and `to_dict()`; `cfg.KEY` reads
+    the method's own keys too. A key of another method is refused unless it has its default (old run configs hold every key)."""
+
     # what is trained
-    method: str = _f("qzo", "qzo / mezo: zeroth-order on the scales of a quantized model / the weights of an "
-                            "unquantized one; lomo, adalomo: first-order with the update fused into backward (LOMO, "
-                            "AdaLomo); hift: one group of layers per step (HiFT); adamw: plain first-order AdamW "
-                            "(the non-lean reference) -- these train the scales of a quantized model or the weights "
-                            "of an unquantized one; grass: row-sparse projected gradients (GRASS), unquantized "
-                            "weights only", METHODS)
-    model: str = _f("default", "quantized dir (qzo) or HF dir / .gguf (mezo); 'default' = embedded SmolLM2")
+    method: str = _f("qzo", "the training method (the methods and their own keys are listed below)")
+    model: str = _f("default", "a quantized dir (its scales are trained) or an HF dir / .gguf (its weights); "
+                               "'default' = the embedded SmolLM2")
     dtype: str = _f("fp32", "activation and non-quantized weight dtype (fp16: first-order methods scale the loss)",
                     ("fp32", "bf16", "fp16"))
-    cache_base: str = _f("auto", "qzo on CPU: keep codes-zeros unpacked in fp32 (4 B/weight) to skip unpacking every "
+    cache_base: str = _f("auto", "quantized model on CPU: keep codes-zeros unpacked in fp32 (4 B/weight) to skip unpacking every "
                                  "forward; auto = when it takes < 1/4 of RAM", ("auto", "on", "off"))
     device: str = _f("auto", "where the model computes; auto = cuda when a GPU is available", ("auto", "cpu", "cuda"))
-    offload: str = _f("auto", "stream decoder blocks from host memory to the device once per step (qzo: their "
-                              "codes; mezo: their bf16/fp32 Linear weights, updated on arrival and copied back -- "
-                              "ZO2 mode); auto = only the blocks that do not fit in gpu_memory", ("auto", "on", "off"))
+    offload: str = _f("auto", "zeroth-order methods: stream decoder blocks from host memory to the device once "
+                              "per step (a quantized model: their codes; a dense one: their Linear weights, updated on "
+                              "arrival and copied back -- ZO2 mode); auto = only the blocks that do not fit in gpu_memory", ("auto", "on", "off"))
     gpu_memory: str = _f("", "device memory budget for the model, e.g. 8GiB or 500MB; '' = 90% of the GPU's free "
                              "memory (on CPU: no budget, nothing streamed)")
     prefetch_depth: int = _f(2, "offload: device slots uploads are prefetched into (>= 2)", range="[2, inf)")
@@ -90,7 +96,7 @@ class TrainConfig:
                              "norm (RMSNorm/LayerNorm gains), embedding (and a tied head), linear (an untied head and "
                              "other unquantized Linears); '' = the scales only")
     params: str = _f("linear", "unquantized model: comma list of module kinds whose weights are trained: linear, "
-                              "norm, embedding (was mezo_params)")
+                              "norm, embedding")
     # data
     task: str = _f("sentiment", "'sentiment' (built-in Rotten Tomatoes), a task .yaml, or '' for text data")
     template: str = _f("review", "task=sentiment: the prompt; review = 'Review: {text}\\nSentiment (positive or "
@@ -117,65 +123,18 @@ class TrainConfig:
     n_test: int = _f(500, "sentiment: test examples (`qzo2 eval --split test`)", range="[0, inf)")
     max_length: int = _f(256, "tokens per row (prompts are cut from the left for tasks, rows from the right for text)", range="[1, inf)")
     train_on_prompt: bool = _f(False, "text data: also take the loss on prompt tokens")
-    # optimization (QZO paper defaults: lr 1e-7, eps 1e-3, batch 16, C 100, constant lr)
+    # optimization
     steps: int = _f(1000, "optimization steps", range="[1, inf)")
     batch_size: int = _f(16, "examples per step (each seen 2*n_pairs times in one batched forward)", range="[1, inf)")
     lr: float = _f(1e-6, "peak learning rate", range="(0, inf)")
     lr_schedule: str = _f("constant", "learning-rate schedule after warmup", ("constant", "linear", "cosine"))
     warmup_steps: int = _f(0, "linear warmup steps", range="[0, inf)")
-    eps: float = _f(1e-3, "perturbation size epsilon", range="(0, inf)")
-    n_pairs: int = _f(1, "independent +-eps pairs per step, averaged", range="[1, inf)")
-    clip: float = _f(100.0, "DDC: clip the projected gradient to [-clip, clip] (with zo_normalize: in units of its "
-                            "running RMS, e.g. 3); 0 disables", range="[0, inf)")
-    zo_parallel: str = _f("batch", "ZO under torchrun / accelerate launch: batch = each rank runs the 2k chunks on its "
-                                   "slice of every step's batch (batch_size stays the global batch); pairs = each "
-                                   "rank runs the whole batch for the pairs j with j mod ranks == rank (raise "
-                                   "n_pairs with the ranks: at least one pair each)", ("batch", "pairs"))
-    zo_normalize: bool = _f(False, "ZO: divide each step's projected gradients by their running RMS (EMA of d^2, "
-                                   "FZOO/MEAZO style): a scale-free step whose lr transfers")
-    zo_rms_beta: float = _f(0.9, "ZO, zo_normalize: decay of the running mean of d^2", range="[0, 1)")
-    zo_mask: str = _f("none", "ZO: perturb and update only a fixed subset: magnitude = the smallest-magnitude "
-                              "entries (Sparse-MeZO), fisher = the largest diagonal Fisher from a gradient pass over "
-                              "zo_mask_samples examples at batch 1 (SensZOQ); the rest stays bitwise unchanged",
-                      ("none", "magnitude", "fisher"))
-    zo_mask_fraction: float = _f(0.01, "ZO, zo_mask: fraction of the trained entries in the mask", range="(0, 1]")
-    zo_mask_samples: int = _f(32, "ZO, zo_mask=fisher / zo_subspace: training examples of the one-off gradient "
-                                   "pass (batch 1)", range="[1, inf)")
-    zo_subspace: int = _f(0, "ZO: perturb only within the span of the per-example gradients of that one-off pass "
-                             "(an orthonormal basis of up to this many directions, over the masked entries); 0 = off", range="[0, inf)")
-    zo_orthogonal: bool = _f(False, "ZO, zo_subspace: the n_pairs directions of a step are orthogonal (rows of a random "
-                                    "rotation of the subspace) instead of i.i.d.; n_pairs = zo_subspace gives the "
-                                    "exact finite-difference gradient on the subspace")
-    zo_precondition: str = _f("none", "ZO, zo_subspace: adam = a diagonally preconditioned basis P = D^1/2 Q, Q an "
-                                      "orthonormal basis of the D^1/2-scaled gradients, D = 1/(s + 0.1 mean(s)) with s "
-                                      "each entry's RMS gradient in the one-off pass (Adam's second moment): a "
-                                      "full-rank step along the subspace gradient is then -D grad, Adam's direction, "
-                                      "not the gradient's", ("none", "adam"))
-    zo_one_sided: bool = _f(False, "ZO: probe one-sided, d_j = (L(theta+eps*z_j) - L(theta))/eps, from k+1 chunks of the "
-                                   "batched forward instead of 2k (FZOO style; with n_pairs 8: 9 chunks, not 16)")
-    zo_track: float = _f(0.0, "ZO, zo_subspace: track the subspace gradient across steps instead of stepping along "
-                              "each step's own estimate: g += a*mean_j u_j(d_j - u_j.g), theta -= lr*B.g (LMS; one "
-                              "r-vector of state; a = 1 from g = 0 is the plain first step); 0 = off", range="[0, 1]")
-    scale_floor: float = _f(1e-7, "qzo: scales are clamped at this floor after each update", range="[0, inf)")
+    scale_floor: float = _f(1e-7, "quantized model: trained scales are clamped at this floor after each update",
+                            range="[0, inf)")
     weight_decay: float = _f(0.0, "theta -= lr*wd*theta on weights, embeddings and scales, not on biases or norm "
-                                  "gains (MeZO's reference, HF Trainer); qzo: not allowed (the QZO paper)", range="[0, inf)")
-    clip_grad_norm: float = _f(0.0, "first-order: clip the global gradient norm (LOMO/AdaLomo: two backward passes, "
-                                    "the first only measures); 0 = off", range="[0, inf)")
-    clip_grad_value: float = _f(0.0, "first-order: clip each gradient entry to [-v, v]; 0 = off", range="[0, inf)")
-    loss_scale_window: int = _f(1000, "first-order, dtype=fp16: dynamic loss scale (from 2^16), halved and the step "
-                                      "skipped on overflow, doubled after this many overflow-free steps", range="[1, inf)")
-    gradient_accumulation_steps: int = _f(1, "adamw: micro-batches per step (batch_size is the whole step's); the "
-                                             "fused LOMO/AdaLomo update, HiFT, GRASS and ZO steps cannot accumulate", range="[1, inf)")
-    hift_group_size: int = _f(1, "hift: units (embedding, each decoder block, norm + head) trained together per step", range="[1, inf)")
-    hift_strategy: str = _f("down2up", "hift: order of the groups: down2up (embedding to head), up2down, random (one "
-                                       "seeded permutation)", ("down2up", "up2down", "random"))
-    grass_rank: int = _f(64, "grass: rows r of each weight matrix whose projected gradient is trained", range="[1, inf)")
-    grass_refresh: int = _f(100, "grass: steps between row selections (each takes one full gradient)", range="[1, inf)")
-    grass_select: str = _f("top", "grass: top = the r largest-norm gradient rows; sample = r rows drawn with "
-                                  "probability proportional to their norm, unbiased scaling", ("top", "sample"))
-    grass_reset: bool = _f(True, "grass: restart the r x n Adam moments at each row selection (else keep the rows "
-                                 "that stay selected)")
-    grass_scale: float = _f(1.0, "grass: scale alpha of the row update", range="(0, inf)")
+                                  "gains (as the HF Trainer)", range="[0, inf)")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per step (batch_size is the whole step's), for the "
+                                             "methods that can accumulate", range="[1, inf)")
     max_skips: int = _f(10, "stop with an error after this many consecutive non-finite steps", range="[1, inf)")
     seed: int = _f(0, "seed of the data order, the perturbations and the sentiment splits")
     # evaluation, logging, checkpoints
@@ -192,15 +151,67 @@ class TrainConfig:
                                  "tensorboard (RUN/tensorboard), wandb (RUN/wandb, offline unless WANDB_MODE "
                                  "says otherwise); the extras need pip install 'qzo2[track]'")
 
+    options: object = field(default=None, repr=False, metadata={"help": "", "internal": True})
+
+    def __init__(self, options=None, **values):
+        registry = _registry()
+        values = renamed(values)
+        method = values.get("method", FIELDS["method"].default)
+        if method not in registry.names():
+            raise ConfigError(f"method={method!r} is not one of {', '.join(registry.names())}")
+        spec = registry.get(method)
+        own = {f.name for f in dataclasses.fields(spec.options)} if spec.options else set()
+        foreign = registry.option_fields()
+        chosen = {}
+        for k, v in values.items():
+            if k in FIELDS:
+                setattr(self, k, v)
+            elif k in own:
+                chosen[k] = v
+            elif k in foreign:  # another method's key: harmless at its default (a config that lists every key)
+                f, owners = foreign[k]
+                if v != f.default:
+                    raise ConfigError(f"{k} is a key of method {', '.join(owners)}, not of method={method}")
+            else:
+                _check_key(k, "the config")
+        for k, f in FIELDS.items():
+            if k not in values:
+                setattr(self, k, f.default)
+        if options is not None and not isinstance(options, spec.options or type(None)):
+            options = {k: v for k, v in dataclasses.asdict(options).items() if k in own}  # another method's
+        if isinstance(options, dict):
+            chosen = {**options, **chosen}
+            options = None
+        self.options = None if spec.options is None else dataclasses.replace(options or spec.options(), **chosen)
+        self.__post_init__()
+
+    @classmethod
+    def from_saved(cls, values: dict) -> "TrainConfig":
+        """The config of a run directory (state.json / config.yaml): runs made before methods had their own keys
+        store every method's keys, so the other methods' keys are dropped whatever their value."""
+        values = renamed(dict(values))
+        registry = _registry()
+        spec = registry.get(values.get("method", FIELDS["method"].default)) if values.get(
+            "method", FIELDS["method"].default) in registry.names() else None
+        own = {f.name for f in dataclasses.fields(spec.options)} if spec and spec.options else set()
+        foreign = registry.option_fields()
+        return cls(**{k: v for k, v in values.items() if k not in foreign or k in own})
+
+    def __getattr__(self, name):  # only for names that are not run keys: the method's own keys
+        options = self.__dict__.get("options")
+        if options is not None and not name.startswith("__") and name in {f.name for f in dataclasses.fields(options)}:
+            return getattr(options, name)
+        raise AttributeError(f"the config has no key {name!r} (method={self.__dict__.get('method')!r})")
+
+    @property
+    def spec(self):
+        """The registered method (qzo2/methods/registry.MethodSpec)."""
+        return _registry().get(self.method)
+
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value, choices, span = getattr(self, f.name), f.metadata.get("choices"), f.metadata.get("range")
-            if not isinstance(value, TYPES[f.type]) or (f.type != "bool" and isinstance(value, bool)):
-                raise ConfigError(f"{f.name} expects {f.type}, got {value!r}")
-            if choices and value not in choices:
-                raise ConfigError(f"{f.name}={value!r} is not one of {', '.join(choices)}")
-            if span and not in_range(value, span):
-                raise ConfigError(f"{f.name} must be {range_text(span)} (got {value})")
+        for obj in (self, self.options):
+            if obj is not None:
+                check_fields(obj)
         if self.trainable:
             try:
                 re.compile(self.trainable)
@@ -216,41 +227,16 @@ class TrainConfig:
                               "dev_file, dev_split or task=sentiment (whose dev set is n_dev)")
         if not self.task and not self.train_file:
             raise ConfigError("set task (e.g. task=sentiment) or train_file=PATH.jsonl")
+        accumulates = self.spec.accumulates
         if self.gradient_accumulation_steps > 1:
-            why = {"lomo": "LOMO updates each tensor inside backward, as soon as its gradient exists, so there is "
-                           "nothing to accumulate into", "qzo": "a ZO step is one forward of the whole batch",
-                   "mezo": "a ZO step is one forward of the whole batch"}
-            why["adalomo"] = why["lomo"].replace("LOMO", "AdaLomo")
-            why["hift"] = "each step trains another group of layers, so gradients of one group never add up"
-            why["grass"] = "each step's rows are selected and updated within the step"
-            if self.method in why:
+            if accumulates is not True:
                 raise ConfigError(f"gradient_accumulation_steps > 1 does not work with method={self.method}: "
-                                  f"{why[self.method]}; raise batch_size instead")
+                                  f"{accumulates or 'it cannot accumulate'}; raise batch_size instead")
             if self.batch_size % self.gradient_accumulation_steps:
                 raise ConfigError(f"batch_size {self.batch_size} is not a multiple of gradient_accumulation_steps "
                                   f"{self.gradient_accumulation_steps}")
-        if self.method not in ZO_METHODS and self.zo_parallel != "batch":
-            raise ConfigError(f"zo_parallel is for zeroth-order methods (qzo, mezo), not {self.method}")
-        if self.method not in ZO_METHODS and (self.zo_normalize or self.zo_mask != "none" or self.zo_subspace):
-            raise ConfigError(f"zo_normalize / zo_mask are for zeroth-order methods (qzo, mezo), not {self.method}")
-        if self.zo_precondition != "none" and not self.zo_subspace:
-            raise ConfigError("zo_precondition shapes the basis of zo_subspace: set zo_subspace too")
-        if self.zo_orthogonal and not self.zo_subspace:
-            raise ConfigError("zo_orthogonal chooses the directions inside zo_subspace: set zo_subspace too")
-        if self.zo_one_sided and self.method not in ZO_METHODS:
-            raise ConfigError(f"zo_one_sided is for zeroth-order methods (qzo, mezo), not {self.method}")
-        if self.zo_one_sided and self.zo_parallel == "pairs":
-            raise ConfigError("zo_one_sided shares one unperturbed chunk among the pairs: use zo_parallel=batch")
-        if self.zo_track and not self.zo_subspace:
-            raise ConfigError("zo_track estimates the gradient inside zo_subspace: set zo_subspace too")
-        if self.method in ZO_METHODS and (self.clip_grad_norm or self.clip_grad_value):
-            raise ConfigError("clip_grad_norm / clip_grad_value are for first-order methods; zeroth-order steps clip "
-                              "the projected gradient with clip (DDC)")
-        if self.weight_decay and self.method == "qzo":
-            raise ConfigError("weight_decay is not for method=qzo: QZO trains the scales without weight decay (as "
-                              "the QZO paper), so set weight_decay=0")
-        if self.method == "grass" and self.dtype == "fp16":  # its row-sparse backward has no loss scaler
-            raise ConfigError("method=grass does not scale the loss, which fp16 needs: use dtype=bf16 or fp32")
+        if hasattr(self.options, "validate"):
+            self.options.validate(self)
         unknown = [n for n in self.report_to.split(",") if n.strip() and n.strip().lower() not in REPORT_TO]
         if unknown:
             raise ConfigError(f"report_to: unknown {', '.join(repr(n.strip()) for n in unknown)}; a comma list of "
@@ -258,10 +244,35 @@ class TrainConfig:
         check_output_dir(self.output_dir)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every key, flat: the run's, then the method's."""
+        own = dataclasses.asdict(self.options) if self.options is not None else {}
+        return {**{k: getattr(self, k) for k in FIELDS}, **own}
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+def check_fields(obj) -> None:
+    """Type, choices and range of every key of a config dataclass (TrainConfig or a method's options)."""
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("internal"):
+            continue
+        value, choices, span = getattr(obj, f.name), f.metadata.get("choices"), f.metadata.get("range")
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if not isinstance(value, TYPES[kind]) or (kind != "bool" and isinstance(value, bool)):
+            raise ConfigError(f"{f.name} expects {kind}, got {value!r}")
+        if choices and value not in choices:
+            raise ConfigError(f"{f.name}={value!r} is not one of {', '.join(choices)}")
+        if span and not in_range(value, span):
+            raise ConfigError(f"{f.name} must be {range_text(span)} (got {value})")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")}
+
+
+def key_field(name: str):
+    """The field of a key: a run key, or some method's option key."""
+    if name in FIELDS:
+        return FIELDS[name]
+    found = _registry().option_fields().get(name)
+    return found[0] if found else None
 PATH_KEYS = ("model", "train_file", "dev_file", "task", "output_dir")  # stored resolved in a run directory
 SYMBOLIC = {"model": ("default",), "task": ("sentiment",)}  # values of PATH_KEYS that are names, not paths
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".arrow")
@@ -310,7 +321,8 @@ TYPES = {"bool": bool, "int": int, "float": (int, float), "str": str}
 def _coerce(name: str, value):
     """A value for key `name` by the key's type: text (a key=value override, a recipe scalar: the text as typed)
     is parsed as that type; a string key keeps its text (`output_dir=010` is the directory 010, not 8)."""
-    kind = FIELDS[name].type
+    f = key_field(name)
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
     bad = ConfigError(f"{name} expects {'true/false' if kind == 'bool' else kind}, got {value!r}")
     if kind == "bool":
         if isinstance(value, bool):
@@ -340,7 +352,7 @@ def _coerce(name: str, value):
         return ",".join(str(v) for v in value)
     if value is None:
         return ""
-    if isinstance(value, bool) and "on" in (FIELDS[name].metadata["choices"] or ()):
+    if isinstance(value, bool) and "on" in (f.metadata["choices"] or ()):
         return "on" if value else "off"  # the API's offload=True
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ConfigError(f"{name} expects text, got {value!r} (quote it in YAML: {name}: '...')")
@@ -401,14 +413,15 @@ def renamed(values: dict) -> dict:
 
 
 def _check_key(name: str, where: str) -> None:
-    if name not in FIELDS:
-        close = difflib.get_close_matches(name, FIELDS, n=1)
+    if key_field(name) is None:
+        close = difflib.get_close_matches(name, list(FIELDS) + list(_registry().option_fields()), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ConfigError(f"unknown key {name!r} in {where}{hint}; `qzo2 train --help` lists them")
 
 
-def load_config(recipe: str | None, overrides: list[str] = ()) -> TrainConfig:
-    """YAML recipe (flat mapping) then `key=value` overrides -> validated TrainConfig."""
+def load_config(recipe: str | None, overrides: list[str] = (), saved: bool = False) -> TrainConfig:
+    """YAML recipe (flat mapping) then `key=value` overrides -> validated TrainConfig. `saved`: the recipe is a run
+    directory's config.yaml (see TrainConfig.from_saved)."""
     values: dict = {}
     if recipe:
         path = Path(recipe)
@@ -429,7 +442,7 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> TrainConfig:
         k = RENAMED.get(k, k)
         _check_key(k, "overrides")
         values[k] = _coerce(k, v)  # the text as typed, parsed by the key's type
-    return TrainConfig(**values)
+    return TrainConfig.from_saved(values) if saved else TrainConfig(**values)
 
 
 def config_yaml(cfg: TrainConfig) -> str:
@@ -437,8 +450,24 @@ def config_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
+def _key_line(name: str, f) -> str:
+    tag = "[experimental] " if f.metadata.get("experimental") else ""
+    return f"  {name:<16} {str(f.default)!r:<22} {tag}{f.metadata['help']}"
+
+
 def keys_help() -> str:
-    lines = ["keys (recipe YAML or key=value):"]
-    for name, f in FIELDS.items():
-        lines.append(f"  {name:<16} {str(f.default)!r:<22} {f.metadata['help']}")
+    """`qzo2 train --help`'s key list: the run's keys, the methods, then each method's own keys."""
+    registry = _registry()
+    lines = ["keys (recipe YAML or key=value):"] + [_key_line(n, f) for n, f in FIELDS.items()]
+    lines.append("\nmethods (method=NAME):")
+    for s in registry.specs().values():
+        trains = " or ".join({"scales": "the scales of a quantized model", "weights": "the weights of a dense one"}[t]
+                             for t in s.trains)
+        lines.append(f"  {s.name:<16} {s.help} Trains {trains}." + (f" Memory: {s.memory}." if s.memory else ""))
+    groups: dict[tuple, list] = {}
+    for name, (f, owners) in registry.option_fields().items():
+        groups.setdefault(owners, []).append((name, f))
+    for owners, keys in groups.items():
+        lines.append(f"\nkeys of method {', '.join(owners)}:")
+        lines += [_key_line(n, f) for n, f in keys]
     return "\n".join(lines)

@@ -1,7 +1,11 @@
-"""Evaluation: perplexity on a text file, greedy generations, and `qzo2 eval` (task accuracy via objective.evaluate)."""
+"""Evaluation: task accuracy (via objective.evaluate), perplexity on a text, greedy generations. `evaluate_model` is
+the one implementation behind `qzo2 eval` and `qzo2.evaluate`, `write_lm_eval` the one behind `qzo2 eval
+--lm-eval-task`; both take typed arguments and return what they measured, the callers format it."""
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,8 +63,8 @@ def load_for_eval(path: str | None, checkpoint: str = "best", dtype: str | None 
     would) -> (model, tokenizer, run config or None)."""
     from .config import load_config
     from .engine import place_model
-    from .methods import DTYPES, load_for_training
-    from .model import load_model, resolve_device, resolve_source
+    from .methods import load_for_training
+    from .model import DTYPES, load_model, resolve_device, resolve_source
     from .run import RunDir, is_run_dir, load_trained
 
     if path and is_run_dir(path):
@@ -78,17 +82,17 @@ def load_for_eval(path: str | None, checkpoint: str = "best", dtype: str | None 
     return model, tokenizer, None
 
 
-def eval_config(args, cfg=None):
-    """The TrainConfig `qzo2 eval` scores with: the run's (`cfg`, else the defaults) with --batch-size,
-    --max-length and --template applied."""
+def eval_config(cfg=None, batch_size: int | None = None, max_length: int | None = None,
+                template: str | None = None):
+    """The TrainConfig an evaluation scores with: the run's (`cfg`, else the defaults) with the eval batch size,
+    max_length and template given (None: the run's) applied."""
     import dataclasses
 
     from .config import TrainConfig
 
     ecfg = cfg or TrainConfig()
-    return dataclasses.replace(ecfg, **{k: v for k, v in (("eval_batch_size", args.batch_size),
-                                                            ("max_length", args.max_length),
-                                                            ("template", args.template)) if v is not None})
+    return dataclasses.replace(ecfg, **{k: v for k, v in (("eval_batch_size", batch_size), ("max_length", max_length),
+                                                            ("template", template)) if v is not None})
 
 
 def sentiment_items(ecfg, split: str, seed: int) -> list:
@@ -101,16 +105,99 @@ def sentiment_items(ecfg, split: str, seed: int) -> list:
                               template=D.SENTIMENT_TEMPLATES[ecfg.template])[split]
 
 
-def task_items(args, cfg, ecfg) -> tuple[list, str]:
-    """(the classification examples `qzo2 eval --task` scores, what they are: 'sentiment test' or 'TASK ROWS.jsonl')."""
+def task_items(task: str, data, split: str, seed: int | None, cfg, ecfg) -> tuple[list, str]:
+    """(the classification examples of `task`, what they are: 'sentiment test' or 'TASK ROWS.jsonl').
+    task: 'sentiment' (the `split` of `seed`, default the run's, else 0) or a task .yaml over `data`: a data source
+    path or (location, row) pairs."""
     from . import data as D
 
-    if args.task == "sentiment":
-        seed = args.seed if args.seed is not None else (cfg.seed if cfg else 0)
-        return sentiment_items(ecfg, args.split, seed), f"sentiment {args.split}"
-    if not args.data:
-        raise ValueError(f"--task {args.task} needs --data PATH with its examples")
-    return D.load_task_examples(D.load_task_yaml(args.task), args.data), f"{args.task} {Path(args.data).name}"
+    if task == "sentiment":
+        seed = seed if seed is not None else (cfg.seed if cfg else 0)
+        return sentiment_items(ecfg, split, seed), f"sentiment {split}"
+    if data is None:
+        raise ValueError(f"task {task} needs data: rows or a data source path")
+    if isinstance(data, (str, os.PathLike)):
+        return D.load_task_examples(D.load_task_yaml(task), data), f"{task} {Path(data).name}"
+    return D.task_examples(D.load_task_yaml(task), data, "eval_data"), f"{task} eval_data"
+
+
+@dataclass
+class Evaluation:
+    """What evaluate_model measured: `metrics` of the task (accuracy, loss, predicted: each class's prediction rate,
+    n: the examples; None without a task) on `about` ('sentiment test', 'TASK ROWS.jsonl'), the `predictions` file
+    written, the `generations` (prompt, continuation), the `perplexity` of the text (None unless asked) and the
+    `text` file it read (None for a text given as a string)."""
+
+    metrics: dict | None = None
+    about: str = ""
+    predictions: Path | None = None
+    generations: list[tuple[str, str]] = field(default_factory=list)
+    perplexity: float | None = None
+    text: Path | None = None
+
+
+def evaluate_model(model=None, tokenizer=None, *, cfg=None, checkpoint: str = "best", dtype: str | None = None,
+                   device: str | None = None, task: str | None = None, data=None, split: str = "test",
+                   seed: int | None = None, template: str | None = None, max_length: int | None = None,
+                   batch_size: int | None = None, predictions: str | os.PathLike | None = None,
+                   prompts: list[str] | tuple[str, ...] = (), max_new_tokens: int = 40, ppl: bool = False,
+                   text: str | None = None, text_file: str | os.PathLike | None = None, seqlen: int = 256,
+                   nseq: int = 8) -> Evaluation:
+    """Score a model, in this order: accuracy on `task` (task_items; with `predictions` also each example's
+    candidate scores as jsonl there), greedy continuations of `prompts`, and with `ppl` perplexity on `text` (else
+    the file `text_file`, default the shipped Hamlet) in `nseq` windows of `seqlen` tokens, `batch_size` (default
+    4) per forward.
+
+    model: a path load_for_eval takes (a run dir at `checkpoint`, placed in `dtype` on `device`; any model; None:
+    the embedded SmolLM2) or an nn.Module with its `tokenizer` and run config `cfg` (or None). Task settings
+    (template, max_length, eval batch size, seed) default to the run's, else TrainConfig's."""
+    from . import data as D
+    from .model import default_text_path
+    from .objective import evaluate as score
+
+    if ppl:
+        check_windows(seqlen, nseq)
+    if model is None or isinstance(model, (str, os.PathLike)):
+        model, tokenizer, cfg = load_for_eval(None if model is None else str(model), checkpoint, dtype, device)
+    elif tokenizer is None:
+        raise TypeError("evaluate(model) with an nn.Module needs its tokenizer")
+    ecfg = eval_config(cfg, batch_size, max_length, template)
+    out = Evaluation()
+    was_training = model.training
+    model.eval()
+    try:
+        if task is not None:
+            items, out.about = task_items(task, data, split, seed, cfg, ecfg)
+            scores = [] if predictions else None
+            m = score(model, "classification", items, tokenizer, ecfg.max_length, ecfg.eval_batch_size,
+                      scores=scores)
+            out.metrics = {**m, "n": len(items)}
+            if scores is not None:
+                out.predictions = write_predictions(predictions, items, scores)
+        out.generations = [(prompt, generate(model, tokenizer, prompt, max_new_tokens)) for prompt in prompts]
+        if ppl:
+            if text is None:
+                out.text = Path(text_file) if text_file else default_text_path()
+                if not out.text.is_file():
+                    raise ValueError(f"text file {out.text} does not exist")
+                text = D.read_utf8(out.text, "text file")
+            out.perplexity = perplexity(model, tokenizer, text, seqlen=seqlen, nseq=nseq, batch_size=batch_size or 4)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def write_predictions(path, items: list, scores: list) -> Path:
+    """Each example's label, prediction and candidate scores (mean log-prob per token) as jsonl at `path`."""
+    import json
+
+    if len(scores) != len(items):
+        raise ValueError("--predictions needs the examples scored in one process (not under torchrun)")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_file(out, "".join(json.dumps({"index": i, "label": e.label, "pred": max(range(len(s)), key=s.__getitem__),
+                                        "scores": s}) + "\n" for i, (e, s) in enumerate(zip(items, scores))))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,16 +206,16 @@ def task_items(args, cfg, ecfg) -> tuple[list, str]:
 LM_EVAL_METRICS = ("acc", "acc_norm")
 
 
-def lm_eval_task_name(args, ecfg) -> str:
+def lm_eval_task_name(task: str, data, split: str, seed: int | None, template: str) -> str:
     """qzo2_sentiment_test (qzo2_sentiment_sst2_test for another template), qzo2_TASK_ROWS for a task file."""
     import re
 
-    if args.task == "sentiment":
-        parts = ["sentiment"] + ([ecfg.template] if ecfg.template != "review" else []) + [args.split]
-        if args.seed is not None and args.split != "test":  # the test split is the same for every seed
-            parts.append(f"seed{args.seed}")
+    if task == "sentiment":
+        parts = ["sentiment"] + ([template] if template != "review" else []) + [split]
+        if seed is not None and split != "test":  # the test split is the same for every seed
+            parts.append(f"seed{seed}")
     else:
-        parts = [Path(args.task).stem, Path(args.data).stem]
+        parts = [Path(task).stem, Path(data).stem]
     return re.sub(r"[^A-Za-z0-9_]+", "_", "_".join(["qzo2"] + parts)).strip("_")
 
 
@@ -223,74 +310,39 @@ def lm_eval_caveats(items: list, tokenizer, max_length: int) -> list[str]:
     return out
 
 
-def evaluate_cli(args) -> list[str]:
-    """What `qzo2 eval` prints. Task settings (template, max_length, eval batch size, seed) default to the run's."""
-    import json
+@dataclass
+class LmEvalTask:
+    """What write_lm_eval wrote: the task `name`, its YAML at `path`, `n` examples of `about`; `model_dir`: the
+    plain model directory given, to score on it (None: a run or no directory, whose export is to be scored);
+    `caveats`: lm_eval_caveats with the model's tokenizer (None: no tokenizer directory to check with)."""
 
-    from . import data as D
+    name: str
+    path: Path
+    n: int
+    about: str
+    model_dir: str | None
+    caveats: list[str] | None
+
+
+def write_lm_eval(out_dir, model: str | None = None, *, task: str, data=None, split: str = "test",
+                  seed: int | None = None, template: str | None = None,
+                  max_length: int | None = None) -> LmEvalTask:
+    """The examples evaluate_model would score on `task` (settings as there: a run dir's by default) as an
+    lm-evaluation-harness task in `out_dir` (write_lm_eval_task). The model is not loaded; its tokenizer is, when
+    it is a directory, to check the mapping (lm_eval_caveats)."""
     from .config import load_config
-    from .model import default_text_path
-    from .objective import evaluate
+    from .model import load_tokenizer, resolve_source
     from .run import is_run_dir
 
-    lm_eval_dir = getattr(args, "lm_eval_task", None)
-    if lm_eval_dir:  # the examples only: the model is not loaded (its tokenizer is, to check the mapping)
-        if not args.task:
-            raise ValueError("--lm-eval-task needs --task (sentiment or a task .yaml)")
-        cfg = load_config(str(Path(args.model) / "config.yaml")) if args.model and is_run_dir(args.model) else None
-        ecfg = eval_config(args, cfg)
-        items, about = task_items(args, cfg, ecfg)
-        name = lm_eval_task_name(args, ecfg)
-        path = write_lm_eval_task(lm_eval_dir, items, name, about)
-        target = args.model if args.model and not cfg and Path(args.model).is_dir() else "EXPORT_DIR"
-        lines = [f"wrote lm-eval task {name} ({len(items)} examples of {about}): {path}",
-                 f"score a model directory (a `qzo2 export` of a run) on it: lm_eval --model hf --model_args "
-                 f"pretrained={target},dtype=float32 --include_path {lm_eval_dir} --tasks {name}"]
-        from .model import load_tokenizer, resolve_source
-
-        src = cfg.model if cfg else args.model
-        try:
-            source = Path(resolve_source(src))
-            tokenizer = load_tokenizer(source) if source.is_dir() else None
-        except (OSError, ValueError):
-            tokenizer = None
-        if tokenizer is None:
-            lines.append("(no tokenizer directory to check the candidates' tokens with)")
-        else:
-            lines += [f"warning: {w}" for w in lm_eval_caveats(items, tokenizer, ecfg.max_length)]
-        return lines
-
-    if args.ppl or not (args.task or args.generate):
-        check_windows(args.seqlen, args.nseq)
-    model, tokenizer, cfg = load_for_eval(args.model, args.checkpoint, args.dtype, args.device)
-    ecfg = eval_config(args, cfg)
-    lines = []
-    if args.task:
-        items, about = task_items(args, cfg, ecfg)
-        scores = [] if getattr(args, "predictions", None) else None
-        m = evaluate(model, "classification", items, tokenizer, ecfg.max_length, ecfg.eval_batch_size,
-                     scores=scores)
-        lines.append(f"{args.model or 'default'}: {args.task} "
-                     f"{args.split if args.task == 'sentiment' else Path(args.data).name}: "
-                     f"accuracy {m['accuracy']:.4f} on {len(items)} examples (candidate loss {m['loss']:.4f}; "
-                     f"predicted classes {' / '.join(f'{x:.3f}' for x in m['predicted'])})")
-        if scores is not None:
-            if len(scores) != len(items):
-                raise ValueError("--predictions needs the examples scored in one process (not under torchrun)")
-            out = Path(args.predictions)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            write_file(out, "".join(json.dumps({"index": i, "label": e.label, "pred": int(max(range(len(s)),
-                                                                                            key=s.__getitem__)),
-                                                 "scores": s}) + "\n"
-                                     for i, (e, s) in enumerate(zip(items, scores))))
-            lines.append(f"per-example candidate scores (mean log-prob per token): {out}")
-    for prompt in args.generate:
-        lines.append(f"> {prompt}\n{generate(model, tokenizer, prompt, args.max_new_tokens)}")
-    if args.ppl or not (args.task or args.generate):
-        path = Path(args.ppl) if args.ppl else default_text_path()
-        if not path.is_file():
-            raise ValueError(f"text file {path} does not exist")
-        ppl = perplexity(model, tokenizer, D.read_utf8(path, "text file"), seqlen=args.seqlen, nseq=args.nseq,
-                         batch_size=args.batch_size or 4)
-        lines.append(f"perplexity {ppl:.2f} ({args.nseq}x{args.seqlen} tokens of {path.name})")
-    return lines
+    cfg = load_config(str(Path(model) / "config.yaml")) if model and is_run_dir(model) else None
+    ecfg = eval_config(cfg, None, max_length, template)
+    items, about = task_items(task, data, split, seed, cfg, ecfg)
+    name = lm_eval_task_name(task, data, split, seed, ecfg.template)
+    path = write_lm_eval_task(out_dir, items, name, about)
+    try:
+        source = Path(resolve_source(cfg.model if cfg else model))
+        tokenizer = load_tokenizer(source) if source.is_dir() else None
+    except (OSError, ValueError):
+        tokenizer = None
+    return LmEvalTask(name, path, len(items), about, str(model) if model and not cfg and Path(model).is_dir() else None,
+                      None if tokenizer is None else lm_eval_caveats(items, tokenizer, ecfg.max_length))

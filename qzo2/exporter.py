@@ -12,6 +12,7 @@ layer whatever the model size, and both write into a temporary directory renamed
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -28,11 +29,10 @@ from quant.checkpoint import (
 )
 from quant.format import convert_qzeros
 
-from .model import is_quantized_dir, resolve_source
+from .model import DTYPES, is_quantized_dir, resolve_source
 from .outputs import guard_output, locked, remove_stale, write_marker
 
 FORMATS = ("gptq", "gptq_v2", "hf")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
@@ -100,8 +100,8 @@ def load_run(path: str, checkpoint: str = "auto") -> Trained:
     run = RunDir(p)
     ckpt = run.checkpoint(checkpoint)  # auto: best by dev metric when the run evaluated, else the last step
     state = read_state(ckpt)
-    cfg = (TrainConfig(**state["config"]) if state.get("config")  # the config this checkpoint was trained with
-           else load_train_config(str(p / "config.yaml")))
+    cfg = (TrainConfig.from_saved(state["config"]) if state.get("config")  # the config it was trained with
+           else load_train_config(str(p / "config.yaml"), saved=True))
     base = resolve_source(cfg.model)
     if not Path(base).exists():
         raise CheckpointError(f"the base model {base} of run {path} does not exist (moved or deleted?); restore it "
@@ -109,8 +109,9 @@ def load_run(path: str, checkpoint: str = "auto") -> Trained:
     check_inputs(state.get("inputs"), {"model": fingerprint(base)}, ckpt, keys=("model",), cfg=cfg)
     metrics = [m for m in run.read_metrics() if m.get("step") == state["step"]]
     info = dict(method=cfg.method, step=state["step"], steps=cfg.steps, checkpoint=checkpoint, task=cfg.task,
-                train_file=cfg.train_file, n_train=cfg.n_train, objective=cfg.objective, lr=cfg.lr, eps=cfg.eps,
-                batch_size=cfg.batch_size, seed=cfg.seed, base=cfg.model, trained_values=state.get("trained"),
+                train_file=cfg.train_file, n_train=cfg.n_train, objective=cfg.objective, lr=cfg.lr,
+                options=_changed_options(cfg), first_order=cfg.spec.first_order, batch_size=cfg.batch_size,
+                seed=cfg.seed, base=cfg.model, trained_values=state.get("trained"),
                 dtype=cfg.dtype,
                 dev={k: v for m in metrics for k, v in m.items() if k.startswith("dev_")})
     tensors = read_trained(ckpt)
@@ -118,6 +119,14 @@ def load_run(path: str, checkpoint: str = "auto") -> Trained:
     info["trains"] = ("quantization scales" + (" and other tensors" if scales < len(tensors) else "")
                       if scales else "weights")
     return Trained(resolve_source(cfg.model), tensors, info)
+
+
+def _changed_options(cfg) -> dict:
+    """The method's own keys that differ from their defaults (for the model card)."""
+    if cfg.options is None:
+        return {}
+    return {f.name: getattr(cfg.options, f.name) for f in dataclasses.fields(cfg.options)
+            if getattr(cfg.options, f.name) != f.default}
 
 
 # ---- scales -----------------------------------------------------------------------------------------------------------
@@ -253,7 +262,7 @@ def model_card(t: Trained, fmt: str, dtype: str) -> str:
     r = t.run
     kind = {"gptq": "GPTQ (v1) checkpoint", "gptq_v2": "GPTQ v2 checkpoint",
             "hf": f"merged {dtype} Hugging Face checkpoint"}[fmt]
-    order = "zeroth-order" if r and r["method"] in ("qzo", "mezo") else "first-order"
+    order = "first-order" if r and r["first_order"] else "zeroth-order"
     tags = ["qzo2"] + ([order] if r else []) + (["gptq"] if fmt != "hf" else [])
     lines = ["---", yaml.safe_dump({"library_name": "transformers", "tags": tags}, sort_keys=False).strip(), "---",
              "", f"# {kind} exported by qzo2", ""]
@@ -263,7 +272,7 @@ def model_card(t: Trained, fmt: str, dtype: str) -> str:
         lines += [f"- Base model: `{r['base']}`",
                   f"- Method: {r['method']}, trains the {what}; {r['trained_values']:,} trained values",
                   f"- Steps: {r['step']} of {r['steps']} ({r['checkpoint']} checkpoint); batch {r['batch_size']}, "
-                  f"lr {r['lr']}, eps {r['eps']}, seed {r['seed']}",
+                  f"lr {r['lr']}, seed {r['seed']}" + "".join(f", {k} {v}" for k, v in r["options"].items()),
                   f"- Data: {data} ({r['objective']}, {r['n_train']} training examples)"]
         if r["dev"]:
             lines.append("- Dev metrics at this step: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(r["dev"].items())

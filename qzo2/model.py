@@ -11,6 +11,8 @@ from quant.checkpoint import load_quantized, load_tokenizer, open_source
 from .data import package_dir
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# the dtype names qzo2 takes (config `dtype`, eval/export/bench --dtype) -> torch dtypes
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def default_model_path() -> Path:

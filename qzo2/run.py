@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from quant.checkpoint import TOKENIZER_FILES, atomic_dir
 
-from .config import FIELDS, MEMORY, PATH_KEYS, ConfigError, TrainConfig, _coerce, is_symbolic, read_yaml, renamed
+from .config import (FIELDS, MEMORY, PATH_KEYS, ConfigError, TrainConfig, _coerce, is_symbolic, key_field, read_yaml,
+                     renamed)
 from .outputs import append_line, guard_output, remove_stale, write_file
 
 CONFIG_HEAD = "# qzo2 train config"
@@ -294,16 +295,21 @@ def saved_config(run: RunDir) -> dict:
     """The config the run's last checkpoint was trained with (older runs, or a run with no checkpoint yet:
     config.yaml), missing keys defaulted."""
     state = read_state(run.checkpoint("last")) if run.steps() else {}
-    old = state.get("config") or _config_yaml(run) or {}
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return {**defaults, **renamed(old)}
+    old = renamed(state.get("config") or _config_yaml(run) or {})
+    try:  # the defaults of its method's keys too (older runs store every method's keys: those are left out)
+        defaults = TrainConfig(method=old.get("method", FIELDS["method"].default)).to_dict()
+    except ConfigError:
+        defaults = {k: f.default for k, f in FIELDS.items()}
+    own = set(defaults)
+    return {**defaults, **{k: v for k, v in old.items() if k in own}}
 
 
 def _config_yaml(run: RunDir) -> dict:
     """run/config.yaml as written, each value typed by its key (keys this version no longer has are left out)."""
     try:
         data = read_yaml(run.path / "config.yaml", "run config") or {}
-        return {k: _coerce(k, v) for k, v in renamed({str(k): v for k, v in data.items()}).items() if k in FIELDS}
+        return {k: _coerce(k, v) for k, v in renamed({str(k): v for k, v in data.items()}).items()
+                if key_field(k) is not None}
     except ConfigError as e:
         raise TrainingError(str(e)) from None
 

@@ -10,6 +10,8 @@ import contextlib
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from . import data as D
 from . import distributed
@@ -23,7 +25,28 @@ from .run import (RunDir, TrainingError, check_finite, check_inputs, input_finge
                   load_trained, open_run, plot_metrics, read_state, replace_run, save_best, save_checkpoint,
                   write_config)
 
-__all__ = ["train", "TrainingError", "RunDir", "lr_at", "load_for_training", "StopSignals"]
+__all__ = ["train", "TrainOutcome", "TrainingError", "RunDir", "lr_at", "load_for_training", "StopSignals"]
+
+
+@dataclass
+class TrainOutcome:
+    """What `train` returns. `run`: the run directory; `step`: the last step done; `signal`: the signal that stopped
+    the run early (SIGINT, SIGTERM; None when it finished), `interrupted` whether one did; `best_step` /
+    `best_metric`: the best dev evaluation (None without one); `skipped`: steps that updated nothing; `trained`: the
+    values training can change. With keep_model: `model` and `tokenizer` (a plain model, the method's hooks removed,
+    as after the last step) and `targets`, the trained tensors in it; else None."""
+
+    run: str
+    step: int
+    interrupted: bool
+    signal: int | None
+    best_step: int | None
+    best_metric: float | None
+    skipped: int
+    trained: int
+    model: Any = field(default=None, repr=False)
+    tokenizer: Any = field(default=None, repr=False)
+    targets: list | None = field(default=None, repr=False)
 
 
 class StopSignals:
@@ -118,15 +141,10 @@ class Window:
         return out
 
 
-def trained_count(targets) -> int:
-    """Entries training can change: every entry of each target, or its masked ones (ZO zo_mask)."""
-    return sum(t.tensor.numel() if t.mask is None else len(t.mask) for t in targets)
-
-
-def train(cfg: TrainConfig, memory: dict | None = None, keep_model: bool = False) -> dict:
-    """Train per `cfg` into cfg.output_dir (new, resumed, or replacing an old run with overwrite=true); returns
-    {run, step, interrupted, signal, best_step, best_metric, skipped, trained}, with `keep_model` also model and
-    tokenizer: the trained model as it is after the last step, a plain model (the method's hooks removed).
+def train(cfg: TrainConfig, memory: dict | None = None, keep_model: bool = False) -> TrainOutcome:
+    """Train per `cfg` into cfg.output_dir (new, resumed, or replacing an old run with overwrite=true); returns a
+    TrainOutcome, with `keep_model` holding the model and tokenizer: the trained model as it is after the last step,
+    a plain model (the method's hooks removed).
     `memory`: rows handed over in memory for `memory:` data sources (data.read_data).
 
     Under torchrun / accelerate launch (RANK, WORLD_SIZE in the environment) every rank runs this same function:
@@ -142,11 +160,14 @@ def train(cfg: TrainConfig, memory: dict | None = None, keep_model: bool = False
             distributed.shutdown()
 
 
-def _train(cfg: TrainConfig, world: distributed.World, memory: dict | None = None, keep_model: bool = False) -> dict:
+def _train(cfg: TrainConfig, world: distributed.World, memory: dict | None = None,
+           keep_model: bool = False) -> TrainOutcome:
     from tqdm.auto import tqdm
 
     given, cfg = cfg, resolve_paths(cfg)
-    sharded = cfg.zo_parallel != "pairs"  # the config allows pairs only for ZO methods (their shards_batch)
+    if world.enabled and not cfg.spec.multi_rank:
+        raise TrainingError(f"method={cfg.method} does not run on several ranks; start it as one process")
+    sharded = cfg.spec.cls.shards(cfg)  # does each rank take a slice of the batch (the method says)
     if world.enabled and sharded and cfg.batch_size % (world.size * cfg.gradient_accumulation_steps):
         raise TrainingError(f"batch_size {cfg.batch_size} (the global batch) must be a multiple of the {world.size} "
                             f"ranks x gradient_accumulation_steps {cfg.gradient_accumulation_steps}")
@@ -185,7 +206,7 @@ def _train(cfg: TrainConfig, world: distributed.World, memory: dict | None = Non
 
     targets = method.targets
     state = {"step": 0, "skipped": 0, "consecutive_skips": 0, "best_step": None, "best_metric": None,
-             "trained": trained_count(targets), "method": cfg.method, "inputs": inputs}
+             "trained": method.trained_count(), "method": cfg.method, "inputs": inputs}
 
     def save(state: dict) -> None:
         method.flush()
@@ -229,7 +250,7 @@ def _train(cfg: TrainConfig, world: distributed.World, memory: dict | None = Non
             else:
                 method.prepare(lambda i, size: D.encode(task.kind, D.batch_at(task.train, size, cfg.seed + 1, i),
                                                         tokenizer, cfg.max_length))
-                state["trained"] = trained_count(targets)  # a ZO mask chosen by prepare() narrows it
+                state["trained"] = method.trained_count()  # a ZO mask chosen by prepare() narrows it
                 if task.dev:
                     evaluate_dev(0)
             window = Window(model, state["step"])
@@ -284,11 +305,11 @@ def _train(cfg: TrainConfig, world: distributed.World, memory: dict | None = Non
     if world.main:
         plot_metrics(run)
     signum = stopped or None
-    out = {"run": str(run.path), "step": state["step"], "interrupted": signum is not None,
-           "signal": signum, "best_step": state["best_step"], "best_metric": state["best_metric"],
-           "skipped": state["skipped"], "trained": state["trained"]}
+    out = TrainOutcome(run=str(run.path), step=state["step"], interrupted=signum is not None, signal=signum,
+                       best_step=state["best_step"], best_metric=state["best_metric"], skipped=state["skipped"],
+                       trained=state["trained"])
     if keep_model:
         method.flush()
         method.close()
-        out.update(model=model, tokenizer=tokenizer, targets=targets)
+        out.model, out.tokenizer, out.targets = model, tokenizer, targets
     return out

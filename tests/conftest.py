@@ -165,9 +165,9 @@ def straight_and_resumed(tmp_path, model, data, steps: int, stop_at: int, files=
     straight = trainer.train(train_config(tmp_path / "a", model, data, steps=steps, **kw))
     with pytest.MonkeyPatch.context() as mp:
         patch_losses(mp, signal_at(calls_before + stop_at, signal.SIGINT))
-        assert trainer.train(train_config(tmp_path / "b", model, data, steps=steps, **kw))["step"] == stop_at
+        assert trainer.train(train_config(tmp_path / "b", model, data, steps=steps, **kw)).step == stop_at
     resumed = trainer.train(train_config(tmp_path / "b", model, data, steps=steps, **kw))
     for f in files:
-        ta, tb = (load_file(str(trainer.RunDir(r["run"]).checkpoint("last") / f)) for r in (straight, resumed))
+        ta, tb = (load_file(str(trainer.RunDir(r.run).checkpoint("last") / f)) for r in (straight, resumed))
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), f
     return straight, resumed

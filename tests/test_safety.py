@@ -78,7 +78,7 @@ def test_overwrite_replaces_a_run_once_the_new_one_starts(tiny, tmp_path):
     q, _, data = tiny
     trainer.train(config(tmp_path, q, data, steps=4, eval_every=0, save_every=1))
     result = trainer.train(config(tmp_path, q, data, steps=2, eval_every=0, save_every=1, lr=5e-4, overwrite=True))
-    run = trainer.RunDir(result["run"])
+    run = trainer.RunDir(result.run)
     assert run.steps() == [1, 2] and yaml.safe_load((run.path / "config.yaml").read_text())["lr"] == 5e-4
     assert not [p for p in run.path.parent.iterdir() if p.name.startswith(".run.old-")]  # the old run is gone
 
@@ -113,14 +113,14 @@ def test_resume_across_dev_evals_and_best_saves_is_bit_identical(tiny, tmp_path)
     straight = trainer.train(config(tmp_path / "a", q, data, steps=10, **kw))
     with pytest.MonkeyPatch.context() as mp:  # Ctrl-C in step 5: dev evals at 0 and 3, checkpoints 4 and 5
         patch_losses(mp, signal_at(5, signal.SIGINT))
-        assert trainer.train(config(tmp_path / "b", q, data, steps=10, **kw))["step"] == 5
+        assert trainer.train(config(tmp_path / "b", q, data, steps=10, **kw)).step == 5
     resumed = trainer.train(config(tmp_path / "b", q, data, steps=10, **kw))
-    a, b = trainer.RunDir(straight["run"]), trainer.RunDir(resumed["run"])
+    a, b = trainer.RunDir(straight.run), trainer.RunDir(resumed.run)
     for which in ("last", "best"):
         ta = load_file(str(a.checkpoint(which) / "trained.safetensors"))
         tb = load_file(str(b.checkpoint(which) / "trained.safetensors"))
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
-    assert (straight["best_step"], straight["best_metric"]) == (resumed["best_step"], resumed["best_metric"])
+    assert (straight.best_step, straight.best_metric) == (resumed.best_step, resumed.best_metric)
     dev = [[(r["step"], r["dev_loss"]) for r in run.read_metrics() if "dev_loss" in r] for run in (a, b)]
     assert dev[0] == dev[1] and [s for s, _ in dev[0]] == [0, 3, 6, 9, 10]
 
@@ -146,7 +146,7 @@ def test_non_finite_final_save_and_eval_steps_still_save_and_evaluate(tiny, tmp_
     cfg = config(tmp_path, q, data, steps=4, eval_every=2, save_every=2, keep_last=5)
     result = trainer.train(cfg)
     run = trainer.RunDir(cfg.output_dir)
-    assert result["step"] == 4 and result["skipped"] == 2
+    assert result.step == 4 and result.skipped == 2
     assert run.steps()[-2:] == [2, 4]  # the save steps, skipped or not
     assert [r["step"] for r in run.read_metrics() if "dev_loss" in r] == [0, 2, 4]
 
@@ -299,8 +299,8 @@ def test_template_key_selects_the_sentiment_prompt():
 
 def test_every_shipped_recipe_loads_with_the_settings_it_names():
     """A recipe with an unknown key, a bad value or a stale name fails here, not in a user's 10-minute run."""
-    recipes = sorted(Path("recipes").glob("*.yaml"))
-    assert len(recipes) >= 10
+    recipes = sorted(Path("recipes").glob("*.yaml"))  # the demos (benchmark rows: tests/test_bench.py)
+    assert len(recipes) >= 5
     for path in recipes:
         cfg = load_config(str(path))
         raw = yaml.safe_load(path.read_text())

@@ -22,14 +22,14 @@ def test_qzo_loss_falls_memorizing_tiny_data(tiny, tmp_path):
     cfg = config(tmp_path, q, data, steps=150, lr=2e-4, eps=1e-3, n_pairs=4, eval_every=75, clip=0)
     result = trainer.train(cfg)
     losses = dev_losses(cfg.output_dir)
-    assert len(losses) == 3 and result["step"] == 150
+    assert len(losses) == 3 and result.step == 150
     assert losses[-1] < losses[0] - 0.05, losses
     run = trainer.RunDir(cfg.output_dir)
     assert (run.path / "metrics.png").stat().st_size > 1000 and (run.path / "config.yaml").exists()
     assert (run.path / "best" / "trained.safetensors").exists()
     tensors = load_file(str(run.checkpoint("last") / "trained.safetensors"))
     assert all(k.endswith(".scales") and v.dtype == torch.float32 for k, v in tensors.items())
-    assert sum(v.numel() for v in tensors.values()) == result["trained"]
+    assert sum(v.numel() for v in tensors.values()) == result.trained
 
 
 def test_mezo_loss_falls_memorizing_tiny_data(tiny, tmp_path):
@@ -131,7 +131,7 @@ def test_ctrl_c_saves_and_exits_cleanly(tiny, tmp_path, monkeypatch):
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under `nohup ... &`
     cfg = config(tmp_path, q, data, steps=50, eval_every=0, save_every=100)
     result = trainer.train(cfg)
-    assert result["interrupted"] and result["step"] == 4
+    assert result.interrupted and result.step == 4
     assert trainer.RunDir(cfg.output_dir).steps() == [0, 4]  # step 0: the dev baseline (best so far)
     assert signal.getsignal(signal.SIGINT) is before  # the trainer put the previous handler back
 
@@ -140,7 +140,8 @@ def test_qzo_refuses_unquantized_and_mezo_refuses_quantized(tiny, tmp_path):
     q, src, data = tiny
     with pytest.raises(trainer.TrainingError, match="qzo2 quantize"):
         trainer.train(config(tmp_path, src, data))
-    with pytest.raises(trainer.TrainingError, match="method=qzo"):
+    with pytest.raises(trainer.TrainingError, match="method=mezo trains full weights; .* is quantized \\(train its "
+                                                    "scales with one of: qzo, lomo, adalomo, adamw, hift\\)"):
         trainer.train(config(tmp_path, q, data, method="mezo"))
 
 
@@ -156,7 +157,7 @@ def test_classification_task_and_eval_of_a_run(tiny, tmp_path, capsys):
     dev = [(r["step"], r["dev_accuracy"]) for r in records if "dev_accuracy" in r]
     assert [step for step, _ in dev] == [0, 3, 6]
     best = max(dev, key=lambda sa: sa[1])  # the first step with the highest dev accuracy (later ties do not win)
-    assert (result["best_step"], result["best_metric"]) == best
+    assert (result.best_step, result.best_metric) == best
     best_state = json.loads((trainer.RunDir(cfg.output_dir).path / "best" / "state.json").read_text())
     assert best_state["step"] == best[0]
     from qzo2.cli import main

@@ -38,7 +38,7 @@ def separate_logits(model, targets, ids, seed, eps, n_pairs):
 def test_qzo_dual_forward_equals_separate_forwards(family, tied, n_pairs, make_model_dir, tmp_path):
     model, vocab = quantized_model(family, make_model_dir, tmp_path, tie_word_embeddings=tied)
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
-    targets = base.scale_targets(model)
+    targets = zo.as_zo(base.scale_targets(model))
     ids = input_ids(batch=2, seq=10, vocab=vocab)
     seed, eps = 1234, 1e-2
     with torch.no_grad(), zo.dual_forward(targets, seed, eps, n_pairs):
@@ -58,7 +58,7 @@ def test_mezo_dual_forward_equals_separate_forwards(family, tied, kinds):
     perturbation exactly when the embedding does."""
     model = build_model(family, tie_word_embeddings=tied)
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
-    targets = base.weight_targets(model, kinds)
+    targets = zo.as_zo(base.weight_targets(model, kinds))
     assert any(t.path.endswith("bias") for t in targets) == (family == "opt")
     ids = input_ids(batch=2, seq=10, vocab=300)
     seed, eps = 99, 1e-3
@@ -75,7 +75,7 @@ def test_mezo_estimate_matches_the_true_directional_derivative(tied):
     model whose lm_head may be tied to it (before aliases were perturbed: relative error ~3, signs flipped)."""
     torch.manual_seed(0)
     model = build_model("llama", tie_word_embeddings=tied).double()
-    targets = base.weight_targets(model, ("linear", "embedding"))
+    targets = zo.as_zo(base.weight_targets(model, ("linear", "embedding")))
     ids = input_ids(batch=2, seq=10, vocab=300)
 
     def loss(logits):
@@ -132,7 +132,7 @@ def test_spsa_mean_points_along_true_gradient():
     s = q.scales.double().clone().requires_grad_(True)
     loss_of(s).backward()
     true = s.grad.flatten()
-    target = base.Target(0, "scales", q, "scales")
+    target = zo.ZOTarget(0, "scales", q, "scales")
     est = torch.zeros_like(true)
     n, eps = 400, 1e-4
     for seed in range(n):
@@ -152,7 +152,7 @@ def test_projected_gradient_and_update():
     p = torch.nn.Parameter(torch.ones(3, 4), requires_grad=False)
     m = torch.nn.Module()
     m.w = p
-    t = base.Target(5, "w", m, "w")
+    t = zo.ZOTarget(5, "w", m, "w")
     before = p.clone()
     zo.apply_update([t], seed=3, coeffs=[0.1, -0.05])
     z0, z1 = zo.z_for((3, 4), 3, 5, 0), zo.z_for((3, 4), 3, 5, 1)
@@ -160,11 +160,11 @@ def test_projected_gradient_and_update():
     zo.apply_update([t], seed=3, coeffs=[100.0], floor=1e-7)
     assert p.min() < 0  # only quantization scales are floored; a tensor trained beside them is not
     m.scales = torch.nn.Parameter(torch.ones(3, 4), requires_grad=False)
-    zo.apply_update([base.Target(5, "scales", m, "scales")], seed=3, coeffs=[100.0], floor=1e-7)
+    zo.apply_update([zo.ZOTarget(5, "scales", m, "scales")], seed=3, coeffs=[100.0], floor=1e-7)
     assert m.scales.min().item() == pytest.approx(1e-7)
     q = torch.ones(2)
     m.v = torch.nn.Parameter(q.clone(), requires_grad=False)
-    zo.apply_update([base.Target(0, "v", m, "v")], seed=1, coeffs=[0.0], weight_decay=0.1, lr=0.5)
+    zo.apply_update([zo.ZOTarget(0, "v", m, "v")], seed=1, coeffs=[0.0], weight_decay=0.1, lr=0.5)
     assert torch.allclose(m.v, torch.full((2,), 1 - 0.05))
 
 
@@ -201,7 +201,7 @@ def test_bf16_updates_below_half_an_ulp_survive_in_expectation():
     moves the mean by what was asked."""
     m = torch.nn.Module()
     m.w = torch.nn.Parameter(torch.ones(20000, dtype=torch.bfloat16), requires_grad=False)
-    t = base.Target(0, "w", m, "w")
+    t = zo.ZOTarget(0, "w", m, "w")
     step = 2 ** -11  # a quarter of bf16's ulp at 1.0 (2^-7 ... half-ulp 2^-8)
     m.v = torch.nn.Parameter(torch.ones(20000, dtype=torch.bfloat16), requires_grad=False)
     for i in range(40):  # weight decay alone, no z: θ ← θ − lr·wd·θ with lr·wd = step

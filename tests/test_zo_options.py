@@ -15,7 +15,7 @@ from qzo2.methods import base, build_method, zo
 def zo_method(model, quantized=False, **kw):
     cfg = TrainConfig(method="qzo" if quantized else "mezo", task="", train_file="x.jsonl", lr=kw.pop("lr", 1e-3),
                       **kw)
-    targets = base.scale_targets(model) if quantized else base.weight_targets(model, ("linear",))
+    targets = zo.as_zo(base.scale_targets(model) if quantized else base.weight_targets(model, ("linear",)))
     return build_method(cfg, model, targets, "lm")
 
 
@@ -160,7 +160,7 @@ class Quadratic(nn.Module):
 
 def steps_to_converge(d, s, masked, lr, cap=4000):
     model = Quadratic(d, s)
-    t = base.Target(0, "weight", model, "weight")
+    t = zo.ZOTarget(0, "weight", model, "weight")
     if masked:
         t.mask = torch.arange(s)
     start = 0.5 * s
@@ -186,13 +186,13 @@ def test_a_masked_estimator_converges_in_about_s_over_d_of_the_steps():
 
 
 def test_zo_options_are_refused_for_first_order_methods():
-    with pytest.raises(ConfigError, match="zo_normalize / zo_mask are for zeroth-order methods"):
+    with pytest.raises(ConfigError, match="zo_mask is a key of method qzo, mezo, not of method=lomo"):
         TrainConfig(method="lomo", zo_mask="fisher")
     with pytest.raises(ConfigError, match="zo_mask_fraction"):
         TrainConfig(zo_mask="magnitude", zo_mask_fraction=0.0)
     with pytest.raises(ConfigError, match="zo_orthogonal chooses the directions inside zo_subspace"):
         TrainConfig(zo_orthogonal=True)
-    with pytest.raises(ConfigError, match="zo_one_sided is for zeroth-order methods"):
+    with pytest.raises(ConfigError, match="zo_one_sided is a key of method qzo, mezo, not of method=adalomo"):
         TrainConfig(method="adalomo", zo_one_sided=True)
     with pytest.raises(ConfigError, match="zo_one_sided shares one unperturbed chunk"):
         TrainConfig(zo_one_sided=True, zo_parallel="pairs")
@@ -211,7 +211,7 @@ def test_resume_keeps_the_fisher_mask_and_the_running_rms(tiny, tmp_path):
               zo_normalize=True, clip=3.0, n_pairs=2)
     straight, _ = straight_and_resumed(tmp_path, q, data, 7, 5, ("trained.safetensors", "method.safetensors"),
                                        calls_before=4, **kw)
-    state = load_file(str(trainer.RunDir(straight["run"]).checkpoint("last") / "method.safetensors"))
+    state = load_file(str(trainer.RunDir(straight.run).checkpoint("last") / "method.safetensors"))
     assert int(state["zo.rms_t"]) == 7 and sum(v.numel() for k, v in state.items() if k.endswith(".zo_mask")) > 0
 
 
@@ -225,7 +225,7 @@ def test_subspace_basis_is_checkpointed_and_resume_is_bit_identical(tiny, tmp_pa
               zo_orthogonal=True, n_pairs=2, zo_track=track)
     straight, _ = straight_and_resumed(tmp_path, q, data, 6, 4, ("trained.safetensors", "method.safetensors"),
                                        calls_before=4, **kw)
-    state = load_file(str(trainer.RunDir(straight["run"]).checkpoint("last") / "method.safetensors"))
+    state = load_file(str(trainer.RunDir(straight.run).checkpoint("last") / "method.safetensors"))
     assert ("zo.track" in state) == bool(track)
     if track:
         assert state["zo.track"].shape == (3,) and state["zo.track"].abs().sum() > 0
@@ -288,7 +288,7 @@ def test_subspace_from_more_examples_than_its_rank_is_their_principal_subspace()
     gen = torch.Generator().manual_seed(0)
     m = torch.nn.Module()
     m.a, m.b = (torch.nn.Parameter(torch.zeros(s), requires_grad=False) for s in ((6, 5), (40,)))
-    targets = [base.Target(0, "a", m, "a"), base.Target(1, "b", m, "b")]
+    targets = [zo.ZOTarget(0, "a", m, "a"), zo.ZOTarget(1, "b", m, "b")]
     strong = torch.linalg.qr(torch.randn(70, 2, generator=gen, dtype=torch.float64))[0]  # two dominant directions
     g = (torch.randn(12, 2, generator=gen, dtype=torch.float64) * 10) @ strong.t() + \
         0.1 * torch.randn(12, 70, generator=gen, dtype=torch.float64)
@@ -316,7 +316,7 @@ def test_preconditioned_basis_steps_along_adams_direction():
     gen = torch.Generator().manual_seed(1)
     m = torch.nn.Module()
     m.a, m.b = (torch.nn.Parameter(torch.zeros(s), requires_grad=False) for s in ((2, 2), (3,)))
-    targets = [base.Target(0, "a", m, "a"), base.Target(1, "b", m, "b")]
+    targets = [zo.ZOTarget(0, "a", m, "a"), zo.ZOTarget(1, "b", m, "b")]
     g = torch.randn(9, 7, generator=gen, dtype=torch.float64) * torch.tensor([5, 0.1, 1, 3, 0.01, 2, 1.0])
     parts = [g[:, :4].float(), g[:, 4:].float()]
     zo.precondition_basis(targets, parts, [(p * p).sum(0) for p in parts], rank=7)
@@ -341,7 +341,7 @@ def test_a_masked_gradient_pass_keeps_only_the_masked_entries():
     gradients): each target's rows hold exactly the masked entries of the full pass, and the Fisher sums are the
     full ones."""
     model = build_model("llama")
-    targets = base.weight_targets(model, ("linear",))
+    targets = zo.as_zo(base.weight_targets(model, ("linear",)))
     data = batches(3, rows=1)
     full_sq, full = zo.gradient_pass(model, targets, "lm", data, keep=True)
     zo.set_masks(targets, full_sq, 0.05)
@@ -359,7 +359,7 @@ def test_the_trainer_builds_the_preconditioned_basis_from_its_one_off_pass():
     data = batches(3, rows=1)
     method.prepare(lambda i, size: data[i])
     ref = build_model("llama")
-    ref_targets = base.weight_targets(ref, ("linear",))
+    ref_targets = zo.as_zo(base.weight_targets(ref, ("linear",)))
     sq, grads = zo.gradient_pass(ref, ref_targets, "lm", data, keep=True)
     zo.precondition_basis(ref_targets, grads, sq, 3)
     for t, r in zip(method.targets, ref_targets):

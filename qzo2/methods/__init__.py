@@ -1,9 +1,14 @@
-"""Training methods, one module per family, each a `base.Method` the trainer and `qzo2 bench` drive the same way:
+"""Training methods, one module each, each a `base.Method` registered by name (registry.py) that the trainer and
+`qzo2 bench` drive the same way:
 
-  zo.py    qzo (scales of a quantized model), mezo (weights of an unquantized one; ZO2 mode with offload)
-  lomo.py  lomo, adalomo (first-order, update fused into backward), adamw (first-order reference)
-  hift.py  hift (one group of layers per step, AdamW, the other groups' state in host memory)
-  grass.py grass (Adam on row-sparse projected gradients of the weight matrices)
+  zo.py           qzo (scales of a quantized model), mezo (weights of an unquantized one; ZO2 mode with offload)
+  lomo.py         lomo, adalomo (first-order, update fused into backward)
+  adamw.py        adamw (first-order reference)
+  hift.py         hift (one group of layers per step, AdamW, the other groups' state in host memory)
+  grass.py        grass (Adam on row-sparse projected gradients of the weight matrices)
+  first_order.py  what the first-order ones share; base.py what all share; registry.py the table
+
+Adding a method is one new module here plus its import below (docs/architecture.md).
 
 `load_for_training(cfg)` loads the model, picks what is trained (the model decides: scales if it is quantized,
 weights of the `params` kinds if not; `trainable` narrows by regex), places it and builds the method.
@@ -13,25 +18,19 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
-
 from quant.linear import QuantLinear
 
-from ..config import FO_METHODS
 from ..engine import place_model, set_cache_base
-from ..model import is_quantized_dir, load_model, resolve_device, resolve_source
+from ..model import DTYPES, is_quantized_dir, load_model, resolve_device, resolve_source
 from ..run import TrainingError
+from . import zo, lomo, adamw, hift, grass  # noqa: F401, I001  (each registers its methods, in this order)
 from .base import Method, Target, scale_targets, weight_targets
-from .grass import Grass
-from .hift import HiFT
-from .lomo import AdaLomo, AdamW, Lomo
-from .zo import ZeroOrder
+from . import registry
+from .registry import BenchMode, MethodSpec, register, unregister
 
-CLASSES = {"qzo": ZeroOrder, "mezo": ZeroOrder, "lomo": Lomo, "adalomo": AdaLomo, "adamw": AdamW, "hift": HiFT,
-           "grass": Grass}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-__all__ = ["CLASSES", "Method", "Target", "build_method", "load_for_training", "objective_kind", "select_targets"]
+__all__ = ["BenchMode", "Method", "MethodSpec", "Target", "build_method", "load_for_training", "objective_kind",
+           "register", "select_targets", "unregister"]
 
 
 def objective_kind(cfg) -> str:
@@ -61,7 +60,7 @@ def select_targets(cfg, model, quantized: bool) -> list[Target]:
 
 
 def build_method(cfg, model, targets: list[Target], kind: str) -> Method:
-    return CLASSES[cfg.method](model, cfg, targets, kind)
+    return cfg.spec.cls(model, cfg, targets, kind)
 
 
 def load_for_training(cfg):
@@ -74,12 +73,14 @@ def load_for_training(cfg):
     if cfg.also_train and not quantized:
         raise TrainingError(f"also_train adds unquantized tensors to a quantized model's scales; {source} is not "
                             f"quantized (choose its trained kinds with params)")
-    if cfg.method == "qzo" and not quantized:
-        raise TrainingError(f"method=qzo trains the scales of a quantized model; {source} is not one "
+    spec = cfg.spec
+    if "weights" not in spec.trains and not quantized:
+        raise TrainingError(f"method={cfg.method} trains the scales of a quantized model; {source} is not one "
                             f"(run `qzo2 quantize {cfg.model if cfg.model != 'default' else ''} -o DIR` first)")
-    if cfg.method in ("mezo", "grass") and quantized:
-        raise TrainingError(f"method={cfg.method} trains full weights; {source} is quantized (use method=qzo, or a "
-                            f"first-order method on its scales: lomo, adalomo, adamw, hift)")
+    if "scales" not in spec.trains and quantized:
+        others = ", ".join(s.name for s in registry.specs().values() if "scales" in s.trains)
+        raise TrainingError(f"method={cfg.method} trains full weights; {source} is quantized (train its scales with "
+                            f"one of: {others})")
     model, tokenizer = load_model(source, dtype=DTYPES[cfg.dtype])
     model.eval()  # dropout off: every ZO forward is deterministic, and first-order steps see the same model
     for p in model.parameters():
@@ -89,5 +90,5 @@ def load_for_training(cfg):
     if quantized:
         set_cache_base(cfg.cache_base, [m for m in model.modules() if isinstance(m, QuantLinear)], device)
     place_model(model, device, cfg.offload, cfg.gpu_memory, cfg.prefetch_depth, targets,
-                streamable=cfg.method not in FO_METHODS)
+                streamable=spec.streams)
     return model, tokenizer, build_method(cfg, model, targets, objective_kind(cfg))

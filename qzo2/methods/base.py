@@ -67,9 +67,6 @@ class Target:
     name: str
     decay: bool = True  # weight decay applies (not to biases and norm gains)
     aliases: list = field(default_factory=list)  # other (module, name) reading the same tensor (a tied lm_head)
-    mask: torch.Tensor | None = None  # ZO: sorted flat indices of the entries perturbed and updated (None: all)
-    basis: torch.Tensor | None = None  # ZO subspace: this target's rows of the orthonormal basis [entries, r]
-    orthogonal: bool = False  # ZO subspace: the pairs' coefficients u are orthogonal, not i.i.d. (zo_orthogonal)
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -137,8 +134,8 @@ def weight_targets(model: nn.Module, kinds: tuple[str, ...] = ("linear",)) -> li
 
 
 class Method:
-    """One optimization method, built once per run from (model, cfg, targets, kind). The trainer and `qzo2 bench`
-    call only this:
+    """One optimization method, built once per run from (model, cfg, targets, kind), registered by name with
+    `registry.register`. The trainer and `qzo2 bench` call only this:
       step(batch, step) -> metrics   one optimization step on an encoded batch. The dict holds "loss" and any
                                      scalars to log (averaged over the log window); "skipped": "nonfinite" (no
                                      update: a non-finite loss) or "overflow" (fp16 loss-scale overflow) with
@@ -149,6 +146,9 @@ class Method:
       load_state_tensors(tensors)    restore it, so a resumed run continues bit for bit
       flush()                        make every trained tensor current (ZO2 mode defers updates), before a save
       close()                        remove hooks; the model is then a plain model again
+      trained_count()                entries training can change
+      shards(cfg)                    (classmethod) does each rank take a slice of the batch under torchrun
+    `self.cfg` is the run's TrainConfig; `self.cfg.<key>` also reads the method's own options.
     """
 
     name = ""
@@ -163,10 +163,18 @@ class Method:
     def lr_at(self, step: int) -> float:
         return self._lr_at(self.cfg, step)
 
-    @property
-    def shards_batch(self) -> bool:
+    @classmethod
+    def shards(cls, cfg) -> bool:
         """Under torch.distributed: does each rank take a slice of the step's batch (else the whole batch)?"""
         return True
+
+    @property
+    def shards_batch(self) -> bool:
+        return self.shards(self.cfg)
+
+    def trained_count(self) -> int:
+        """Entries training can change (a method that trains a subset says so)."""
+        return sum(t.tensor.numel() for t in self.targets)
 
     def step(self, batch: dict, step: int) -> dict:
         raise NotImplementedError

@@ -25,17 +25,34 @@ codes cannot take a row update, so it is refused.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
+from ..config import ConfigError, _f
 from .base import generator, step_seed, to_dtype
-from .lomo import FirstOrder, adamw_for
-
+from .first_order import FirstOrder, FirstOrderOptions, adamw_for
+from .registry import BenchMode, register
 SELECT = ("top", "sample")
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults
+
+
+@dataclass
+class GrassOptions(FirstOrderOptions):
+    grass_rank: int = _f(64, "grass: rows r of each weight matrix whose projected gradient is trained", range="[1, inf)")
+    grass_refresh: int = _f(100, "grass: steps between row selections (each takes one full gradient)", range="[1, inf)")
+    grass_select: str = _f("top", "grass: top = the r largest-norm gradient rows; sample = r rows drawn with "
+                                  "probability proportional to their norm, unbiased scaling", ("top", "sample"))
+    grass_reset: bool = _f(True, "grass: restart the r x n Adam moments at each row selection (else keep the rows "
+                                 "that stay selected)")
+    grass_scale: float = _f(1.0, "grass: scale alpha of the row update", range="(0, inf)")
+
+    def validate(self, cfg) -> None:
+        if cfg.dtype == "fp16":  # its row-sparse backward has no loss scaler
+            raise ConfigError("method=grass does not scale the loss, which fp16 needs: use dtype=bf16 or fp32")
 
 
 def select_rows(row_norms: torch.Tensor, r: int, how: str, gen: torch.Generator | None = None):
@@ -73,9 +90,12 @@ class ProjectedLinear(torch.autograd.Function):
         return dx, None, db, dproj, None, None
 
 
+@register("grass", help="GRASS: Adam on row-sparse projected gradients of the weight matrices.",
+          options=GrassOptions, trains=("weights",), first_order=True,
+          accumulates="each step's rows are selected and updated within the step",
+          bench={"grass": BenchMode(quantized=False)},
+          memory="activations + r rows of gradient and Adam moments per weight matrix")
 class Grass(FirstOrder):
-    name = "grass"
-
     def __init__(self, model, cfg, targets, kind):
         if any(t.name == "scales" for t in targets):
             raise ValueError("method=grass updates rows of dense weight matrices; a quantized model's int codes "

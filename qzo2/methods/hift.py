@@ -16,13 +16,23 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 
 import torch
 
 from quant.checkpoint import decoder_blocks
 
+from ..config import _f
 from .base import Target
-from .lomo import FirstOrder, adamw_for
+from .first_order import FirstOrder, FirstOrderOptions, adamw_for
+from .registry import BenchMode, register
+
+
+@dataclass
+class HiFTOptions(FirstOrderOptions):
+    hift_group_size: int = _f(1, "hift: units (embedding, each decoder block, norm + head) trained together per step", range="[1, inf)")
+    hift_strategy: str = _f("down2up", "hift: order of the groups: down2up (embedding to head), up2down, random (one "
+                                       "seeded permutation)", ("down2up", "up2down", "random"))
 
 STRATEGIES = ("down2up", "up2down", "random")
 
@@ -55,9 +65,12 @@ def hift_groups(units: list[list[Target]], size: int, strategy: str, seed: int) 
     return [[t for u in order[i:i + size] for t in units[u]] for i in range(0, len(order), size)]
 
 
+@register("hift", help="HiFT: one group of layers per step, trained by AdamW; the other groups' state waits in "
+                       "host memory.", options=HiFTOptions, first_order=True,
+          accumulates="each step trains another group of layers, so gradients of one group never add up",
+          bench={"hift": BenchMode(quantized=True)},
+          memory="activations + the active group's gradients and AdamW moments")
 class HiFT(FirstOrder):
-    name = "hift"
-
     def __init__(self, model, cfg, targets, kind):
         super().__init__(model, cfg, targets, kind)
         self.groups = hift_groups(hift_units(model, targets), cfg.hift_group_size, cfg.hift_strategy, cfg.seed)

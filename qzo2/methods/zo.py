@@ -22,8 +22,10 @@ the same machinery:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,7 +33,79 @@ from torch import nn
 from quant.linear import QuantLinear
 
 from .. import distributed, objective
+from ..config import ConfigError, _f
 from .base import Method, Target, generator, step_seed, store
+from .registry import BenchMode, register
+
+
+@dataclass
+class ZOOptions:
+    eps: float = _f(1e-3, "perturbation size epsilon", range="(0, inf)")
+    n_pairs: int = _f(1, "independent +-eps pairs per step, averaged", range="[1, inf)")
+    clip: float = _f(100.0, "DDC: clip the projected gradient to [-clip, clip] (with zo_normalize: in units of its "
+                            "running RMS, e.g. 3); 0 disables", range="[0, inf)")
+    zo_parallel: str = _f("batch", "ZO under torchrun / accelerate launch: batch = each rank runs the 2k chunks on its "
+                                   "slice of every step's batch (batch_size stays the global batch); pairs = each "
+                                   "rank runs the whole batch for the pairs j with j mod ranks == rank (raise "
+                                   "n_pairs with the ranks: at least one pair each)", ("batch", "pairs"))
+    zo_normalize: bool = _f(False, "ZO: divide each step's projected gradients by their running RMS (EMA of d^2, "
+                                   "FZOO/MEAZO style): a scale-free step whose lr transfers")
+    zo_rms_beta: float = _f(0.9, "ZO, zo_normalize: decay of the running mean of d^2", range="[0, 1)")
+    zo_mask: str = _f("none", "ZO: perturb and update only a fixed subset: magnitude = the smallest-magnitude "
+                              "entries (Sparse-MeZO; experimental), fisher = the largest diagonal Fisher from a gradient pass over "
+                              "zo_mask_samples examples at batch 1 (SensZOQ); the rest stays bitwise unchanged",
+                      ("none", "magnitude", "fisher"))
+    zo_mask_fraction: float = _f(0.01, "ZO, zo_mask: fraction of the trained entries in the mask", range="(0, 1]")
+    zo_mask_samples: int = _f(32, "ZO, zo_mask=fisher / zo_subspace: training examples of the one-off gradient "
+                                   "pass (batch 1)", range="[1, inf)")
+    zo_subspace: int = _f(0, "ZO: perturb only within the span of the per-example gradients of that one-off pass "
+                             "(an orthonormal basis of up to this many directions, over the masked entries); 0 = off", range="[0, inf)")
+    zo_orthogonal: bool = _f(False, "ZO, zo_subspace: the n_pairs directions of a step are orthogonal (rows of a random "
+                                    "rotation of the subspace) instead of i.i.d.; n_pairs = zo_subspace gives the "
+                                    "exact finite-difference gradient on the subspace", experimental=True)
+    zo_precondition: str = _f("none", "ZO, zo_subspace: adam = a diagonally preconditioned basis P = D^1/2 Q, Q an "
+                                      "orthonormal basis of the D^1/2-scaled gradients, D = 1/(s + 0.1 mean(s)) with s "
+                                      "each entry's RMS gradient in the one-off pass (Adam's second moment): a "
+                                      "full-rank step along the subspace gradient is then -D grad, Adam's direction, "
+                                      "not the gradient's", ("none", "adam"), experimental=True)
+    zo_one_sided: bool = _f(False, "ZO: probe one-sided, d_j = (L(theta+eps*z_j) - L(theta))/eps, from k+1 chunks of the "
+                                   "batched forward instead of 2k (FZOO style; with n_pairs 8: 9 chunks, not 16)")
+    zo_track: float = _f(0.0, "ZO, zo_subspace: track the subspace gradient across steps instead of stepping along "
+                              "each step's own estimate: g += a*mean_j u_j(d_j - u_j.g), theta -= lr*B.g (LMS; one "
+                              "r-vector of state; a = 1 from g = 0 is the plain first step); 0 = off", range="[0, 1]")
+
+    def validate(self, cfg) -> None:
+        if self.zo_precondition != "none" and not self.zo_subspace:
+            raise ConfigError("zo_precondition shapes the basis of zo_subspace: set zo_subspace too")
+        if self.zo_orthogonal and not self.zo_subspace:
+            raise ConfigError("zo_orthogonal chooses the directions inside zo_subspace: set zo_subspace too")
+        if self.zo_one_sided and self.zo_parallel == "pairs":
+            raise ConfigError("zo_one_sided shares one unperturbed chunk among the pairs: use zo_parallel=batch")
+        if self.zo_track and not self.zo_subspace:
+            raise ConfigError("zo_track estimates the gradient inside zo_subspace: set zo_subspace too")
+        if cfg.weight_decay and cfg.method == "qzo":
+            raise ConfigError("weight_decay is not for method=qzo: QZO trains the scales without weight decay (as "
+                              "the QZO paper), so set weight_decay=0")
+
+
+@dataclass
+class ZOTarget(Target):
+    """A target with what the ZO options keep per tensor."""
+
+    mask: torch.Tensor | None = None  # sorted flat indices of the entries perturbed and updated (None: all)
+    basis: torch.Tensor | None = None  # zo_subspace: this target's rows of the orthonormal basis [entries, r]
+    orthogonal: bool = False  # zo_subspace: the pairs' coefficients u are orthogonal, not i.i.d. (zo_orthogonal)
+
+    @classmethod
+    def of(cls, t: Target) -> "ZOTarget":
+        return cls(**{f.name: getattr(t, f.name) for f in dataclasses.fields(Target)})
+
+
+def as_zo(targets: list[Target]) -> list[ZOTarget]:
+    """Targets as the ZO functions below read them (the same tensors; a plain Target has no mask nor basis). The
+    functions that set a mask or basis (set_masks, set_basis, precondition_basis) need ZOTargets."""
+    return [t if isinstance(t, ZOTarget) else ZOTarget.of(t) for t in targets]
+
 
 def z_for(shape, seed: int, index: int, pair: int, device="cpu") -> torch.Tensor:
     """N(0, I) of `shape` for (step seed, tensor index, pair), drawn in fp32 on `device`."""
@@ -155,6 +229,7 @@ def n_chunks(pairs, one_sided: bool = False) -> int:
 def dual_forward(targets: list[Target], seed: int, eps: float, n_pairs=1, one_sided: bool = False):
     """Inside the context one forward of 2k stacked copies of a batch evaluates all 2k perturbations (n_pairs: k, or
     the list of the k pair indices to evaluate); one_sided: k+1 copies, the first unperturbed."""
+    targets = as_zo(targets)
     handles, by_module = [], {}
     for t in targets:
         if isinstance(t.module, QuantLinear) and t.name == "scales":
@@ -199,7 +274,7 @@ def apply_update(targets: list[Target], seed: int, coeffs: list[float], weight_d
     """θ ← θ − Σ_j coeffs[j]·z_j − lr·wd·θ (wd only where t.decay), clamped at `floor`; z regenerated from the seed
     (coeffs[j] = lr·d'_j/k). `subspace_step` w [r] (zo_track): θ also moves by −B·w along the target's basis.
     Computed in fp32 and stored back stochastically rounded (base.store) when θ is bf16/fp16."""
-    for t in targets:
+    for t in as_zo(targets):
         theta = t.tensor
         new = theta.float() if theta.dtype != torch.float32 else theta.clone()
         for j, c in enumerate(coeffs):
@@ -236,6 +311,7 @@ def gradient_pass(model, targets: list[Target], kind: str, batches: list[dict], 
     entries of each target's mask are kept). Each gradient is folded by a post-accumulate hook and freed at once
     (LOMO-style), so the pass needs one example's activations plus one fp32 value per trained entry (and `keep`: one
     per kept entry and example)."""
+    targets = as_zo(targets)
     acc = [torch.zeros(t.tensor.numel(), dtype=torch.float32, device=t.tensor.device) for t in targets]
     pick = [t.mask if masked and t.mask is not None else None for t in targets]
     rows = ([torch.zeros(len(batches), t.tensor.numel() if p is None else len(p), dtype=torch.float32,
@@ -262,11 +338,6 @@ def gradient_pass(model, targets: list[Target], kind: str, batches: list[dict], 
             t.tensor.grad = None
             t.tensor.requires_grad_(False)
     return acc, rows
-
-
-def fisher_scores(model, targets: list[Target], kind: str, batches: list[dict]) -> list[torch.Tensor]:
-    """SensZOQ's choice: the diagonal empirical Fisher Σ_i (∂L_i/∂θ)² over `batches` (one example each)."""
-    return gradient_pass(model, targets, kind, batches)[0]
 
 
 def _perturbed_columns(targets: list[Target], grads: list[torch.Tensor], masked: bool) -> list[torch.Tensor]:
@@ -343,6 +414,19 @@ def repeat_batch(batch: dict, times: int) -> dict:
             for k, v in batch.items()}
 
 
+NO_ACCUMULATION = "a ZO step is one forward of the whole batch"
+
+
+@register("mezo", help="MeZO: zeroth-order on the weights of an unquantized model; with offload, ZO2 (blocks "
+                       "streamed from host memory, updated on arrival).", options=ZOOptions, trains=("weights",),
+          accumulates=NO_ACCUMULATION, bench={"mezo": BenchMode(quantized=False),
+                                              "zo2": BenchMode(quantized=False, offload=True)},
+          memory="inference only (zo_mask=fisher / zo_subspace add one gradient pass at the start)")
+@register("qzo", help="QZO: zeroth-order on the quantization scales: two forwards a step, no gradients, no "
+                      "optimizer state (arXiv 2505.13430).", options=ZOOptions, trains=("scales",),
+          accumulates=NO_ACCUMULATION, bench={"qzo": BenchMode(quantized=True),
+                                              "qzo-offload": BenchMode(quantized=True, offload=True)},
+          memory="inference only (zo_mask=fisher / zo_subspace add one gradient pass at the start)")
 class ZeroOrder(Method):
     """QZO (scales of a quantized model) and MeZO / ZO2 (weights of an unquantized one): one step is
     seed_t = mix(seed, t); the batch stacked 2k times; one forward inside `dual_forward` gives the 2k chunk losses;
@@ -352,6 +436,7 @@ class ZeroOrder(Method):
     With a BlockStreamer on the model (ZO2 mode) the update of streamed tensors is deferred to their next upload."""
 
     def __init__(self, model, cfg, targets, kind):
+        targets = as_zo(targets)
         super().__init__(model, cfg, targets, kind)
         self.name = cfg.method
         self.floor = cfg.scale_floor if cfg.method == "qzo" else None
@@ -367,9 +452,12 @@ class ZeroOrder(Method):
             raise ValueError(f"zo_parallel=pairs spreads the n_pairs ±eps pairs over the ranks: n_pairs {cfg.n_pairs} "
                              f"leaves ranks idle on {world.size} ranks (raise n_pairs, or use zo_parallel=batch)")
 
-    @property
-    def shards_batch(self) -> bool:
-        return self.cfg.zo_parallel != "pairs"
+    @classmethod
+    def shards(cls, cfg) -> bool:
+        return cfg.zo_parallel != "pairs"
+
+    def trained_count(self) -> int:
+        return sum(t.tensor.numel() if t.mask is None else len(t.mask) for t in self.targets)
 
     def prepare(self, batch_at) -> None:
         cfg = self.cfg
@@ -490,4 +578,5 @@ class ZeroOrder(Method):
         if streamer is None:
             return update(self.targets)
         update([t for t in self.targets if (id(t.module), t.name) not in streamer.streamed_keys])
-        streamer.defer(update)
+        ours = {(id(t.module), t.name): t for t in self.targets}  # the streamer holds the plain Targets
+        streamer.defer(lambda targets: update([ours[id(t.module), t.name] for t in targets]))
