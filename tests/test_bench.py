@@ -35,26 +35,6 @@ def test_kernel_bench_reports_every_path():
     assert all(r[k] > 0 for r in recs for k in ("dense_ms", "dequant_ms", "dequant_cached_ms", "int4pack_ms"))
 
 
-def test_run_measured_reports_the_child_alone_and_accuracy_parses():
-    import sys
-
-    import pytest
-
-    from qzo2.bench import _accuracy, run_measured
-
-    # a forked child's ru_maxrss starts at its parent's RSS: make this process big, the command's figure must not care
-    ballast = bytearray(900 * 2**20)
-    ballast[::4096] = b"x" * len(ballast[::4096])
-    big = run_measured([sys.executable, "-c", "b = bytearray(700 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
-                                              "print('runs/x: sentiment test: accuracy 0.6380 on 500 examples')"])
-    small = run_measured([sys.executable, "-c", "pass"])
-    del ballast
-    assert 0.68 < big["peak_rss_gib"] < 0.85 and small["peak_rss_gib"] < 0.1 and big["wall_s"] >= 0
-    assert _accuracy(big["output"]) == 0.638
-    with pytest.raises(RuntimeError, match="exit 3"):
-        run_measured([sys.executable, "-c", "raise SystemExit(3)"])
-
-
 # ---- `qzo2 bench`: random models built in place, one ZO step per mode ------------------------------------------------
 FIELDS = ("shape", "mode", "device", "dtype", "batch", "seq", "steps", "step_ms", "tok_s", "torch_peak_gb",
           "nvml_used_gb", "h2d_gb_per_step", "d2h_gb_per_step", "host_rss_gb", "ratio_to_forward")
@@ -216,9 +196,113 @@ def test_bench_first_order_modes_time_the_trainers_step():
     assert all(by[m]["ratio_to_forward"] > 0 for m in ("lomo", "adalomo", "adamw"))
 
 
-def test_accuracy_table_means_the_latest_record_of_each_seed(tmp_path):
-    from qzo2.bench import accuracy_table
+# ---- the accuracy benchmark's harness (benchmarks/accuracy.py: not in the library, imported from its path) -----------
+def _harness():
+    import importlib.util
+    import sys
+    from pathlib import Path
 
+    name = "qzo2_benchmarks_accuracy"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" /
+                                                      "accuracy.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_run_measured_reports_the_child_alone_and_accuracy_parses():
+    import sys
+
+    acc = _harness()
+    # a forked child's ru_maxrss starts at its parent's RSS: make this process big, the command's figure must not care
+    ballast = bytearray(900 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    big = acc.run_measured([sys.executable, "-c", "b = bytearray(700 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+                                                  "print('runs/x: sentiment test: accuracy 0.6380 on 500 examples')"])
+    small = acc.run_measured([sys.executable, "-c", "pass"])
+    del ballast
+    assert 0.68 < big["peak_rss_gib"] < 0.85 and small["peak_rss_gib"] < 0.1 and big["wall_s"] >= 0
+    assert acc._accuracy(big["output"]) == 0.638
+    with pytest.raises(RuntimeError, match="exit 3"):
+        acc.run_measured([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_accuracy_rows_resolve_to_the_recorded_configs(capsys):
+    """Each trained row (benchmarks/accuracy-base.yaml + the row's overrides + model/seed/output_dir, as the harness
+    runs it), through `python benchmarks/accuracy.py train ROW --print-config` (qzo2 train's own --print-config),
+    resolves to the config recorded in tests/accuracy_rows.json: what `qzo2 train recipes/accuracy-ROW.yaml
+    --print-config` printed before those recipes were folded into base + overrides. A key added to qzo2 since may
+    appear, at its default; a recorded key that is gone or has another value fails."""
+    from pathlib import Path
+
+    import yaml
+
+    from qzo2.config import TrainConfig, config_yaml
+
+    acc = _harness()
+    recorded = json.loads((Path(__file__).parent / "accuracy_rows.json").read_text())
+    assert list(acc.ROWS) == list(recorded["rows"])
+    for key, own in recorded["rows"].items():
+        want = {**recorded["shared"], **own}
+        assert acc.main(["train", key, "--print-config"]) == 0
+        got = yaml.safe_load(capsys.readouterr().out)
+        default = yaml.safe_load(config_yaml(TrainConfig(method=want["method"])))
+        drift = {k: (want.get(k, "absent"), got.get(k, "absent")) for k in want.keys() | got.keys()
+                 if got.get(k, "absent") != want.get(k, default.get(k, "absent"))}
+        assert not drift, f"row {key}: key: (recorded, now) {drift}"
+    # `python benchmarks/accuracy.py command ROW` prints that same qzo2 train line, the one bench_accuracy runs
+    assert acc.main(["command", "qzo-track", "--seed", "2", "n_dev=200"]) == 0
+    assert capsys.readouterr().out.split() == ["qzo2", "train", *acc.train_args("qzo-track", seed=2), "n_dev=200"]
+
+
+def test_accuracy_harness_runs_a_row_as_base_overrides_then_the_callers(tmp_path, monkeypatch, capsys):
+    """bench_accuracy's trained row: quantize (once), train with the row's arguments then overwrite/progress and the
+    caller's overrides, export in the row's format, eval with the run's template; one results.jsonl record. The
+    qzo2 processes are faked (run_measured), their argv recorded."""
+    from pathlib import Path
+
+    from qzo2.config import config_yaml, load_config
+
+    acc = _harness()
+    calls = []
+
+    def fake(argv):
+        argv = [str(a) for a in argv]
+        calls.append(argv[3:])  # past `python -m qzo2.cli`
+        if argv[3] == "train":
+            recipe, *overrides = argv[4:]
+            cfg = load_config(recipe, overrides)
+            run = tmp_path / cfg.output_dir
+            run.mkdir(parents=True)
+            (run / "config.yaml").write_text(config_yaml(cfg))
+            (run / "metrics.jsonl").write_text(json.dumps({"step": 50, "dev_accuracy": 0.7}) + "\n" +
+                                               json.dumps({"step": 100, "dev_accuracy": 0.75}) + "\n")
+        return {"wall_s": 1.0, "peak_rss_gib": 0.5, "output": "x: sentiment test: accuracy 0.7320 on 500 examples"}
+
+    monkeypatch.setattr(acc, "run_measured", fake)
+    monkeypatch.chdir(tmp_path)
+    base = acc.shown(acc.BASE)
+    recs = acc.bench_accuracy(Path("out"), 1, ["qzo-track"], ["steps=100"], tag="-t")
+    run = "out/qzo-track-t-seed1"
+    assert calls[0][:4] == ["quantize", "-o", "out/int4-rtn", "--method"]
+    assert calls[1] == ["train", base, *acc.ROWS["qzo-track"].args(), "model=out/int4-rtn", "seed=1",
+                        f"output_dir={run}", "overwrite=true", "progress=false", "steps=100"]
+    assert calls[2] == ["export", run, "-o", f"{run}-gptq", "--format", "gptq", "--overwrite"]
+    assert calls[3] == ["eval", f"{run}-gptq", "--task", "sentiment", "--seed", "1", "--template", "review"]
+    assert recs[-1]["row"] == "QZO int4 RTN, subspace, 8 one-sided probes, tracked gradient (t)"
+    assert recs[-1]["test_accuracy"] == 0.732 and recs[-1]["steps"] == 100 and recs[-1]["recipe"] == base
+    saved = json.loads((tmp_path / "out" / "results.jsonl").read_text().splitlines()[-1])
+    assert saved["recipe_overrides"] == acc.ROWS["qzo-track"].args()
+    assert saved["dev_accuracy"] == {"50": 0.7, "100": 0.75}
+    with pytest.raises(ValueError, match="unknown row 'nope'"):
+        acc.bench_accuracy(Path("out"), 0, ["qzo", "nope"], [])
+    assert len(calls) == 4  # nothing ran for the bad row list
+
+
+def test_accuracy_table_means_the_latest_record_of_each_seed(tmp_path, capsys):
+    acc = _harness()
     recs = [dict(row="AdaLomo", seed=0, steps=150, test_accuracy=0.5, train_wall_s=600, train_peak_rss_gib=3.0),
             dict(row="AdaLomo", seed=0, steps=150, test_accuracy=0.86, train_wall_s=540, train_peak_rss_gib=2.9),
             dict(row="AdaLomo", seed=1, steps=150, test_accuracy=0.84, train_wall_s=660, train_peak_rss_gib=3.1),
@@ -226,6 +310,9 @@ def test_accuracy_table_means_the_latest_record_of_each_seed(tmp_path):
             dict(row="zero-shot", seed=0, steps=0, test_accuracy=0.602, eval_peak_rss_gib=0.88)]
     f = tmp_path / "results.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    lines = accuracy_table(f).splitlines()
+    lines = acc.accuracy_table(f).splitlines()
     assert lines[2] == "| AdaLomo | 0, 1 | 0.860 / 0.840 | **0.850** | 150 | 10.0 min | 3.10 GiB |"
     assert lines[3] == "| zero-shot | 0 | 0.602 | **0.602** | 0 | - | 0.88 GiB |" and len(lines) == 4
+    for verb in ("accuracy-table", "table"):  # the CLI, under its old name and the short one
+        assert acc.main([verb, "-o", str(tmp_path), "--rows", "zero-shot"]) == 0
+        assert capsys.readouterr().out.splitlines()[2:] == [lines[3]]

@@ -3,15 +3,20 @@
 Builds the subspace recipe's basis (seed 1, fp32), then for the batches of steps 0 and 1 and each ε computes the 8
 two-sided d_j = (L+ − L−)/2ε, the one-sided (L+ − L(θ))/ε of `zo_one_sided`, and the curvature zᵀHz ≈ (L+ + L− −
 2L(θ))/ε² that separates them (one-sided − two-sided = ε/2·zᵀHz + O(ε²)).
-Run from the repo root after `python -m qzo2.bench accuracy --rows rtn`:  python scripts/zo_one_sided_check.py
+Run from the repo root after `python benchmarks/accuracy.py accuracy --rows rtn`:  python experiments/zo_one_sided_check.py
 """
+import sys
+from pathlib import Path
+
 import torch
 from qzo2 import data as D, objective
-from qzo2.config import load_config, resolve_paths
+from qzo2.config import resolve_paths
 from qzo2.methods import load_for_training
 from qzo2.methods.base import step_seed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from accuracy import row_config  # noqa: E402  (benchmarks/accuracy.py: the accuracy benchmark's rows)
 
-cfg = resolve_paths(load_config("recipes/accuracy-qzo-subspace.yaml", ["seed=1", "n_pairs=8", "model=runs/accuracy/int4-rtn"]))
+cfg = resolve_paths(row_config("qzo-subspace", ["seed=1", "n_pairs=8", "model=runs/accuracy/int4-rtn"]))
 data = D.read_data(cfg)
 model, tok, method = load_for_training(cfg)
 task = D.build_task(cfg, tok, data)

@@ -3,17 +3,20 @@
 Builds the subspace recipe's basis once (seed 1, fp32), then computes the 8 directional derivatives
 d_j = (L(θ+εz_j) − L(θ−εz_j)) / 2ε of step 0's batch for each (dtype, ε) with that same basis and prints each
 against fp32 at ε = 1e-3 (correlation, relative error) and the step's wall time.
-Run from the repo root after `python -m qzo2.bench accuracy --rows rtn`:  python scripts/zo_precision_check.py
+Run from the repo root after `python benchmarks/accuracy.py accuracy --rows rtn`:  python experiments/zo_precision_check.py
 """
-import time, torch
+import sys, time, torch
+from pathlib import Path
 from qzo2 import data as D
-from qzo2.config import load_config, resolve_paths
+from qzo2.config import resolve_paths
 from qzo2.methods import load_for_training
 from qzo2.methods.base import step_seed
 from qzo2.methods.zo import projected_gradients
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from accuracy import row_config  # noqa: E402  (benchmarks/accuracy.py: the accuracy benchmark's rows)
 res, basis = {}, None
 for dt, eps in (("fp32", 1e-3), ("bf16", 1e-3), ("bf16", 1e-2), ("bf16", 1e-1), ("fp32", 1e-2)):
-    cfg = resolve_paths(load_config("recipes/accuracy-qzo-subspace.yaml", ["seed=1", f"dtype={dt}", f"eps={eps}", "n_pairs=8", "model=runs/accuracy/int4-rtn"]))
+    cfg = resolve_paths(row_config("qzo-subspace", ["seed=1", f"dtype={dt}", f"eps={eps}", "n_pairs=8", "model=runs/accuracy/int4-rtn"]))
     data = D.read_data(cfg)
     model, tok, method = load_for_training(cfg)
     task = D.build_task(cfg, tok, data)

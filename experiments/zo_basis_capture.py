@@ -5,17 +5,20 @@ training examples (the one-off pass of zo_subspace, 128 examples at batch 1), an
 training batches (batch 16: the 256 examples training sees first, drawn from another shuffle of the same 1,000, so
 the two may share a few). SPSA in span(B) makes progress ~ rho/r per
 step (MeZO Lemma 2), so rho/r is the efficiency of a basis at theta_0.
-Run from the repo root after `python -m qzo2.bench accuracy --rows rtn` made runs/accuracy/int4-rtn:
-    python scripts/zo_basis_capture.py SEED      (about 5 CPU-minutes, 0.9 GB for the 128 gradients)
+Run from the repo root after `python benchmarks/accuracy.py accuracy --rows rtn` made runs/accuracy/int4-rtn:
+    python experiments/zo_basis_capture.py SEED      (about 5 CPU-minutes, 0.9 GB for the 128 gradients)
 """
 import sys, time, torch
+from pathlib import Path
 from qzo2 import data as D
-from qzo2.config import load_config, resolve_paths
+from qzo2.config import resolve_paths
 from qzo2.methods import load_for_training
 from qzo2.methods.zo import gradient_pass, set_basis
 from qzo2 import objective
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from accuracy import row_config  # noqa: E402  (benchmarks/accuracy.py: the accuracy benchmark's rows)
 seed = int(sys.argv[1]); nb = int(sys.argv[2]) if len(sys.argv) > 2 else 128
-cfg = resolve_paths(load_config("recipes/accuracy-qzo-subspace.yaml", [f"seed={seed}", "zo_subspace=0"]))
+cfg = resolve_paths(row_config("qzo-subspace", [f"seed={seed}", "zo_subspace=0"]))
 data = D.read_data(cfg)
 model, tok, method = load_for_training(cfg)
 task = D.build_task(cfg, tok, data)

@@ -13,15 +13,18 @@ step batches with the exact projected gradient G = Bᵀ∇L of each batch (one f
 --refresh N: the basis rebuilt at θ_t every N steps (an upper bound for a basis that follows θ).
 lr (warmup, linear decay) and the RMS normaliser are the trainer's own (method.lr_at, method.normalized).
 If `fo` reaches the goal and `zo --pairs 1` does not, the noise of one direction per step is what to cut.
-Run from the repo root after `python -m qzo2.bench accuracy --rows rtn`:
-    python scripts/zo_subspace_oracle.py --seed 1 --mode fo --lr 1e-2     (about 6 CPU-minutes for 100 steps)
+Run from the repo root after `python benchmarks/accuracy.py accuracy --rows rtn`:
+    python experiments/zo_subspace_oracle.py --seed 1 --mode fo --lr 1e-2     (about 6 CPU-minutes for 100 steps)
 """
-import argparse, math, time, torch
+import argparse, math, sys, time, torch
+from pathlib import Path
 from qzo2 import data as D, objective
-from qzo2.config import load_config, resolve_paths
+from qzo2.config import resolve_paths
 from qzo2.methods import load_for_training
 from qzo2.methods.base import step_seed
 from qzo2.methods.zo import gradient_pass, precondition_basis, set_basis, subspace_u
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from accuracy import row_config  # noqa: E402  (benchmarks/accuracy.py: the accuracy benchmark's rows)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--seed", type=int, default=1)
@@ -53,7 +56,7 @@ ap.add_argument("--refresh", type=int, default=0,
                 help="upper bound for a basis that follows theta: every N steps rebuild it from new gradients at "
                      "theta_t (uses backward during training: a diagnosis only; 0: off)")
 a = ap.parse_args()
-cfg = resolve_paths(load_config("recipes/accuracy-qzo-subspace.yaml",
+cfg = resolve_paths(row_config("qzo-subspace",
                                 [f"seed={a.seed}", "zo_subspace=0", f"n_dev={a.n_dev}", "model=runs/accuracy/int4-rtn",
                                  f"lr={a.lr}", f"steps={a.steps}", f"warmup_steps={a.warmup}",
                                  f"batch_size={a.batch}"]))
