@@ -171,7 +171,8 @@ class TrainConfig:
             elif k in foreign:  # another method's key: harmless at its default (a config that lists every key)
                 f, owners = foreign[k]
                 if v != f.default:
-                    raise ConfigError(f"{k} is a key of method {', '.join(owners)}, not of method={method}")
+                    raise ConfigError(f"{k} is a key of method {', '.join(owners)}, not of method={method}: remove "
+                                      f"it, or choose one of those methods")
             else:
                 _check_key(k, "the config")
         for k, f in FIELDS.items():
@@ -461,7 +462,7 @@ def keys_help() -> str:
     lines = ["keys (recipe YAML or key=value):"] + [_key_line(n, f) for n, f in FIELDS.items()]
     lines.append("\nmethods (method=NAME):")
     for s in registry.specs().values():
-        trains = " or ".join({"scales": "the scales of a quantized model", "weights": "the weights of a dense one"}[t]
+        trains = " or ".join({"scales": "the scales of a quantized model", "weights": "the weights of a dense model"}[t]
                              for t in s.trains)
         lines.append(f"  {s.name:<16} {s.help} Trains {trains}." + (f" Memory: {s.memory}." if s.memory else ""))
     groups: dict[tuple, list] = {}
