@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,3 +137,27 @@ def test_no_method_is_named_outside_the_methods_package():
     found = {f: pattern.findall((root / f).read_text()) for f in ("config.py", "trainer.py", "cli.py", "api.py")}
     default = TrainConfig().method
     assert found == {"config.py": [default], "trainer.py": [], "cli.py": [], "api.py": []}
+
+
+def test_the_example_method_of_the_architecture_doc_runs(tiny, tmp_path):
+    """docs/architecture.md's 'Adding a method' example, as printed, registers and trains."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    code = re.search(r"```python\n(# qzo2/methods/(\w+)\.py\n.*?)```", doc, re.S)
+    source = re.sub(r"from \.\.? ?import", "from qzo2 import", code.group(1))
+    source = re.sub(r"from \.\.(\w+) import", r"from qzo2.\1 import", source)
+    source = re.sub(r"from \.(\w+) import", r"from qzo2.methods.\1 import", source)
+    name = code.group(2)
+    module = types.ModuleType(f"doc_{name}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    try:
+        exec(compile(source, "docs/architecture.md", "exec"), module.__dict__)
+        q, _, data = tiny
+        assert main(["train", f"model={q}", f"method={name}", "task=", f"train_file={data}", "steps=2",
+                     "batch_size=2", "lr=1e-4", "max_length=32", "eval_every=0", "progress=false",
+                     f"output_dir={tmp_path / 'run'}"]) == 0
+        trained = load_file(str(tmp_path / "run" / "checkpoints" / "step-000002" / "trained.safetensors"))
+        base = {k: v for f in Path(q).glob("*.safetensors") for k, v in load_file(str(f)).items()}
+        assert any(not torch.equal(trained[k].half(), base[k]) for k in trained)
+    finally:
+        unregister(name)
+        sys.modules.pop(module.__name__, None)
