@@ -54,11 +54,12 @@ def quantize(model: str | os.PathLike | None, output: str | os.PathLike, *, bits
     from .config import parse_size
     from .model import default_text_path, resolve_source
     from .data import read_utf8
-    from .outputs import guard_output, locked, remove_stale, write_marker
+    from .outputs import clear_stale_lock, guard_output, locked, remove_stale, write_marker
 
     out, src_name = Path(output), None if model is None else str(model)
     out = guard_output(out, [resolve_source(src_name), calib], replace=overwrite)
     if out.exists() and not overwrite:
+        clear_stale_lock(out)
         raise ValueError(f"output {out} already exists (pass --overwrite / overwrite=True to replace it)")
     if format not in ("gptq", "gptq_v2", "nf4") or method not in ("rtn", "gptq"):
         raise ValueError(f"format must be gptq, gptq_v2 or nf4 and method rtn or gptq (got {format!r}, {method!r})")

@@ -30,7 +30,7 @@ from quant.checkpoint import (
 from quant.format import convert_qzeros
 
 from .model import DTYPES, is_quantized_dir, resolve_source
-from .outputs import guard_output, locked, remove_stale, write_marker
+from .outputs import clear_stale_lock, guard_output, locked, remove_stale, write_marker
 
 FORMATS = ("gptq", "gptq_v2", "hf")
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -313,6 +313,7 @@ def export(path: str, out: str, fmt: str = "gptq", dtype: str | None = None, che
     dtype = dtype or default_dtype(t)
     target = guard_output(out, [path, t.base], replace=overwrite)
     if target.exists() and not overwrite:
+        clear_stale_lock(target)
         raise CheckpointError(f"output {out} already exists (pass --overwrite to replace it)")
     report = ExportReport(Path(out), fmt, dtype=dtype if fmt == "hf" else "fp16")
     with locked(target, "export"):  # one writer per output; what a killed export left goes first

@@ -132,6 +132,26 @@ def locked(out, verb: str) -> Iterator[Path]:
         os.close(fd)
 
 
+def clear_stale_lock(out) -> None:
+    """Remove the lock file of output `out` when no process holds it: what a writer killed after its output was in
+    place, before it removed its lock, left (a command that refuses an existing output calls this, so the file
+    does not stay forever). A held lock is left alone."""
+    path = _resolved(out)
+    lock = path.parent / f".{path.name}.lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino == os.stat(lock, follow_symlinks=False).st_ino:
+            os.unlink(lock)
+    except OSError:
+        pass  # held by a live writer, or gone already
+    finally:
+        os.close(fd)
+
+
 def write_file(path, data: str | bytes) -> None:
     """Write `data` to `path` atomically, through a temporary created exclusively beside it."""
     path = Path(path)

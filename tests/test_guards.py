@@ -441,6 +441,28 @@ def test_22_stale_temporaries_of_a_killed_writer_are_removed_by_the_next_run(tin
 
 
 # ---- the lock itself -------------------------------------------------------------------------------------------------
+def test_a_lock_left_beside_a_finished_output_is_removed_by_the_refusal(tiny, tmp_path, capsys):
+    """quantize/export killed after the output was in place but before the lock was removed: the next command,
+    which refuses the existing output, removes the free lock; a lock a live process holds stays."""
+    q, _, _ = tiny
+    out = tmp_path / "q8"
+    assert main(["quantize", str(q.parent / "llama-src"), "-o", str(out), "-q"]) == 0
+    (tmp_path / ".q8.lock").write_text("pid 1, qzo2 quantize\n")  # what the killed writer left
+    one_error(capsys, ["quantize", str(q.parent / "llama-src"), "-o", str(out)], "already exists")
+    assert not (tmp_path / ".q8.lock").exists()
+    code = f"import time; from qzo2.outputs import locked\nwith locked({str(out)!r}, 'quantize'):\n" \
+           f"    print('held', flush=True); time.sleep(60)"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        outputs.clear_stale_lock(out)
+        assert (tmp_path / ".q8.lock").exists()  # held: left alone
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+
+
+
 def test_lock_file_is_beside_the_output_and_says_who_holds_it(tmp_path):
     with outputs.locked(tmp_path / "out", "quantize"):
         text = (tmp_path / ".out.lock").read_text()
