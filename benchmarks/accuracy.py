@@ -91,6 +91,11 @@ ROWS: dict[str, Row] = {  # row key (--rows) -> Row; the lr of each row and how 
                   **_kv("grass_rank=64 grass_refresh=50 grass_select=top lr=1.0e-4")}),
 }
 ZERO_SHOT = ("fp32", "bf16", "rtn", "rtn-goodbad", "gptq")
+# the rows users compare against, trained by benchmarks/peft_rows.py (peft; same splits, loss, schedule, scoring):
+# row key -> (row name, peft_rows.py kind, its key=value overrides of the base recipe)
+PEFT_ROWS = {"lora": ("LoRA r16 fp32 weights (peft)", "lora", ["lr=1.0e-3"]),
+             "qlora": ("QLoRA r16 NF4 base (peft + bitsandbytes)", "qlora", ["lr=1.0e-3"]),
+             "lora-nf4": ("LoRA r16 on the NF4 weights dequantized to fp32 (peft)", "lora-nf4", ["lr=1.0e-3"])}
 
 
 def shown(path) -> str:
@@ -160,9 +165,9 @@ def bench_accuracy(out: Path, seed: int, rows: list[str], overrides: list[str], 
     out.mkdir(parents=True, exist_ok=True)
     results = []
     recipes = recipes or {}
-    unknown = [r for r in rows if r not in ZERO_SHOT and r not in ROWS]
+    unknown = [r for r in rows if r not in ZERO_SHOT and r not in ROWS and r not in PEFT_ROWS]
     if unknown:
-        raise ValueError(f"unknown row {unknown[0]!r}; choose from {list(ZERO_SHOT) + list(ROWS)}")
+        raise ValueError(f"unknown row {unknown[0]!r}; choose from {list(ZERO_SHOT) + list(ROWS) + list(PEFT_ROWS)}")
 
     def record(row: str, **kw):
         rec = dict(row=row + (f" ({tag.strip('-')})" if tag else ""), seed=seed, **kw)
@@ -205,6 +210,16 @@ def bench_accuracy(out: Path, seed: int, rows: list[str], overrides: list[str], 
                dev_accuracy=dev, test_accuracy=_accuracy(e["output"]), train_wall_s=t["wall_s"],
                train_peak_rss_gib=t["peak_rss_gib"], eval_wall_s=e["wall_s"], exported=str(exported))
 
+    def peft(key: str):
+        name, kind, args = PEFT_ROWS[key]
+        m = run_measured([sys.executable, str(Path(__file__).with_name("peft_rows.py")), kind, "--seed", str(seed),
+                          *args, *overrides])
+        r = json.loads(m["output"].strip().splitlines()[-1])
+        record(name, recipe=shown(Path(__file__).with_name("peft_rows.py")),
+               recipe_overrides=args, steps=r["steps"], best_step=r["best_step"], dev_accuracy=r["dev_accuracy"],
+               test_accuracy=r["test_accuracy"], train_wall_s=r["train_wall_s"], train_peak_rss_gib=m["peak_rss_gib"],
+               process_wall_s=m["wall_s"], trained_values=r["trained_values"])
+
     jobs = {"fp32": lambda: zero_shot("zero-shot fp32", "default"),
             "bf16": lambda: zero_shot("zero-shot bf16", "default", "--dtype", "bf16"),
             "rtn": lambda: zero_shot("zero-shot int4 RTN", str(quantized("rtn"))),
@@ -212,6 +227,7 @@ def bench_accuracy(out: Path, seed: int, rows: list[str], overrides: list[str], 
                                              "--template", "goodbad"),
             "gptq": lambda: zero_shot("zero-shot int4 GPTQ", str(quantized("gptq")))}
     jobs.update({key: (lambda key=key: trained(key)) for key in ROWS})
+    jobs.update({key: (lambda key=key: peft(key)) for key in PEFT_ROWS})
     for row in rows:  # in the order given
         jobs[row]()
     return results
@@ -250,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("-o", "--output", default=OUT, help="work and result directory")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--rows", default="fp32,rtn,gptq,qzo,mezo",
-                   help="comma list of " + ",".join(ZERO_SHOT + tuple(ROWS)) +
+                   help="comma list of " + ",".join(ZERO_SHOT + tuple(ROWS) + tuple(PEFT_ROWS)) +
                         " (bf16 is slow on CPUs without bf16 GEMM)")
     a.add_argument("--recipe", action="append", default=[], metavar="ROW=PATH",
                    help="another recipe for a trained row (repeatable), e.g. lomo=my-lomo.yaml")

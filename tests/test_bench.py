@@ -2,6 +2,7 @@
 builds working random models in place and reports one JSON line per mode."""
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -316,3 +317,27 @@ def test_accuracy_table_means_the_latest_record_of_each_seed(tmp_path, capsys):
     for verb in ("accuracy-table", "table"):  # the CLI, under its old name and the short one
         assert acc.main([verb, "-o", str(tmp_path), "--rows", "zero-shot"]) == 0
         assert capsys.readouterr().out.splitlines()[2:] == [lines[3]]
+
+
+def test_accuracy_harness_runs_a_peft_row_through_its_script(tmp_path, monkeypatch):
+    """A peft row (lora/qlora) runs benchmarks/peft_rows.py KIND --seed S, its own overrides, then the caller's,
+    and records the JSON line it prints with the process's peak RSS."""
+    from pathlib import Path
+
+    acc = _harness()
+    calls = []
+    line = {"kind": "lora", "steps": 150, "best_step": 100, "dev_accuracy": {"0": 0.6, "100": 0.8},
+            "test_accuracy": 0.812, "train_wall_s": 500.0, "trained_values": 4884480}
+
+    def fake(argv):
+        calls.append([str(a) for a in argv])
+        return {"wall_s": 600.0, "peak_rss_gib": 2.5, "output": "noise\n" + json.dumps(line)}
+
+    monkeypatch.setattr(acc, "run_measured", fake)
+    monkeypatch.chdir(tmp_path)
+    recs = acc.bench_accuracy(Path("out"), 2, ["lora"], ["steps=150"])
+    name, kind, args = acc.PEFT_ROWS["lora"]
+    assert calls == [[sys.executable, str(Path(acc.__file__).with_name("peft_rows.py")), kind, "--seed", "2", *args,
+                      "steps=150"]]
+    assert recs[-1]["row"] == name and recs[-1]["test_accuracy"] == 0.812 and recs[-1]["train_peak_rss_gib"] == 2.5
+    assert recs[-1]["best_step"] == 100 and recs[-1]["recipe_overrides"] == args
