@@ -93,9 +93,9 @@ ROWS: dict[str, Row] = {  # row key (--rows) -> Row; the lr of each row and how 
 ZERO_SHOT = ("fp32", "bf16", "rtn", "rtn-goodbad", "gptq")
 # the rows users compare against, trained by benchmarks/peft_rows.py (peft; same splits, loss, schedule, scoring):
 # row key -> (row name, peft_rows.py kind, its key=value overrides of the base recipe)
-PEFT_ROWS = {"lora": ("LoRA r16 fp32 weights (peft)", "lora", ["lr=1.0e-3"]),
-             "qlora": ("QLoRA r16 NF4 base (peft + bitsandbytes)", "qlora", ["lr=1.0e-3"]),
-             "lora-nf4": ("LoRA r16 on the NF4 weights dequantized to fp32 (peft)", "lora-nf4", ["lr=1.0e-3"])}
+PEFT_ROWS = {"lora": ("LoRA r16 fp32 weights (peft)", "lora", ["lr=2.0e-4"]),
+             "qlora": ("QLoRA r16 NF4 base (peft + bitsandbytes)", "qlora", ["lr=2.0e-4"]),
+             "lora-nf4": ("LoRA r16 on the NF4 weights dequantized to fp32 (peft)", "lora-nf4", ["lr=2.0e-4"])}
 
 
 def shown(path) -> str:

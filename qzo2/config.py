@@ -94,7 +94,7 @@ class TrainConfig:
     trainable: str = _f("", "regex on tensor names: train only matching ones (e.g. 'layers\\.(2[4-9])\\.'); '' = all")
     also_train: str = _f("", "quantized model: comma list of unquantized module kinds trained beside the scales: "
                              "norm (RMSNorm/LayerNorm gains), embedding (and a tied head), linear (an untied head and "
-                             "other unquantized Linears); '' = the scales only")
+                             "other unquantized Linears); '' = the scales only", experimental=True)
     params: str = _f("linear", "unquantized model: comma list of module kinds whose weights are trained: linear, "
                               "norm, embedding")
     # data
