@@ -166,7 +166,7 @@ def train(kind: str, seed: int, rank: int, overrides: list[str]) -> dict:
         for n, p in model.named_parameters():
             if n in best_state:
                 p.copy_(best_state[n])
-    scored = model if kind == "qlora" else model.merge_and_unload()  # NF4 + adapters: scored as trained
+    scored = model.merge_and_unload() if kind == "lora" else model  # adapters on NF4 (or its twin): scored unmerged
     test = evaluate_model(scored, tokenizer, task="sentiment", split="test", seed=seed, template=cfg.template)
     return {"kind": kind, "rank": rank, "lr": cfg.lr, "steps": cfg.steps, "seed": seed, "dev_accuracy": dev,
             "best_step": best, "test_accuracy": test.metrics["accuracy"], "train_wall_s": round(wall, 1),
