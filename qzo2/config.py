@@ -160,7 +160,7 @@ class TrainConfig:
         if method not in registry.names():
             raise ConfigError(f"method={method!r} is not one of {', '.join(registry.names())}")
         spec = registry.get(method)
-        own = {f.name for f in dataclasses.fields(spec.options)} if spec.options else set()
+        own = _own_keys(method)
         foreign = registry.option_fields()
         chosen = {}
         for k, v in values.items():
@@ -178,12 +178,9 @@ class TrainConfig:
         for k, f in FIELDS.items():
             if k not in values:
                 setattr(self, k, f.default)
-        if options is not None and not isinstance(options, spec.options or type(None)):
-            options = {k: v for k, v in dataclasses.asdict(options).items() if k in own}  # another method's
-        if isinstance(options, dict):
-            chosen = {**options, **chosen}
-            options = None
-        self.options = None if spec.options is None else dataclasses.replace(options or spec.options(), **chosen)
+        if options is not None:  # dataclasses.replace passes the current options (of this or another method)
+            chosen = {**{k: v for k, v in dataclasses.asdict(options).items() if k in own}, **chosen}
+        self.options = spec.options(**chosen) if spec.options else None
         self.__post_init__()
 
     @classmethod
@@ -191,11 +188,7 @@ class TrainConfig:
         """The config of a run directory (state.json / config.yaml): runs made before methods had their own keys
         store every method's keys, so the other methods' keys are dropped whatever their value."""
         values = renamed(dict(values))
-        registry = _registry()
-        spec = registry.get(values.get("method", FIELDS["method"].default)) if values.get(
-            "method", FIELDS["method"].default) in registry.names() else None
-        own = {f.name for f in dataclasses.fields(spec.options)} if spec and spec.options else set()
-        foreign = registry.option_fields()
+        own, foreign = _own_keys(values.get("method", FIELDS["method"].default)), _registry().option_fields()
         return cls(**{k: v for k, v in values.items() if k not in foreign or k in own})
 
     def __getattr__(self, name):  # only for names that are not run keys: the method's own keys
@@ -228,8 +221,8 @@ class TrainConfig:
                               "dev_file, dev_split or task=sentiment (whose dev set is n_dev)")
         if not self.task and not self.train_file:
             raise ConfigError("set task (e.g. task=sentiment) or train_file=PATH.jsonl")
-        accumulates = self.spec.accumulates
         if self.gradient_accumulation_steps > 1:
+            accumulates = self.spec.accumulates
             if accumulates is not True:
                 raise ConfigError(f"gradient_accumulation_steps > 1 does not work with method={self.method}: "
                                   f"{accumulates or 'it cannot accumulate'}; raise batch_size instead")
@@ -250,13 +243,25 @@ class TrainConfig:
         return {**{k: getattr(self, k) for k in FIELDS}, **own}
 
 
+def _kind(f: dataclasses.Field) -> str:
+    """A key's type name ("int", "float", "bool", "str"), whether its annotation is text or a class."""
+    return f.type if isinstance(f.type, str) else f.type.__name__
+
+
+def _own_keys(method: str) -> set[str]:
+    """The option keys of a registered method (none for an unknown one)."""
+    registry = _registry()
+    spec = registry.get(method) if method in registry.names() else None
+    return {f.name for f in dataclasses.fields(spec.options)} if spec and spec.options else set()
+
+
 def check_fields(obj) -> None:
     """Type, choices and range of every key of a config dataclass (TrainConfig or a method's options)."""
     for f in dataclasses.fields(obj):
         if f.metadata.get("internal"):
             continue
         value, choices, span = getattr(obj, f.name), f.metadata.get("choices"), f.metadata.get("range")
-        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        kind = _kind(f)
         if not isinstance(value, TYPES[kind]) or (kind != "bool" and isinstance(value, bool)):
             raise ConfigError(f"{f.name} expects {kind}, got {value!r}")
         if choices and value not in choices:
@@ -274,6 +279,8 @@ def key_field(name: str):
         return FIELDS[name]
     found = _registry().option_fields().get(name)
     return found[0] if found else None
+
+
 PATH_KEYS = ("model", "train_file", "dev_file", "task", "output_dir")  # stored resolved in a run directory
 SYMBOLIC = {"model": ("default",), "task": ("sentiment",)}  # values of PATH_KEYS that are names, not paths
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".arrow")
@@ -323,7 +330,7 @@ def _coerce(name: str, value):
     """A value for key `name` by the key's type: text (a key=value override, a recipe scalar: the text as typed)
     is parsed as that type; a string key keeps its text (`output_dir=010` is the directory 010, not 8)."""
     f = key_field(name)
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    kind = _kind(f)
     bad = ConfigError(f"{name} expects {'true/false' if kind == 'bool' else kind}, got {value!r}")
     if kind == "bool":
         if isinstance(value, bool):

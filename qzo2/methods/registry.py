@@ -107,7 +107,8 @@ def option_fields() -> dict[str, tuple[dataclasses.Field, tuple[str, ...]]]:
     out: dict[str, tuple[dataclasses.Field, tuple[str, ...]]] = {}
     for s in _load().values():
         for f in dataclasses.fields(s.options) if s.options else ():
-            out[f.name] = (out.get(f.name, (f, ()))[0], out.get(f.name, (f, ()))[1] + (s.name,))
+            first, owners = out.get(f.name, (f, ()))
+            out[f.name] = (first, owners + (s.name,))
     return out
 
 

@@ -438,6 +438,7 @@ class ZeroOrder(Method):
     def __init__(self, model, cfg, targets, kind):
         targets = as_zo(targets)
         super().__init__(model, cfg, targets, kind)
+        self.by_key = {(id(t.module), t.name): t for t in targets}  # a streamer holds the plain Targets: ours
         self.name = cfg.method
         self.floor = cfg.scale_floor if cfg.method == "qzo" else None
         # zo_normalize: the EMA of mean_j d_j² (bias-corrected like Adam's v), one scalar of state
@@ -578,5 +579,4 @@ class ZeroOrder(Method):
         if streamer is None:
             return update(self.targets)
         update([t for t in self.targets if (id(t.module), t.name) not in streamer.streamed_keys])
-        ours = {(id(t.module), t.name): t for t in self.targets}  # the streamer holds the plain Targets
-        streamer.defer(lambda targets: update([ours[id(t.module), t.name] for t in targets]))
+        streamer.defer(lambda targets: update([self.by_key[id(t.module), t.name] for t in targets]))
