@@ -23,8 +23,25 @@ SUPPORTED_BITS = (2, 4, 8)
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+_ASSUMED = False  # inside `assume_triton()`: a simulated GPU, which has triton as every CUDA build of torch does
+
+
+@contextlib.contextmanager
+def assume_triton():
+    """Within this block `triton_available()` is True: for fake-tensor simulations of a GPU, where the kernel never
+    launches (the `quant::triton_dequant` op's fake implementation gives the output's shape)."""
+    global _ASSUMED
+    previous, _ASSUMED = _ASSUMED, True
+    try:
+        yield
+    finally:
+        _ASSUMED = previous
+
+
 def triton_available() -> bool:
     """Whether triton can be imported (not whether a GPU is present; see `interpret_mode`)."""
+    if _ASSUMED:
+        return True
     if importlib.util.find_spec("triton") is None:
         return False
     try:
@@ -124,10 +141,7 @@ def triton_dequant(
         raise ValueError(f"unsupported output dtype {dtype}; expected one of {OUT_DTYPES}")
     if not triton_available():
         raise RuntimeError("triton_dequant needs triton (pip install triton)")
-    interpret = interpret_mode()
     device = qweight.device
-    if device.type != "cuda" and not interpret:
-        raise RuntimeError(f"triton_dequant needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 for CPU")
     for b in (block_n, block_k):
         if b < 1 or b & (b - 1):
             raise ValueError(f"block sizes must be powers of two, got {block_n}x{block_k}")
@@ -158,6 +172,19 @@ def triton_dequant(
     scales = scales.to(torch.float32).contiguous()
     g_idx_t = None if g_idx is None else g_idx.to(torch.int32).contiguous()
     codebook_t = None if codebook is None else codebook.reshape(-1).to(torch.float32).contiguous()
+    return _dequant_op(qweight, zeros, scales, g_idx_t, codebook_t, bits, group_size, dtype, block_n, block_k)
+
+
+# The launch is a torch.library custom op, so fake tensors (qzo2.simulate) and torch.compile see a dense [N, K]
+# output of `dtype` without running Triton.
+@torch.library.custom_op("quant::triton_dequant", mutates_args=())
+def _dequant_op(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
+                codebook: torch.Tensor | None, bits: int, group_size: int, dtype: torch.dtype, block_n: int,
+                block_k: int) -> torch.Tensor:
+    device, interpret = qweight.device, interpret_mode()
+    if device.type != "cuda" and not interpret:
+        raise RuntimeError(f"triton_dequant needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 for CPU")
+    K, N = qweight.shape[0] * (32 // bits), qweight.shape[1]
     out = torch.empty(N, K, dtype=dtype, device=device)
     if N == 0 or K == 0:
         return out
@@ -168,11 +195,16 @@ def triton_dequant(
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # launch on their GPU
         _kernel(interpret)[grid](
             qweight, zeros, scales,
-            qweight if g_idx_t is None else g_idx_t,
-            qweight if codebook_t is None else codebook_t,
+            qweight if g_idx is None else g_idx,
+            qweight if codebook is None else codebook,
             out, N, K, group_size,
-            BITS=bits, HAS_G_IDX=g_idx_t is not None, HAS_CODEBOOK=codebook_t is not None,
+            BITS=bits, HAS_G_IDX=g_idx is not None, HAS_CODEBOOK=codebook is not None,
             OUT_BF16=dtype == torch.bfloat16,
             BLOCK_N=block_n, BLOCK_K=block_k,
         )
     return out
+
+
+@_dequant_op.register_fake
+def _(qweight, zeros, scales, g_idx, codebook, bits, group_size, dtype, block_n, block_k):
+    return qweight.new_empty(qweight.shape[1], qweight.shape[0] * (32 // bits), dtype=dtype)

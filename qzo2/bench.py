@@ -15,13 +15,14 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import data as D
-from . import distributed
+from . import distributed, gpu
 from .tracking import GB, host_rss_gb  # GiB; the training log lines measure the same way
 
 # HF config kwargs (plus model_type) of well-known shapes; the weights are random, only the sizes matter.
@@ -46,6 +47,15 @@ SHAPES: dict[str, dict] = {
     "opt-175b": dict(model_type="opt", hidden_size=12288, ffn_dim=49152, num_hidden_layers=96,
                      num_attention_heads=96, vocab_size=50272, word_embed_proj_dim=12288,
                      max_position_embeddings=2048, do_layer_norm_before=True),
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                      max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0),
+    "llama3-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                       max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0),
+    # small enough for the CPU tests, with what the tiny one lacks: grouped-query attention, four blocks
+    "small": dict(model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=4, vocab_size=2048, max_position_embeddings=1024),
     # a second family for CPU runs of `qzo2 bench` (OPT: learned positions, LayerNorm with biases, tied lm_head)
     "tiny-opt": dict(model_type="opt", hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
                      vocab_size=512, word_embed_proj_dim=128, max_position_embeddings=512,
@@ -53,13 +63,30 @@ SHAPES: dict[str, dict] = {
 }
 
 
+def check_shape(shape: str) -> None:
+    """A named shape, or a model directory (or its config.json): one clear error otherwise."""
+    if shape in SHAPES:
+        return
+    path = Path(shape)
+    if path.name == "config.json" and path.is_file() or (path / "config.json").is_file():
+        return
+    raise ValueError(f"unknown shape {shape!r}: name one of {', '.join(SHAPES)}, or a model directory with a "
+                     f"config.json")
+
+
 def make_config(shape: str, dtype: torch.dtype = torch.bfloat16):
+    """The HF config of a named shape, or of a model directory's config.json (no weights are read; never remote
+    code)."""
     from transformers import AutoConfig
 
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
-    kw = dict(SHAPES[shape])
-    config = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    check_shape(shape)
+    if shape in SHAPES:
+        kw = dict(SHAPES[shape])
+        config = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    else:
+        path = Path(shape)
+        config = AutoConfig.from_pretrained(str(path.parent if path.name == "config.json" else path),
+                                            trust_remote_code=False, local_files_only=True)
     config.dtype = dtype
     return config
 
@@ -258,16 +285,17 @@ def random_model(shape: str, dtype: torch.dtype = torch.float32, device="cpu", q
     from quant.checkpoint import empty_model, linears_to_quantize
     from quant.linear import QuantLinear
 
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = gpu.indexed(device)
     config = make_config(shape, dtype)
     config.use_cache = False  # training forwards: a KV cache would only cost memory
     if quantized:
         _check_quantizable(config, bits, group_size)
-    model = empty_model(config)
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():  # a real meta skeleton even under qzo2.simulate's fake tensors (it holds no data)
+        model = empty_model(config)
     model.tie_weights()  # init_empty_weights leaves a tied lm_head as a separate meta tensor
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = gpu.generator(device).manual_seed(seed)
     if quantized:
         for name, linear in linears_to_quantize(model).items():
             parent, _, child = name.rpartition(".")
@@ -355,32 +383,41 @@ def h2d_floor_ms(streamer, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: int, device: torch.device,
-               dtype: torch.dtype, bits: int = 4, group_size: int = 128, depth: int = 2, seed: int = 0) -> dict:
-    """Build a fresh random model for one mode, run `warmup` untimed and `steps` timed steps. -> the JSON record
-    (RECORD_FIELDS; ratio_to_forward is left to run_bench). The model dies with this call (run_bench collects it).
-    forward: two plain forwards of the batch (decoder + the same chunked LM head and loss as a ZO step: the
-    floor); qzo: quantized model resident, ZO step on the scales; qzo-offload: the same with every decoder block's
-    codes streamed by engine.BlockStreamer (h2d/d2h from its counters); lomo/adalomo/adamw/hift: quantized model
-    resident, a first-order step (forward + backward: fused update, AdamW, or AdamW on one group of layers) on the
-    scales; grass: dense model, a GRASS step on the Linear weights; mezo: dense model
-    resident, ZO step on
-    the Linear weights; zo2: the same with every block's Linear weights streamed, each step's update applied when
-    the block next arrives and copied back. Timing is host wall time around each step, with
-    torch.cuda.synchronize() on CUDA; torch_peak_gb is reset after the model is built (weights + step activations). For the streamed modes
-    h2d_floor_ms is the time to copy every block's host buffer to the device once with nothing else running: the
-    transfer floor a step cannot beat."""
+@dataclass
+class ModeRun:
+    """One bench mode, built and ready: `step(i)` runs step i (-> its loss) exactly as `qzo2 train` would."""
+
+    model: nn.Module
+    streamer: object  # engine.BlockStreamer or None
+    method: object  # the Method, or None for `forward`
+    data: dict
+    quantized: bool
+    offload: bool
+
+    def step(self, i: int) -> float:
+        from .objective import lm_chunk_losses
+
+        if self.method is None:  # the floor: two plain forwards (decoder + the same chunked LM head and loss)
+            with torch.no_grad():
+                lm_chunk_losses(self.model, self.data, 1)
+                return float(lm_chunk_losses(self.model, self.data, 1)[0])
+        return self.method.step(self.data, i).get("loss", float("nan"))
+
+
+def build_mode(mode: str, shape, batch: int, device: torch.device, dtype: torch.dtype, bits: int = 4,
+               group_size: int = 128, depth: int = 2, seed: int = 0, seq: int = 512) -> ModeRun:
+    """A fresh random model of `shape` for one bench mode, placed as the mode says (resident, or every decoder
+    block streamed), its Method, and a random batch (this rank's slice under torchrun). `qzo2 bench` times it;
+    `qzo2 bench --simulate` and `qzo2 plan` run it on fake tensors (qzo2.simulate)."""
     from quant.checkpoint import decoder_blocks
 
     from . import engine
     from .methods import scale_targets, weight_targets
-    from .objective import lm_chunk_losses
 
     if mode != "forward" and mode not in bench_modes():
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(mode_names())}")
     how = bench_modes().get(mode)
     quantized, offload = (how[1].quantized, how[1].offload) if how else (False, False)
-    t0 = time.perf_counter()
     model = random_model(shape, dtype, device, quantized, bits, group_size,
                          codes_device="cpu" if offload else None, seed=seed)
     streamer = None
@@ -396,9 +433,6 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
         streamer = engine.BlockStreamer(model, device, set(range(len(blocks))), depth,
                                         kind="codes" if quantized else "weights", trained=targets)
         _free(device)
-    _sync(device)
-    build_s = time.perf_counter() - t0
-    floor_ms = h2d_floor_ms(streamer) if streamer is not None else None
     data = random_batch(model.config.vocab_size, batch, seq, device, seed)
     method = bench_method(mode, model, targets, seed=seed) if targets is not None else None
     world = distributed.world()
@@ -407,14 +441,31 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
             raise ValueError(f"batch {batch} cannot be split over {world.size} ranks")
         per = batch // world.size
         data = D.batch_rows(data, world.rank * per, (world.rank + 1) * per)
+    return ModeRun(model, streamer, method, data, quantized, offload)
 
-    def step(i: int) -> float:
-        if method is None:  # the floor: two plain forwards (decoder + the same chunked LM head and loss)
-            with torch.no_grad():
-                lm_chunk_losses(model, data, 1)
-                return float(lm_chunk_losses(model, data, 1)[0])
-        metrics = method.step(data, i)
-        return metrics.get("loss", float("nan"))
+
+def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: int, device: torch.device,
+               dtype: torch.dtype, bits: int = 4, group_size: int = 128, depth: int = 2, seed: int = 0) -> dict:
+    """Build a fresh random model for one mode, run `warmup` untimed and `steps` timed steps. -> the JSON record
+    (RECORD_FIELDS; ratio_to_forward is left to run_bench). The model dies with this call (run_bench collects it).
+    forward: two plain forwards of the batch (decoder + the same chunked LM head and loss as a ZO step: the
+    floor); qzo: quantized model resident, ZO step on the scales; qzo-offload: the same with every decoder block's
+    codes streamed by engine.BlockStreamer (h2d/d2h from its counters); lomo/adalomo/adamw/hift: quantized model
+    resident, a first-order step (forward + backward: fused update, AdamW, or AdamW on one group of layers) on the
+    scales; grass: dense model, a GRASS step on the Linear weights; mezo: dense model
+    resident, ZO step on
+    the Linear weights; zo2: the same with every block's Linear weights streamed, each step's update applied when
+    the block next arrives and copied back. Timing is host wall time around each step, with
+    torch.cuda.synchronize() on CUDA; torch_peak_gb is reset after the model is built (weights + step activations). For the streamed modes
+    h2d_floor_ms is the time to copy every block's host buffer to the device once with nothing else running: the
+    transfer floor a step cannot beat."""
+    t0 = time.perf_counter()
+    run = build_mode(mode, shape, batch, device, dtype, bits, group_size, depth, seed, seq=seq)
+    model, streamer, step, quantized, offload = run.model, run.streamer, run.step, run.quantized, run.offload
+    _sync(device)
+    build_s = time.perf_counter() - t0
+    floor_ms = h2d_floor_ms(streamer) if streamer is not None else None
+    world = distributed.world()
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -477,7 +528,8 @@ def format_table(records: list[dict]) -> str:
 
 def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, steps: int = 10, warmup: int = 2,
               bits: int = 4, group_size: int | None = None, device: str = "auto", dtype: str | None = None,
-              depth: int = 2, compare: bool = False, output=None, seed: int = 0, echo=print) -> list[dict]:
+              depth: int = 2, compare: bool = False, output=None, seed: int = 0, echo=print,
+              simulate: bool = False) -> list[dict]:
     """`qzo2 bench`: for each mode, a fresh random model, `warmup` + `steps` timed steps, one JSON line (echoed
     and appended to `output`). group_size None: the largest of 128/64/32 that divides every layer, as `qzo2
     quantize` picks it. `compare` puts `forward` first and ends with a markdown table. Each mode's model
@@ -491,17 +543,19 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
             raise ValueError(f"unknown mode {m!r}; choose from {', '.join(mode_names())}")
     if len(set(modes)) != len(modes):
         raise ValueError(f"mode {next(m for m in modes if modes.count(m) > 1)!r} is given twice")
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    check_shape(shape)
     for name, v, low in (("batch", batch, 1), ("seq", seq, 2), ("steps", steps, 1), ("warmup", warmup, 0),
                          ("depth", depth, 2)):
         if v < low:
             raise ValueError(f"{name} must be >= {low} (got {v})")
-    max_pos = SHAPES[shape].get("max_position_embeddings")
+    max_pos = getattr(make_config(shape), "max_position_embeddings", None)
     if max_pos and seq > max_pos:
         raise ValueError(f"seq {seq} exceeds the {shape} shape's {max_pos} positions")
     from .model import resolve_device
 
+    if simulate:
+        return _run_simulated(shape, modes, batch, seq, bits, group_size, dtype or "bf16", depth, compare, output,
+                              seed, echo)
     world = distributed.init(device)
     if compare and "forward" in modes:  # every rank in the same order
         modes = ["forward"] + [m for m in modes if m != "forward"]
@@ -549,6 +603,66 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
     if compare:
         echo(format_table(records))
     return records
+
+
+SIMULATED_FIELDS = ("simulated", "simulated_peak_gb", "resident_gb", "breakdown_gb", "pinned_host_gb", "host_peak_gb",
+                    "host_syncs", "peak_at")
+
+
+def simulated_record(mode: str, shape: str, batch: int, seq: int, bits: int = 4, group_size: int | None = None,
+                     dtype: str = "bf16", depth: int = 2, seed: int = 0) -> dict:
+    """`qzo2 bench --simulate` for one mode: the JSON record of `bench_mode` with what a fake-tensor run of the same
+    model, placement and step can say (qzo2.simulate.simulate_mode): memory and bytes moved, no timings."""
+    from quant.checkpoint import auto_group_size
+
+    from .simulate import simulate_mode
+
+    how = bench_modes().get(mode)
+    quantized, offload = (how[1].quantized, how[1].offload) if how else (False, False)
+    if group_size is None:
+        group_size = auto_group_size(make_config(shape))
+    sim = simulate_mode(mode, shape, batch, seq, DTYPES[dtype], bits, group_size, depth, seed=seed)
+    rec = dict.fromkeys(RECORD_FIELDS)
+    rec.update(shape=shape, mode=mode, device="cuda (simulated)", dtype=dtype, batch=batch, seq=seq, steps=2,
+               warmup=0, bits=bits if quantized else None, group_size=group_size if quantized else None,
+               depth=depth if offload else None, streamed_blocks=sim["streamed_blocks"],
+               h2d_gb_per_step=sim["h2d_gb_per_step"], d2h_gb_per_step=sim["d2h_gb_per_step"], ranks=1)
+    rec.update({k: sim[k] for k in SIMULATED_FIELDS})
+    return rec
+
+
+def _run_simulated(shape, modes, batch, seq, bits, group_size, dtype, depth, compare, output, seed, echo):
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    out = Path(output) if output else None
+    records = []
+    for mode in modes:
+        rec = simulated_record(mode, shape, batch, seq, bits, group_size, dtype, depth, seed)
+        records.append(rec)
+        line = json.dumps(rec)
+        echo(line)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "a") as f:
+                f.write(line + "\n")
+    if compare:
+        echo(format_simulated(records))
+    return records
+
+
+def format_simulated(records: list[dict]) -> str:
+    """The `--simulate --compare` summary: simulated peak and its parts per mode (GiB)."""
+    r0 = records[0] if records else {}
+    parts = ("weights", "trained", "state", "slots", "activations")
+    lines = [f"{r0.get('shape')}, batch {r0.get('batch')} x seq {r0.get('seq')}, {r0.get('dtype')}, simulated GPU "
+             f"(fake tensors; a real GPU adds its CUDA context and allocator cache)", "",
+             "| mode | simulated peak GB | " + " | ".join(parts) + " | pinned host GB | H2D GB/step | D2H GB/step |",
+             "|" + "---|" * (len(parts) + 5)]
+    for r in records:
+        cells = [r["mode"], _fmt(r["simulated_peak_gb"])] + [_fmt(r["breakdown_gb"][k]) for k in parts]
+        cells += [_fmt(r["pinned_host_gb"]), _fmt(r["h2d_gb_per_step"]), _fmt(r["d2h_gb_per_step"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,16 @@ per mode: step_ms (median of the last half of the measured steps), tok_s (batch*
 nvml_used_gb, h2d_gb_per_step, d2h_gb_per_step, host_rss_gb, ratio_to_forward (GB = GiB)."""
 
 
+EPILOG_PLAN = """examples:
+  qzo2 plan llama3-8b --seq 2048                                 # every method, on a 24 GB card
+  qzo2 plan llama2-70b --method METHOD,METHOD --gpu-memory 48GB --no-search
+  qzo2 plan path/to/hf-model --gpu-memory 16GB
+
+Every number is SIMULATED: qzo2's own GPU step (the code `qzo2 train` runs) on PyTorch fake tensors, which allocate
+what the GPU would allocate but hold no data. A real GPU adds its CUDA context and the allocator's cache (--reserve).
+docs/gpu-memory.md compares the simulation with measured peaks."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line."""
 
@@ -153,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Time zeroth-order steps (and the two-forward floor) on a random-weight model "
                                    "of a named shape; one JSON line per mode.",
                        epilog=EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("--shape", default="tiny", help="tiny, tiny-opt, llama-3b, llama2-7b, llama2-13b, llama2-70b, "
-                                                   "opt-6.7b, opt-13b, opt-175b (default tiny)")
+    b.add_argument("--shape", default="tiny", help="a named shape (" + ", ".join(_shapes()) + "; default tiny) or "
+                                                   "a model directory (its config.json; no weights are read)")
     b.add_argument("--mode", default=None,
                    help="comma list of forward (two plain forwards: the floor) and the methods' modes: "
                         + ", ".join(_bench_modes()) + " (default: the first)")
@@ -173,6 +183,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compare", action="store_true", help="forward first (ratios), then a markdown table last")
     b.add_argument("-o", "--output", default=None, help="append the JSON lines to this file")
     b.add_argument("--seed", type=int, default=0, help="seed of the random weights, data and perturbations")
+    pl = sub.add_parser("plan", help="will it fit? simulated GPU memory of every method for a model (no GPU needed)",
+                        description="Run each method's real GPU step on fake tensors (no GPU, no weights read) and "
+                                    "say its peak device memory, the placement qzo2 would take on a GPU of the "
+                                    "given size, and the largest batch and longest sequence that fit.",
+                        epilog=EPILOG_PLAN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pl.add_argument("model", help="a named shape (" + ", ".join(_shapes()) + ") or a model directory (its "
+                                  "config.json: a dense HF model, or a GPTQ one whose bits and group size are used)")
+    pl.add_argument("--method", default=None, help="comma list of methods (default: all): " + ", ".join(_methods()))
+    pl.add_argument("--batch", type=positive_int, default=1, help="rows per step (default 1)")
+    pl.add_argument("--seq", type=positive_int, default=512, help="tokens per row (default 512)")
+    pl.add_argument("--gpu-memory", default="24GB", help="the GPU's memory, e.g. 24GB, 80GB (default 24GB)")
+    pl.add_argument("--reserve", type=float, default=1.0,
+                    help="GB a real GPU needs beyond the simulated bytes: CUDA context (~0.5) and allocator cache "
+                         "(default 1.0)")
+    pl.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="activations and dense "
+                                                                                    "weights (default bf16)")
+    pl.add_argument("--bits", type=int, default=4, choices=[2, 4, 8], help="code bits of the quantized methods")
+    pl.add_argument("--group-size", type=int, default=None, help="input channels per scale (default: as qzo2 "
+                                                                 "quantize picks it)")
+    pl.add_argument("--no-search", action="store_true", help="only batch x seq: skip the largest-batch and "
+                                                              "longest-sequence searches (faster)")
+    pl.add_argument("--json", action="store_true", help="one JSON line per method instead of the table")
+
+    b.add_argument("--simulate", action="store_true",
+                   help="no GPU needed: run each mode's real GPU step on fake tensors and report its device memory "
+                        "(simulated_peak_gb and its breakdown), pinned host bytes and H2D/D2H per step; no timings")
     return p
 
 
@@ -270,7 +306,21 @@ def cmd_bench(args) -> int:
 
     run_bench(args.shape, args.mode or _bench_modes()[0], args.batch, args.seq, args.steps, args.warmup, args.bits, args.group_size,
               args.device, args.dtype, args.depth, args.compare, args.output, args.seed,
-              echo=lambda line: print(line, flush=True))
+              echo=lambda line: print(line, flush=True), simulate=args.simulate)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from .plan import format_plan, plan
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()] if args.method else None
+    echo = (lambda row: print(json.dumps(dict(vars(row), simulated=True)), flush=True)) if args.json else None
+    rows = plan(args.model, methods, args.batch, args.seq, args.gpu_memory, args.dtype, args.bits, args.group_size,
+                args.reserve, not args.no_search, echo=echo)
+    if not args.json:
+        print(format_plan(rows, args.model, args.batch, args.seq, args.gpu_memory, args.reserve, args.dtype))
     return 0
 
 
@@ -314,6 +364,12 @@ def _methods() -> tuple[str, ...]:
     return registry.names()
 
 
+def _shapes() -> tuple[str, ...]:
+    from .bench import SHAPES
+
+    return tuple(SHAPES)
+
+
 def _bench_modes() -> tuple[str, ...]:
     from .bench import mode_names
 
@@ -329,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, or a bad argument already reported in one line
         return int(e.code or 0)
     handler = {"quantize": cmd_quantize, "train": cmd_train, "export": cmd_export, "eval": cmd_eval,
-               "bench": cmd_bench}[args.verb]
+               "bench": cmd_bench, "plan": cmd_plan}[args.verb]
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C, so temporary directories are removed
     where = _rank_tag()
     try:

@@ -35,6 +35,7 @@ from torch import nn
 from quant.checkpoint import decoder_blocks
 from quant.linear import QuantLinear
 
+from . import gpu
 from .config import parse_size
 
 ALIGN = 128  # byte alignment of each tensor inside a block buffer (any dtype view is legal, loads are coalesced)
@@ -94,6 +95,25 @@ def _set(e: _Entry, t: torch.Tensor) -> None:
         e.layer._cached_base = None
 
 
+def _move(model: nn.Module, device: torch.device) -> None:
+    """model.to(device), tensor by tensor: only those elsewhere move, each tied tensor once. (module.to swaps
+    tensor objects when they are fake tensors (qzo2.simulate), which fails for any that is weakly referenced.)"""
+    moved = {}
+    for m in model.modules():
+        changed = False
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if t is None or t.device == device:
+                    continue
+                if id(t) not in moved:
+                    new = t.detach().to(device)
+                    moved[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
+                table[name] = moved[id(t)]
+                changed = True
+        if changed and isinstance(m, QuantLinear):
+            m._reset_caches()
+
+
 def _view(buf: torch.Tensor, e: _Entry) -> torch.Tensor:
     """The typed tensor of entry `e` inside a uint8 buffer."""
     return buf[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.shape)
@@ -103,8 +123,8 @@ def _tensor_bytes(model: nn.Module) -> int:
     """Bytes of all parameters and buffers of a model, each storage once (tied weights count once)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.numel() and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        if t.numel() and gpu.storage_key(t) not in seen:
+            seen.add(gpu.storage_key(t))
             total += t.numel() * t.element_size()
     return total
 
@@ -116,15 +136,15 @@ def _host_buffer(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
     buf = torch.empty(nbytes, dtype=torch.uint8)
     if not pin or not nbytes:
         return buf, False
-    if int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0:
+    if gpu.host_register(buf):
         return buf, True
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), False
+    return gpu.pinned(buf), False
 
 
 def _unregister(buffers: list) -> None:
     """Undo _host_buffer's registration (the list keeps the memory alive until then)."""
     for buf in buffers:
-        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+        gpu.host_unregister(buf)
     buffers.clear()
 
 
@@ -158,9 +178,8 @@ def device_budget(gpu_memory: str, device: torch.device) -> int | None:
     memory (the rest is left for activations), else None (CPU with no budget: nothing needs streaming)."""
     if gpu_memory:
         return parse_size(gpu_memory)
-    if torch.device(device).type == "cuda":
-        return int(torch.cuda.mem_get_info(torch.device(device))[0] * 0.9)
-    return None
+    free = gpu.free_bytes(device) if gpu.is_gpu(device) else None
+    return None if free is None else int(free * 0.9)
 
 
 def plan_for_model(model: nn.Module, budget_bytes: int | None, depth: int, mode: str = "auto",
@@ -191,10 +210,8 @@ class BlockStreamer:
                  trained=()):
         if depth < 2:
             raise ValueError(f"prefetch depth must be >= 2 (got {depth})")
-        self.model, self.device, self.depth = model, torch.device(device), depth
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self.cuda = self.device.type == "cuda"
+        self.model, self.device, self.depth = model, gpu.indexed(device), depth
+        self.cuda = gpu.is_gpu(self.device)
         _, self.blocks = decoder_blocks(model)
         bad = [b for b in streamed if not 0 <= b < len(self.blocks)]
         if bad:
@@ -211,7 +228,7 @@ class BlockStreamer:
         self._unpin = weakref.finalize(self, _unregister, self._registered)  # at remove() or when collected
         trivial = {e.layer: not e.layer.act_order for es in self.entries for e in es
                    if isinstance(e.layer, QuantLinear)}  # computed here, on the host, not per forward
-        model.to(self.device)  # the streamed tensors are empty placeholders now: only the rest moves
+        _move(model, self.device)  # the streamed tensors are empty placeholders now: only the rest moves
         for m, t in trivial.items():
             m._trivial = t
         for p in range(len(self.order)):
@@ -219,8 +236,8 @@ class BlockStreamer:
         slot_bytes = max((h.numel() for h in self.host), default=0)
         n_slots = min(depth, len(self.order))  # with fewer streamed blocks than depth, slot p % depth = p
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None  # uploads
-        self.down = torch.cuda.Stream(self.device) if self.cuda else None  # downloads (the other copy engine)
+        self.stream = gpu.new_stream(self.device) if self.cuda else None  # uploads
+        self.down = gpu.new_stream(self.device) if self.cuda else None  # downloads (the other copy engine)
         self._uploaded = [None] * depth  # per slot: CUDA event recorded after its latest upload
         self._released = [None] * depth  # per slot: CUDA event recorded after the latest compute that read it
         self._downloaded = [None] * depth  # per slot: CUDA event recorded after the latest download from it
@@ -249,7 +266,7 @@ class BlockStreamer:
             _view(buf, e).copy_(getattr(e.layer, e.name))
             if isinstance(e.layer, QuantLinear):
                 e.layer.cache_base = False  # a cached codes-minus-zeros would be a full-precision resident copy
-            _set(e, torch.empty(0, dtype=e.dtype))
+            _set(e, torch.empty(0, dtype=e.dtype, device=self.device))
         return buf
 
     def _park(self, p: int) -> None:
@@ -267,12 +284,12 @@ class BlockStreamer:
         s, host = p % self.depth, self.host[p]
         dst = self.slots[s][:host.numel()]
         if self.cuda:
-            with torch.cuda.stream(self.stream):
+            with gpu.use_stream(self.stream):
                 for ev in (self._released[s], self._downloaded[s]):
                     if ev is not None:
                         self.stream.wait_event(ev)
                 dst.copy_(host, non_blocking=True)
-                self._uploaded[s] = self._uploaded[s] or torch.cuda.Event()
+                self._uploaded[s] = self._uploaded[s] or gpu.new_event()
                 self._uploaded[s].record(self.stream)
         else:
             dst.copy_(host)
@@ -286,12 +303,12 @@ class BlockStreamer:
         s = p % self.depth
         pairs = [(_view(self.host[p], e), _view(self.slots[s], e)) for e in self.entries[p] if e.trained]
         if self.cuda:
-            written = torch.cuda.current_stream(self.device).record_event()
-            with torch.cuda.stream(self.down):
+            written = gpu.current_stream(self.device).record_event()
+            with gpu.use_stream(self.down):
                 self.down.wait_event(written)
                 for host, dev in pairs:
                     host.copy_(dev, non_blocking=True)
-                self._downloaded[s] = self._downloaded[s] or torch.cuda.Event()
+                self._downloaded[s] = self._downloaded[s] or gpu.new_event()
                 self._downloaded[s].record(self.down)
         else:
             for host, dev in pairs:
@@ -318,7 +335,7 @@ class BlockStreamer:
         self._issue(p + self.depth - 1)  # slot of p + depth - 1 was freed when p - 1 released
         s = p % self.depth
         if self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self._uploaded[s])
+            gpu.current_stream(self.device).wait_event(self._uploaded[s])
         for e in self.entries[p]:
             _set(e, _view(self.slots[s], e))
         self._bound.add(p)
@@ -333,8 +350,8 @@ class BlockStreamer:
         """After streamed position p computed: mark its slot reusable and point its layers at the host copies."""
         s = p % self.depth
         if self.cuda:
-            self._released[s] = self._released[s] or torch.cuda.Event()
-            self._released[s].record(torch.cuda.current_stream(self.device))
+            self._released[s] = self._released[s] or gpu.new_event()
+            self._released[s].record(gpu.current_stream(self.device))
         self._park(p)
         self._bound.discard(p)
         self._record(p, "release")
@@ -386,14 +403,14 @@ class BlockStreamer:
             h.remove()
         self._handles = []
         if self.cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            gpu.current_stream(self.device).wait_stream(self.stream)
         for p, entries in enumerate(self.entries):
             for e in entries:
                 _set(e, _view(self.host[p], e).to(self.device, copy=True))
         self._bound.clear()
         self.slots = []
         if self.cuda:
-            torch.cuda.synchronize(self.device)  # the copies back to the device read the host buffers
+            gpu.synchronize(self.device)  # the copies back to the device read the host buffers
         self._unpin()
         self.model.qzo2_streamer = None
 

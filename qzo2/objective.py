@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from . import data as D
@@ -48,23 +49,42 @@ def classification_scores(model, batch: dict) -> torch.Tensor:
     return candidate_logprobs(out.logits.float(), batch)
 
 
-def lm_chunk_sums(model, batch: dict, chunks: int, rows_per_head: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ next-token cross-entropy, loss tokens) of each of `chunks` equal row chunks, float64. The decoder runs once; the LM head and the
-    loss run on a few rows of every chunk at a time (so a perturbed head still sees all its chunks), and logits for
-    the whole batch x vocab never exist at once in a forward without gradients."""
+HEAD_TOKENS = 512  # positions per LM-head call: bounds the [tokens, vocab] logits (0.26 GB of fp32 at Llama-3's 128k)
+
+
+def _head_nll(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ over positions of next-token cross-entropy per row (fp32) of one slice of rows and positions."""
+    logits = head(hidden).float()
+    return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=D.IGNORE, reduction="none").sum(dim=1)
+
+
+def lm_chunk_sums(model, batch: dict, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ next-token cross-entropy, loss tokens) of each of `chunks` equal row chunks, float64. The decoder runs once;
+    the LM head and the loss run on a slice of rows of every chunk (so a perturbed head still sees all its chunks)
+    of about HEAD_TOKENS positions in all, so logits for the whole batch x vocab never exist at once. With
+    gradients, each slice is checkpointed: its logits are recomputed in backward instead of kept."""
     hidden = model.get_decoder()(**model_inputs(model, batch)).last_hidden_state
     head = model.get_output_embeddings()
     labels = batch["labels"][:, 1:].to(hidden.device)
     per = hidden.shape[0] // chunks
     hs = hidden.view(chunks, per, *hidden.shape[1:])  # [chunks, rows per chunk, T, H]: slices, no index tensors
     ls = labels.view(chunks, per, -1)
+    positions = hs.shape[2] - 1
+    rows_per_head = max(1, HEAD_TOKENS // (chunks * max(positions, 1)))
+    grad = torch.is_grad_enabled() and hidden.requires_grad
     sums = []
     for r in range(0, per, rows_per_head):
         e = min(r + rows_per_head, per)
-        logits = head(hs[:, r:e, :-1].reshape(-1, hs.shape[2] - 1, hs.shape[3])).float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ls[:, r:e].reshape(-1, ls.shape[2]), ignore_index=D.IGNORE,
-                              reduction="none")
-        sums.append(nll.sum(dim=1).double().view(chunks, e - r))
+        span = max(1, HEAD_TOKENS // (chunks * (e - r)))
+        part = None
+        for a in range(0, positions, span):
+            b = min(a + span, positions)
+            x = hs[:, r:e, a:b].reshape(-1, b - a, hs.shape[3])
+            y = ls[:, r:e, a:b].reshape(-1, b - a)
+            nll = (torch.utils.checkpoint.checkpoint(_head_nll, head, x, y, use_reentrant=False) if grad
+                   else _head_nll(head, x, y))
+            part = nll if part is None else part + nll
+        sums.append(part.double().view(chunks, e - r))
     counts = (ls != D.IGNORE).sum(dim=2).double()
     return torch.cat(sums, dim=1).sum(1), counts.sum(1)
 
@@ -100,11 +120,13 @@ def loss(model, kind: str, batch: dict) -> torch.Tensor:
     return chunk_losses(model, kind, batch, 1)[0]
 
 
-def loss_weight(kind: str, batch: dict) -> float:
-    """What a micro-batch's mean loss counts in a sum over micro-batches: its loss tokens (lm) or examples."""
+def loss_weight(kind: str, batch: dict) -> torch.Tensor:
+    """What a micro-batch's mean loss counts in a sum over micro-batches: its loss tokens (lm) or examples, as a
+    float64 scalar on the batch's device (counted there: no host sync)."""
+    labels = batch["labels"]
     if kind == "lm":
-        return float((batch["labels"][:, 1:] != D.IGNORE).sum())
-    return float(len(batch["labels"]))
+        return (labels[:, 1:] != D.IGNORE).sum().double()
+    return torch.tensor(float(len(labels)), dtype=torch.float64, device=labels.device)
 
 
 @torch.no_grad()

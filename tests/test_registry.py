@@ -38,7 +38,7 @@ class Toy(Method):
 
     def step(self, batch, step):
         sums, _ = objective.chunk_sums(self.model, self.kind, batch, 1)
-        loss = sums[0] / max(objective.loss_weight(self.kind, batch), 1.0)
+        loss = sums[0] / objective.loss_weight(self.kind, batch).clamp(min=1.0)
         loss.backward()
         with torch.no_grad():
             for t in self.targets:

@@ -210,3 +210,31 @@ def test_bf16_updates_below_half_an_ulp_survive_in_expectation():
     want = (1 - step) ** 40
     assert torch.equal(m.v, torch.ones_like(m.v))  # nearest: nothing moved
     assert abs(m.w.float().mean().item() - want) < 2e-3 and want < 0.99
+
+
+def test_large_tensors_are_perturbed_and_updated_a_block_at_a_time(monkeypatch):
+    """Past Z_BLOCK entries z is drawn in row blocks, each its own stream (block 0 the tensor's old one), and the
+    perturbation and the update are built block by block: the values equal the whole-tensor formulas with that z,
+    and θ is never touched while perturbations are built."""
+    monkeypatch.setattr(zo, "Z_BLOCK", 40)  # rows of 16: blocks of 2 rows
+    shape, seed, eps = (7, 16), 5, 1e-2
+    assert zo.row_blocks(shape) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    z = zo.z_for(shape, seed, 3, 1)
+    blocks = [zo.z_block(shape, seed, 3, 1, c) for c in range(4)]
+    assert torch.equal(z, torch.cat(blocks))
+    gen = base.generator(seed, 3, 1, "cpu")  # block 0 is the start of the tensor's own stream, as before blocks
+    assert torch.equal(blocks[0], torch.randn((2, 16), generator=gen))
+    assert not torch.equal(blocks[1], torch.randn((2, 16), generator=base.generator(seed, 3, 1, "cpu")))
+
+    lin = torch.nn.Linear(16, 7, bias=False)
+    t = base.Target(3, "w", lin, "weight")
+    before = lin.weight.detach().clone()
+    plus, minus = zo.perturbed_pair(t, seed, eps, 1)
+    assert torch.equal(lin.weight, before)
+    assert torch.equal(plus, before + eps * z) and torch.equal(minus, before - eps * z)
+
+    coeffs = [0.5, -0.25]
+    with torch.no_grad():
+        zo.apply_update([t], seed, coeffs, weight_decay=0.1, lr=0.01)
+    expect = before - 0.5 * zo.z_for(shape, seed, 3, 0) + 0.25 * z - before * (0.01 * 0.1)
+    torch.testing.assert_close(lin.weight.detach(), expect, rtol=0, atol=1e-6)

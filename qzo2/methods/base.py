@@ -14,6 +14,8 @@ from torch import nn
 
 from quant.linear import QuantLinear
 
+from .. import gpu
+
 _M64 = (1 << 64) - 1
 
 
@@ -37,7 +39,7 @@ ROUNDING_STREAM = -1  # the `pair` counter of the random bits stochastic roundin
 
 def generator(seed: int, index: int, pair: int, device) -> torch.Generator:
     """The generator of the random stream (step seed, tensor index, pair) on `device`."""
-    return torch.Generator(device=device).manual_seed(mix_seed(seed, index, pair))
+    return gpu.generator(device).manual_seed(mix_seed(seed, index, pair))
 
 
 def round_stochastic(x: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -82,13 +84,14 @@ def to_dtype(new: torch.Tensor, dtype: torch.dtype, seed: int, index: int) -> to
 
 
 @torch.no_grad()
-def store(t: Target, new: torch.Tensor, seed: int, floor: float | None = None) -> None:
-    """Write the fp32 value `new` into the target: clamped at `floor` if it is a quantization scale (scales stay
-    positive; other tensors trained beside them are not floored), stochastically rounded (seeded by (seed, tensor
-    index)) when the tensor is bf16/fp16, exact when it is fp32."""
+def store(t: Target, new: torch.Tensor, seed: int, floor: float | None = None, rows: tuple | None = None) -> None:
+    """Write the fp32 value `new` into the target (or into its rows [a, b) given as `rows`): clamped at `floor` if
+    it is a quantization scale (scales stay positive; other tensors trained beside them are not floored),
+    stochastically rounded (seeded by (seed, tensor index)) when the tensor is bf16/fp16, exact when it is fp32."""
     if floor is not None and t.name == "scales":
         new = new.clamp_(min=floor)
-    t.tensor.copy_(to_dtype(new, t.tensor.dtype, seed, t.index))
+    dst = t.tensor if rows is None else t.tensor[rows[0]:rows[1]]
+    dst.copy_(to_dtype(new, t.tensor.dtype, seed, t.index))
 
 
 def scale_targets(model: nn.Module) -> list[Target]:
@@ -100,6 +103,7 @@ def scale_targets(model: nn.Module) -> list[Target]:
 
 
 WEIGHT_KINDS = ("linear", "norm", "embedding")
+
 
 
 def module_kind(m: nn.Module) -> str | None:
@@ -115,12 +119,12 @@ def weight_targets(model: nn.Module, kinds: tuple[str, ...] = ("linear",)) -> li
     if bad:
         raise ValueError(f"unknown parameter kind(s) {sorted(bad)}; choose from {WEIGHT_KINDS}")
     # a tied lm_head is the embedding matrix: train it only when embeddings are asked for
-    embeddings = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    embeddings = {gpu.storage_key(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     out, owner = [], {}
     for n, m in model.named_modules():
         kind = module_kind(m)
         for pname, p in m.named_parameters(recurse=False):
-            ptr = p.data_ptr()
+            ptr = gpu.storage_key(p)
             if ptr in owner:
                 owner[ptr].aliases.append((m, pname))
                 continue

@@ -71,19 +71,21 @@ class FirstOrder(Method):
         if self.sync:
             distributed.all_sum(tensor.grad)
 
-    def step_count(self, micro: list) -> float:
-        """What the step's mean loss divides by: its loss tokens (lm) or examples, over all micro-batches and ranks."""
+    def step_count(self, micro: list) -> torch.Tensor:
+        """What the step's mean loss divides by: its loss tokens (lm) or examples, over all micro-batches and ranks
+        (float64 scalar; on one process it stays on the batch's device)."""
         local = sum(objective.loss_weight(self.kind, b) for b in micro)
         if not self.world.enabled:
             return local
-        return float(distributed.all_sum(torch.tensor([local], dtype=torch.float64))[0])
+        return distributed.all_sum(local.reshape(1).cpu())[0]
 
     def loss(self, batch: dict, total: float | None = None) -> torch.Tensor:
         """This rank's share of the step's mean loss: its (micro-)batch's loss sum over `total`, the step's count on
         all ranks (default: this batch's), so the shares add up to the step's mean and the summed gradients to its
         gradient. One process, one batch: the batch's mean loss."""
         sums, _ = objective.chunk_sums(self.model, self.kind, batch, 1)
-        return sums[0] / max(self.step_count([batch]) if total is None else total, 1.0)
+        count = self.step_count([batch]) if total is None else total
+        return sums[0] / count.to(sums.device).clamp(min=1.0)
 
     def global_value(self, share: torch.Tensor) -> float:
         """Σ over ranks of a loss share (the step's mean loss; NaN on every rank when any rank's is), so every rank

@@ -22,6 +22,7 @@ import torch
 
 from quant.checkpoint import decoder_blocks
 
+from .. import gpu
 from ..config import _f
 from .base import Target
 from .first_order import FirstOrder, FirstOrderOptions, adamw_for
@@ -77,13 +78,13 @@ class HiFT(FirstOrder):
         self.k = len(self.groups)
         for t in targets:
             t.tensor.requires_grad_(False)  # only the active group's tensors require grad, during its step
-        pin = any(t.tensor.is_cuda for t in targets) and torch.cuda.is_available()
+        pin = any(gpu.is_gpu(t.tensor.device) for t in targets)
         self.optimizers = [adamw_for(g, cfg, device="cpu") for g in self.groups]
         if pin:
             for opt in self.optimizers:
                 for st in opt.state.values():
                     for key in ("exp_avg", "exp_avg_sq"):
-                        st[key] = st[key].pin_memory()
+                        st[key] = gpu.pinned(st[key])
         self.on_device: set[int] = set()  # groups whose optimizer state is on the device (only during a step)
 
     def lr_at(self, step: int) -> float:
@@ -109,9 +110,9 @@ class HiFT(FirstOrder):
         if to_device:
             self.on_device.add(g)
         else:
-            cuda = [t.tensor.device for t in self.groups[g] if t.tensor.is_cuda]
+            cuda = [t.tensor.device for t in self.groups[g] if gpu.is_gpu(t.tensor.device)]
             if cuda:
-                torch.cuda.current_stream(cuda[0]).synchronize()  # the host copies are complete before the next step
+                gpu.current_stream(cuda[0]).synchronize()  # the host copies are complete before the next step
             self.on_device.discard(g)
 
     def step(self, batch, step: int) -> dict:

@@ -154,10 +154,10 @@ class AdaLomo(Lomo):
             upd = m["full"].rsqrt().mul_(g)
         upd.div_((self._rms(upd) / self.CLIP_THRESHOLD).clamp_(min=1.0))
         new = t.tensor.detach().to(torch.float32, copy=True)
-        lr = self.lr * max(self.EPS[1], float(self._rms(new)))
+        lr = self._rms(new).clamp_(min=self.EPS[1]).mul_(self.lr)  # on the device: no host sync per tensor
         if self.cfg.weight_decay and t.decay:
             new.mul_(1.0 - lr * self.cfg.weight_decay)
-        new.add_(upd, alpha=-lr)
+        new.sub_(upd.mul_(lr))
         store(t, new, self.seed, self.floor)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

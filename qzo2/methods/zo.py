@@ -34,7 +34,7 @@ from quant.linear import QuantLinear
 
 from .. import distributed, objective
 from ..config import ConfigError, _f
-from .base import Method, Target, generator, step_seed, store
+from .base import Method, Target, generator, mix_seed, step_seed, store
 from .registry import BenchMode, register
 
 
@@ -107,11 +107,40 @@ def as_zo(targets: list[Target]) -> list[ZOTarget]:
     return [t if isinstance(t, ZOTarget) else ZOTarget.of(t) for t in targets]
 
 
-def z_for(shape, seed: int, index: int, pair: int, device="cpu") -> torch.Tensor:
-    """N(0, I) of `shape` for (step seed, tensor index, pair), drawn in fp32 on `device`."""
+Z_BLOCK = 1 << 24  # entries per block of z: a tensor larger than this is perturbed and updated a block at a time
+
+
+def row_blocks(shape) -> list[tuple[int, int]]:
+    """[start, end) ranges of the leading dim, each of at most Z_BLOCK entries (at least one row): the blocks in
+    which z is drawn, a perturbation built and an update applied, so no full-size fp32 temporary of a large
+    tensor ever exists (OPT-175B's 604M-entry fc1 would need 2.4 GB for each). One block for most tensors."""
+    shape = tuple(shape)
+    if not shape:
+        return [(0, 1)]
+    row = math.prod(shape[1:])
+    per = max(1, Z_BLOCK // max(row, 1))
+    return [(a, min(a + per, shape[0])) for a in range(0, shape[0], per)] or [(0, 0)]
+
+
+def block_seed(seed: int, block: int) -> int:
+    """The seed of a tensor's block `block`: the step seed itself for block 0 (so a one-block tensor draws exactly
+    what it drew before blocks existed), a mix of both after it."""
+    return seed if block == 0 else mix_seed(seed, block)
+
+
+def z_block(shape, seed: int, index: int, pair: int, block: int, device="cpu") -> torch.Tensor:
+    """Block `block` (rows row_blocks(shape)[block]) of z for (step seed, tensor index, pair), in fp32 on `device`:
+    each block is its own counter-based stream, so any block can be drawn alone."""
+    a, b = row_blocks(shape)[block]
     device = torch.device(device)
-    return torch.randn(tuple(shape), generator=generator(seed, index, pair, device), dtype=torch.float32,
-                       device=device)
+    return torch.randn((b - a,) + tuple(shape)[1:] if shape else (), dtype=torch.float32, device=device,
+                       generator=generator(block_seed(seed, block), index, pair, device))
+
+
+def z_for(shape, seed: int, index: int, pair: int, device="cpu") -> torch.Tensor:
+    """N(0, I) of `shape` for (step seed, tensor index, pair), drawn in fp32 on `device` (the blocks of z_block)."""
+    blocks = [z_block(shape, seed, index, pair, c, device) for c in range(len(row_blocks(shape)))]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
 SUBSPACE_STREAM = -2  # the `index` of the shared coefficients u of a subspace step (tensors use 0, 1, ...)
@@ -186,14 +215,39 @@ def perturbed(t: Target, seed: int, eps: float, pairs, one_sided: bool = False) 
     return out
 
 
+def perturbed_pair(t: Target, seed: int, eps: float, pair: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(θ+εz, θ−εz) of one pair, in the tensor's dtype: the values of `perturbed`, built a z block at a time."""
+    (t,) = as_zo([t])
+    theta = t.tensor
+    if t.mask is not None or t.basis is not None or len(row_blocks(theta.shape)) == 1:
+        return tuple(perturbed(t, seed, eps, [pair]))
+    plus, minus = torch.empty_like(theta), torch.empty_like(theta)
+    for c, (a, b) in enumerate(row_blocks(theta.shape)):
+        base = theta[a:b].to(torch.float32, copy=True)
+        ez = z_block(theta.shape, seed, t.index, pair, c, theta.device).mul_(eps)
+        plus[a:b] = base + ez
+        minus[a:b] = base.sub_(ez)
+    return plus, minus
+
+
 def _chunked_forward(module: nn.Module, targets: list[tuple[str, Target]], seed: int, eps: float, pairs,
                      one_sided: bool = False):
     """A forward that runs input chunk c with each (attribute, target) tensor of `module` replaced by the target's
-    c-th perturbation (the attribute is the target's own name, or the name an alias reads it under)."""
+    c-th perturbation (the attribute is the target's own name, or the name an alias reads it under). A pair's two
+    perturbed copies are built when its first chunk runs and dropped after its second: at most two per tensor."""
     cls_forward = type(module).forward
+    pair_ids = pair_list(pairs)
+
+    def values_for(c: int, held: dict) -> dict:
+        if one_sided:  # chunk 0: θ itself; chunk c: θ + εz of pair c-1
+            return {name: perturbed(t, seed, eps, [] if c == 0 else [pair_ids[c - 1]], True)[-1]
+                    for name, t in targets}
+        if c % 2 == 0:
+            held.clear()
+            held.update({name: perturbed_pair(t, seed, eps, pair_ids[c // 2]) for name, t in targets})
+        return {name: pm[c % 2] for name, pm in held.items()}
 
     def forward(x, *args, **kwargs):
-        values = {name: perturbed(t, seed, eps, pairs, one_sided) for name, t in targets}
         m = n_chunks(pairs, one_sided)
         if x.shape[0] % m:
             raise ValueError(f"batch of {x.shape[0]} rows cannot be split into {m} perturbation chunks")
@@ -204,11 +258,14 @@ def _chunked_forward(module: nn.Module, targets: list[tuple[str, Target]], seed:
         def chunk(v, c):  # every tensor argument that carries the batch is split with it
             return v[c * rows // m:(c + 1) * rows // m] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v
 
-        outs = []
+        outs, held = [], {}
         try:
             for c in range(m):
+                for name, where in stores.items():  # perturbations are built from θ, not the previous chunk's
+                    where[name] = originals[name]
+                values = values_for(c, held)
                 for name, where in stores.items():
-                    where[name] = values[name][c]
+                    where[name] = values[name]
                 outs.append(cls_forward(module, chunk(x, c), *[chunk(a, c) for a in args],
                                         **{k: chunk(v, c) for k, v in kwargs.items()}))
         finally:
@@ -276,6 +333,9 @@ def apply_update(targets: list[Target], seed: int, coeffs: list[float], weight_d
     Computed in fp32 and stored back stochastically rounded (base.store) when θ is bf16/fp16."""
     for t in as_zo(targets):
         theta = t.tensor
+        if t.mask is None and subspace_step is None and len(row_blocks(theta.shape)) > 1:
+            _update_blocks(t, seed, coeffs, weight_decay, lr, floor)
+            continue
         new = theta.float() if theta.dtype != torch.float32 else theta.clone()
         for j, c in enumerate(coeffs):
             if c:
@@ -296,6 +356,21 @@ def apply_update(targets: list[Target], seed: int, coeffs: list[float], weight_d
             store(t, new, seed)
         else:
             store(t, new, seed, floor)
+
+
+def _update_blocks(t: Target, seed: int, coeffs: list[float], weight_decay: float, lr: float,
+                   floor: float | None) -> None:
+    """apply_update of a large tensor (no mask, no subspace), one z block at a time: each block's rows are updated
+    in fp32 from its own z blocks and stored back, rounded with the block's own random stream."""
+    theta = t.tensor
+    for c, (a, b) in enumerate(row_blocks(theta.shape)):
+        new = theta[a:b].float() if theta.dtype != torch.float32 else theta[a:b].clone()
+        for j, coef in enumerate(coeffs):
+            if coef:
+                new.sub_(z_block(theta.shape, seed, t.index, j, c, theta.device).mul_(coef))
+        if weight_decay and t.decay:
+            new.sub_(theta[a:b].float().mul_(lr * weight_decay))
+        store(t, new, block_seed(seed, c), floor, rows=(a, b))
 
 
 # ---- masks: which entries a ZO step perturbs (the rest stays bitwise unchanged) ------------------------------------------
@@ -538,8 +613,8 @@ class ZeroOrder(Method):
         stacked = repeat_batch(batch, m)
         with torch.no_grad(), dual_forward(self.targets, seed, self.cfg.eps, pairs, one_sided):
             sums, counts = objective.chunk_sums(self.model, self.kind, stacked, m)
-        if not world.enabled:
-            return sums / counts.clamp(min=1)
+        if not world.enabled:  # the step's one host sync: everything after it is host arithmetic on 2k numbers
+            return (sums / counts.clamp(min=1)).cpu()
         if self.cfg.zo_parallel == "pairs":
             losses = torch.zeros(2 * k, dtype=torch.float64)
             for i, j in enumerate(pairs):
