@@ -15,8 +15,12 @@ out="${OUT:-runs/gpu}"
 mkdir -p "$out"
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.__version__, torch.cuda.get_device_name())"
 # a failing part is reported and the next one still runs
+# each measured run is followed by its simulation (qzo2 bench --simulate: fake tensors, same code), so the first GPU
+# run checks the memory model: compare torch_peak_gb with simulated_peak_gb line by line
 bench() { python3 -m qzo2.cli bench "$@" --compare -o "$out/bench.jsonl" 2>&1 | tee -a "$out/bench.log" ||
-          echo "gpu_proof.sh: bench $* failed" | tee -a "$out/bench.log"; }
+          echo "gpu_proof.sh: bench $* failed" | tee -a "$out/bench.log"
+          python3 -m qzo2.cli bench "$@" --simulate --compare -o "$out/simulated.jsonl" 2>&1 | tee -a "$out/bench.log" ||
+          echo "gpu_proof.sh: bench --simulate $* failed" | tee -a "$out/bench.log"; }
 for part in "${@:-all}"; do
   case "$part" in
     tests|all) python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton_kernels.py \
