@@ -431,7 +431,8 @@ def build_mode(mode: str, shape, batch: int, device: torch.device, dtype: torch.
     if offload:  # built on the device (fast), then every block's codes / Linear weights move to host buffers
         _, blocks = decoder_blocks(model)
         streamer = engine.BlockStreamer(model, device, set(range(len(blocks))), depth,
-                                        kind="codes" if quantized else "weights", trained=targets)
+                                        kind="codes" if quantized else "weights", trained=targets,
+                                        backward=how[0].first_order)
         _free(device)
     data = random_batch(model.config.vocab_size, batch, seq, device, seed)
     method = bench_method(mode, model, targets, seed=seed) if targets is not None else None
@@ -452,7 +453,8 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
     floor); qzo: quantized model resident, ZO step on the scales; qzo-offload: the same with every decoder block's
     codes streamed by engine.BlockStreamer (h2d/d2h from its counters); lomo/adalomo/adamw/hift: quantized model
     resident, a first-order step (forward + backward: fused update, AdamW, or AdamW on one group of layers) on the
-    scales; grass: dense model, a GRASS step on the Linear weights; mezo: dense model
+    scales; lomo-offload/adalomo-offload: the same with every block's codes streamed through forward and, in
+    reverse, through backward (each block checkpointed and recomputed); grass: dense model, a GRASS step on the Linear weights; mezo: dense model
     resident, ZO step on
     the Linear weights; zo2: the same with every block's Linear weights streamed, each step's update applied when
     the block next arrives and copied back. Timing is host wall time around each step, with
@@ -464,7 +466,8 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
     model, streamer, step, quantized, offload = run.model, run.streamer, run.step, run.quantized, run.offload
     _sync(device)
     build_s = time.perf_counter() - t0
-    floor_ms = h2d_floor_ms(streamer) if streamer is not None else None
+    # the transfer floor of a step: every block once per forward, once more in a first-order mode's backward
+    floor_ms = h2d_floor_ms(streamer) * (2 if streamer.backward else 1) if streamer is not None else None
     world = distributed.world()
 
     if device.type == "cuda":

@@ -17,6 +17,10 @@ drive it:
   - the compute of block k waits (CUDA event) for its own upload (and, in weights mode, a pending update runs
     first and the download of the updated tensors waits for it);
   - the upload into a slot also waits for the download that last read it. The host never synchronizes per block.
+First-order training streams codes through backward too (`backward=True`): every decoder block is checkpointed
+(`checkpoint_blocks`: its forward keeps only its input), and backward walks the blocks in reverse, uploading each
+block's codes again (prefetched `depth` ahead in reverse order), recomputing its forward and back-propagating
+through it, so each block's codes cross twice per step (forward order, then reverse) and never come back.
 During its forward a block's layers see their streamed tensors as views into its slot; the rest of the time they
 are views into the host buffer (the authoritative copy, e.g. for checkpoints; `flush()` first applies any deferred
 update). Scales, g_idx, QuantLinear biases, norms, embeddings, the final norm and lm_head stay resident on the
@@ -194,6 +198,112 @@ def plan_for_model(model: nn.Module, budget_bytes: int | None, depth: int, mode:
     return plan_residency(block_bytes, _tensor_bytes(model) - streamable, budget_bytes, depth, mode)
 
 
+# ---- checkpointed blocks (first-order backward) -----------------------------------------------------------------------
+class _Call:
+    """One checkpointed call of a decoder block: its forward with the call's other arguments, and the streamer that
+    must bring its codes back before it recomputes (None when it is resident)."""
+
+    def __init__(self, block: nn.Module, forward, args, kwargs, streamer):
+        self.block, self.forward, self.args, self.kwargs, self.streamer = block, forward, args, kwargs, streamer
+        self.rest = None  # what a block returning a tuple returns beside the hidden states
+
+    def run(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.forward(hidden, *self.args, **self.kwargs)
+        if isinstance(out, tuple):
+            out, self.rest = out[0], out[1:]
+        return out
+
+
+class _Recompute(torch.autograd.Function):
+    """A decoder block that keeps only its input between forward and backward (activation checkpointing at block
+    boundaries, in the reentrant form: the recomputed forward is back-propagated by a nested backward inside this
+    node's, which lets the streamer bind the block's codes around exactly that). The block's trained tensors get
+    their gradients from the nested backward (where LOMO's fused update hooks run); `anchor`, an empty tensor that
+    requires grad, is an input only so that autograd reaches this node when the hidden states need no gradient
+    (the trained tensors themselves as inputs would have their hooks run a second time, with no gradient).
+    The model trains in eval mode (no dropout), so the recomputation is the same computation as the forward."""
+
+    @staticmethod
+    def forward(ctx, call: _Call, hidden: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        ctx.call = call
+        ctx.save_for_backward(hidden)
+        return call.run(hidden)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (hidden,) = ctx.saved_tensors
+        call = ctx.call
+        if call.streamer is not None:
+            call.streamer._bind_backward(call.block.qzo2_index)
+        try:
+            with torch.enable_grad():
+                h = hidden.detach().requires_grad_(ctx.needs_input_grad[1])
+                out = call.run(h)
+            torch.autograd.backward(out, grad)
+        finally:
+            if call.streamer is not None:
+                call.streamer._release_backward(call.block.qzo2_index)
+        return None, h.grad if ctx.needs_input_grad[1] else None, None
+
+
+def _needs_grad(block: nn.Module) -> bool:
+    """Does any parameter or buffer of the block require grad (a quantized model's scales are buffers)?"""
+    return any(t.requires_grad for t in list(block.parameters()) + list(block.buffers()))
+
+
+def _flat_tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        tree = tree.values()
+    if isinstance(tree, (list, tuple)) or type(tree).__name__ == "dict_values":
+        return [t for x in tree for t in _flat_tensors(x)]
+    return []
+
+
+_CACHES = ("cache", "past_key_values", "past_key_value", "layer_past")  # the names HF families have used
+
+
+def checkpoint_blocks(model: nn.Module, streamer=None) -> None:
+    """Checkpoint every decoder block: under grad, its forward keeps only its input, and backward recomputes it (see
+    _Recompute), with `streamer` (a BlockStreamer) binding the codes of the blocks it streams around each
+    recomputation. Installed as an instance `forward` of each block, which calls the block's own, so any HF family
+    works and the module's hooks still run around it in the forward; `uncheckpoint_blocks` takes it off."""
+    uncheckpoint_blocks(model)
+    _, blocks = decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        own = block.forward
+
+        def forward(hidden_states, *args, _block=block, _own=own, **kwargs):
+            if not torch.is_grad_enabled() or not (hidden_states.requires_grad or _needs_grad(_block)):
+                return _own(hidden_states, *args, **kwargs)
+            # no KV cache under a checkpointed block (as HF's gradient checkpointing): the recomputation would read
+            # this forward's keys and values back from it, and they carry no gradient
+            kwargs = {k: (None if k in _CACHES else False if k == "use_cache" else v) for k, v in kwargs.items()}
+            if any(t.requires_grad for t in _flat_tensors((args, kwargs))):
+                raise RuntimeError("a checkpointed decoder block got an argument that requires grad besides its "
+                                   "hidden states; turn gradient_checkpointing off (and offload off)")
+            call = _Call(_block, _own, args, kwargs, streamer)
+            anchor = torch.empty(0, device=hidden_states.device, requires_grad=True)
+            out = _Recompute.apply(call, hidden_states, anchor)
+            if streamer is not None:
+                streamer._recomputes = True
+            return out if call.rest is None else (out, *call.rest)
+
+        block.qzo2_index = i
+        block.forward = forward
+    model.qzo2_checkpointed = True
+
+
+def uncheckpoint_blocks(model: nn.Module) -> None:
+    """Undo checkpoint_blocks (the blocks' own forwards again)."""
+    if not getattr(model, "qzo2_checkpointed", False):
+        return
+    for block in decoder_blocks(model)[1]:
+        block.__dict__.pop("forward", None)
+    model.qzo2_checkpointed = False
+
+
 # ---- the streamer ----------------------------------------------------------------------------------------------------
 class BlockStreamer:
     """Streams decoder blocks `streamed` of `model` into `depth` slots on `device` (see module doc).
@@ -203,13 +313,18 @@ class BlockStreamer:
     Construction packs the streamed tensors into host buffers, points the layers at views of them, moves the rest
     of the model to `device`, allocates the slots and installs the hooks. `stats` counts uploads, downloads and
     bytes; with `trace=True`, `trace` lists ("upload" | "compute" | "update" | "download" | "release", block index,
-    slot) in the order they were issued. The streamer attaches itself as `model.qzo2_streamer`; `remove()` makes
+    slot) in the order they were issued ("recompute": a block bound again in backward). With `backward` (first-order
+    training of a quantized model) every block is checkpointed and its codes stream again, in reverse, through
+    backward (module doc). The streamer attaches itself as `model.qzo2_streamer`; `remove()` makes
     the model fully resident again. Do not move or cast the model while a streamer is attached."""
 
     def __init__(self, model: nn.Module, device, streamed, depth: int = 2, trace: bool = False, kind: str = "codes",
-                 trained=()):
+                 trained=(), backward: bool = False):
         if depth < 2:
             raise ValueError(f"prefetch depth must be >= 2 (got {depth})")
+        if backward and kind != "codes":
+            raise ValueError("streaming through backward is for a quantized model's codes: a dense model's trained "
+                             "weights would have to travel back every step")
         self.model, self.device, self.depth = model, gpu.indexed(device), depth
         self.cuda = gpu.is_gpu(self.device)
         _, self.blocks = decoder_blocks(model)
@@ -242,8 +357,10 @@ class BlockStreamer:
         self._released = [None] * depth  # per slot: CUDA event recorded after the latest compute that read it
         self._downloaded = [None] * depth  # per slot: CUDA event recorded after the latest download from it
         self._pending: list[list] = [[] for _ in self.order]  # per position: deferred updates, oldest first
-        self._next = 0  # next streamed position to upload in this forward
+        self._next = 0  # next streamed position to upload in this pass
         self._expect = 0  # next streamed position expected to compute
+        self._dir = 1  # the pass's order: 1 forward, -1 backward
+        self._recomputes = False  # this forward's streamed blocks will recompute in backward
         self._bound: set[int] = set()
         self.trace: list[tuple[str, int, int]] | None = [] if trace else None
         self.stats = {"kind": kind, "streamed_blocks": len(self.order), "blocks": len(self.blocks), "depth": depth,
@@ -255,6 +372,9 @@ class BlockStreamer:
         for b in self.order:
             self._handles.append(self.blocks[b].register_forward_hook(lambda mod, args, out, b=b: self._post(b)))
         model.qzo2_streamer = self  # how the trainer finds it (trainer.apply_step_update, flush)
+        self.backward = backward
+        if backward:
+            checkpoint_blocks(model, self)
 
     def _pack(self, p: int) -> torch.Tensor:
         """Host buffer of streamed position p (pinned for CUDA); the layers' own copies are dropped."""
@@ -318,21 +438,24 @@ class BlockStreamer:
         self._record(p, "download")
 
     def _issue(self, upto: int) -> None:
-        """Issue uploads up to streamed position `upto` (the slots they need have been released)."""
-        while self._next <= min(upto, len(self.order) - 1):
+        """Issue uploads up to streamed position `upto` in the pipeline's direction (the slots they need have been
+        released)."""
+        while 0 <= self._next < len(self.order) and (self._next - upto) * self._dir <= 0:
             self._upload(self._next)
-            self._next += 1
+            self._next += self._dir
 
-    def _begin(self, p: int) -> None:
-        """Start streaming a forward at position p; release anything a forward cut short left bound."""
+    def _begin(self, p: int, direction: int = 1) -> None:
+        """Start streaming at position p, in forward order (direction 1) or in reverse (-1, backward); release
+        anything a pass cut short left bound."""
         for q in sorted(self._bound):
             self._release(q)
+        self._dir = direction
         self._next = self._expect = p
-        self._issue(p + self.depth - 1)
+        self._issue(p + direction * (self.depth - 1))
 
     def _bind(self, p: int) -> None:
         """Wait for position p's upload, point its layers at the slot, and apply its deferred updates there."""
-        self._issue(p + self.depth - 1)  # slot of p + depth - 1 was freed when p - 1 released
+        self._issue(p + self._dir * (self.depth - 1))  # slot of p + depth - 1 was freed when p - 1 released
         s = p % self.depth
         if self.cuda:
             gpu.current_stream(self.device).wait_event(self._uploaded[s])
@@ -360,10 +483,11 @@ class BlockStreamer:
         """Before decoder block b: start the forward at block 0; for a streamed block, prefetch, wait, bind."""
         if b == 0:
             self._begin(0)
+            self._recomputes = False
         p = self.pos.get(b)
         if p is None:
             return
-        if p != self._expect:  # blocks ran out of the expected order: restart the pipeline here
+        if p != self._expect or self._dir != 1:  # blocks ran out of the expected order: restart the pipeline here
             self._begin(p)
         self._bind(p)
         self._record(p, "compute")
@@ -373,6 +497,29 @@ class BlockStreamer:
         if p in self._bound:
             self._release(p)
         self._expect = p + 1
+        if self._recomputes and p == len(self.order) - 1:
+            # a forward whose blocks backward will recompute: the last blocks start back up at once, in reverse,
+            # overlapped with the LM head's forward and backward
+            self._begin(p, -1)
+
+    # ---- backward (first-order training: `backward=True`) ----------------------------------------------------------
+    def _bind_backward(self, b: int) -> None:
+        """Before decoder block b recomputes in backward: its codes in their slot, the blocks below prefetched."""
+        p = self.pos.get(b)
+        if p is None:
+            return
+        if p != self._expect or self._dir != -1:
+            self._begin(p, -1)
+        self._bind(p)
+        self._record(p, "recompute")
+
+    def _release_backward(self, b: int) -> None:
+        p = self.pos.get(b)
+        if p is None:
+            return
+        if p in self._bound:
+            self._release(p)
+        self._expect = p - 1
 
     # ---- deferred updates (weights mode) ---------------------------------------------------------------------------
     def defer(self, update) -> None:
@@ -402,6 +549,8 @@ class BlockStreamer:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self.backward:
+            uncheckpoint_blocks(self.model)
         if self.cuda:
             gpu.current_stream(self.device).wait_stream(self.stream)
         for p, entries in enumerate(self.entries):
@@ -417,22 +566,27 @@ class BlockStreamer:
 
 # ---- placing a model (train, eval and bench) -------------------------------------------------------------------------
 def place_model(model, device, offload: str = "auto", gpu_memory: str = "", prefetch_depth: int = 2, targets=(),
-                streamable: bool = True) -> BlockStreamer | None:
+                first_order: bool = False, checkpoint: bool = False) -> BlockStreamer | None:
     """Move the model to `device`, streaming the decoder blocks that offload/gpu_memory say do not fit: their codes
     for a quantized model; for a dense one their Linear weights, `targets` among them trained with deferred updates
-    (ZO2 mode) -> the streamer, also kept as `model.qzo2_streamer`, or None when everything is resident. With
-    `streamable` False (first-order training: backward needs every block again) a plan that streams is refused."""
+    (ZO2 mode) -> the streamer, also kept as `model.qzo2_streamer`, or None when everything is resident.
+    `first_order`: the codes also stream through backward (every block checkpointed); a dense model's weights
+    cannot (its trained weights would travel back every step), so such a plan is refused. `checkpoint`: checkpoint
+    every decoder block of a resident model too (gradient checkpointing)."""
     kind = "codes" if any(isinstance(m, QuantLinear) for m in model.modules()) else "weights"
     streamed = plan_for_model(model, device_budget(gpu_memory, device), prefetch_depth, offload, kind)
-    if streamed and not streamable:
+    if streamed and first_order and kind != "codes":
         raise ValueError(f"{'offload=on' if offload == 'on' else 'the model does not fit gpu_memory and'} streams "
-                         f"decoder blocks, which works for forwards only: first-order training needs every block "
-                         f"again in backward (use a ZO method, or offload=off with more gpu_memory)")
-    streamer = (BlockStreamer(model, device, streamed, prefetch_depth, kind=kind, trained=targets)
-                if streamed else None)
+                         f"the decoder blocks of a dense model, which works for zeroth-order training only: "
+                         f"first-order training streams a quantized model's codes (run `qzo2 quantize` first, or "
+                         f"offload=off with more gpu_memory)")
+    streamer = (BlockStreamer(model, device, streamed, prefetch_depth, kind=kind, trained=targets,
+                              backward=first_order) if streamed else None)
     if streamer is None:
         model.to(device)
         model.qzo2_streamer = None
+        if checkpoint:
+            checkpoint_blocks(model)
     return streamer
 
 

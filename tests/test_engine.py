@@ -23,9 +23,11 @@ def qdirs(tmp_path_factory, tokenizer):
     """{family: quantized dir} for tiny 5-block Llama and OPT models, and a small train jsonl."""
     root = tmp_path_factory.mktemp("engine")
     out = {}
-    for family in ("llama", "opt"):
+    for family in ("llama", "opt", "tied"):  # tied: a llama whose LM head is its embedding
         src = root / f"{family}-src"
-        build_model(family, vocab_size=len(tokenizer) + 20, num_hidden_layers=N_BLOCKS).save_pretrained(src)
+        build_model("llama" if family == "tied" else family, vocab_size=len(tokenizer) + 20,
+                    num_hidden_layers=N_BLOCKS, **({"tie_word_embeddings": True} if family == "tied" else {})
+                    ).save_pretrained(src)
         tokenizer.save_pretrained(src)
         out[family] = root / f"{family}-q"
         with atomic_dir(out[family]) as tmp:
@@ -212,10 +214,11 @@ def test_plan_for_model_and_budgets(qdirs):
 # ---- training --------------------------------------------------------------------------------------------------------
 def train_run(tmp_path, qdirs, family, name, monkeypatch, **kw):
     """Train 5 steps; -> (trained tensors, first training metrics record, streamer or None)."""
+    zo_keys = dict(eps=1e-3, n_pairs=2) if kw.get("method", "qzo") in ("qzo", "mezo") else {}
     cfg = TrainConfig(**{**dict(model=str(qdirs[family]), task="", train_file=str(qdirs["data"]),
-                                dev_file=str(qdirs["data"]), steps=5, batch_size=2, lr=1e-3, eps=1e-3, n_pairs=2,
-                                max_length=24, eval_every=0, save_every=5, log_every=5,
-                                output_dir=str(tmp_path / name), progress=False), **kw})
+                                dev_file=str(qdirs["data"]), steps=5, batch_size=2, lr=1e-3, max_length=24,
+                                eval_every=0, save_every=5, log_every=5, output_dir=str(tmp_path / name),
+                                progress=False, **zo_keys), **kw})
     import qzo2.methods
 
     made = []
@@ -336,3 +339,117 @@ def test_deferred_updates_apply_on_arrival_and_flush(dense_dirs):
     s.remove()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, resident(input_ids=ids).logits)
+
+
+# ---- first-order: codes streamed through backward too ---------------------------------------------------------------
+def scale_grads(qdir, place):
+    """The scales' gradients of one LM-loss backward of a fresh model placed by `place(model)` -> (grads, placed)."""
+    model, _ = load_model(str(qdir))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = base.scale_targets(model)
+    for t in targets:
+        t.tensor.requires_grad_(True)
+    placed = place(model)
+    ids = input_ids(batch=2, seq=10)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return [t.tensor.grad for t in targets], placed
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_checkpointed_and_streamed_backward_give_the_resident_gradients(qdirs, family):
+    want, _ = scale_grads(qdirs[family], lambda m: None)
+    assert all(g is not None and g.abs().sum() > 0 for g in want)
+    got, _ = scale_grads(qdirs[family], engine.checkpoint_blocks)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    for depth, blocks in [(2, range(N_BLOCKS)), (3, range(N_BLOCKS)), (2, {2, 3, 4}), (4, {1, 3})]:
+        got, s = scale_grads(qdirs[family], lambda m: engine.BlockStreamer(m, "cpu", set(blocks), depth,
+                                                                          backward=True))
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (family, depth, blocks)
+        assert s.stats["uploads"] == 2 * len(s.order) and s.stats["d2h_bytes"] == 0
+
+
+def check_backward_trace(trace, order, depth):
+    """One forward and one backward: the forward as check_trace replays it, then every streamed block uploaded
+    again in reverse order, each upload before the recompute that needs it and `depth` - 1 ahead of it, never more
+    than `depth` slots holding a block, nothing downloaded."""
+    turn = next(i for i, t in enumerate(trace) if t[0] == "release" and t[1] == order[-1]) + 1
+    check_trace(trace[:turn], order, depth, forwards=1)
+    back = trace[turn:]
+    assert [b for op, b, _ in back if op == "upload"] == order[::-1]
+    assert [b for op, b, _ in back if op == "recompute"] == order[::-1]
+    assert not [t for t in back if t[0] in ("download", "compute", "update")]
+    pos = {b: p for p, b in enumerate(order)}
+    state, uploaded = {}, []
+    for op, b, s in back:
+        assert s == pos[b] % depth
+        if op == "upload":
+            assert s not in state, f"upload of {b} into slot {s} held by {state.get(s)}"
+            state[s] = b
+            uploaded.append(b)
+        elif op == "recompute":
+            assert state.get(s) == b
+            # the next depth - 1 blocks below are already on their way
+            assert len(uploaded) >= min(len(order) - pos[b] + depth - 1, len(order)), (b, uploaded)
+        else:
+            assert state.pop(s) == b
+    assert not state
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("blocks", [range(N_BLOCKS), {1, 2, 3, 4}, {0, 2, 4}, {3}])
+def test_backward_streams_each_block_once_more_in_reverse(qdirs, depth, blocks):
+    _, s = scale_grads(qdirs["llama"], lambda m: engine.BlockStreamer(m, "cpu", set(blocks), depth, trace=True,
+                                                                      backward=True))
+    check_backward_trace(s.trace, sorted(blocks), depth)
+    assert s.stats["h2d_bytes"] == 2 * s.stats["host_bytes"] and s.stats["downloads"] == 0
+
+
+def test_streaming_through_backward_is_refused_for_dense_weights(dense_dirs):
+    model, _ = load_model(str(dense_dirs["llama"]))
+    with pytest.raises(ValueError, match="quantize"):
+        engine.place_model(model, "cpu", offload="on", first_order=True)
+    with pytest.raises(ValueError, match="dense model"):
+        engine.BlockStreamer(model, "cpu", {0}, kind="weights", backward=True)
+
+
+@pytest.mark.parametrize("family,method,kw", [
+    ("llama", "lomo", {}), ("opt", "adalomo", {}), ("llama", "adalomo", dict(clip_grad_norm=0.05)),
+    ("tied", "lomo", dict(clip_grad_value=0.01, also_train="norm,embedding")),
+    ("tied", "adalomo", dict(clip_grad_norm=0.05, also_train="embedding")),
+    ("llama", "adamw", {}), ("llama", "hift", dict(hift_group_size=2))])
+def test_first_order_streamed_training_is_bit_identical_to_resident(qdirs, tmp_path, monkeypatch, family, method,
+                                                                     kw):
+    """Trained tensors after 5 steps: resident, gradient-checkpointed and streamed (depth 2, 3) all the same bits;
+    the tied model trains its embedding, which is also its LM head."""
+    kw = dict(method=method, lr=1e-2, **kw)
+    want, _, s = train_run(tmp_path, qdirs, family, "resident", monkeypatch, offload="off", **kw)
+    start = load_file(str(tmp_path / "resident" / "checkpoints" / "step-000000" / "trained.safetensors"))
+    assert s is None and sum(not torch.equal(start[k], want[k]) for k in want) > len(want) // 2
+    got, _, _ = train_run(tmp_path, qdirs, family, "checkpointed", monkeypatch, offload="off",
+                          gradient_checkpointing=True, **kw)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    for depth in (2, 3):
+        got, rec, s = train_run(tmp_path, qdirs, family, f"streamed-{depth}", monkeypatch, offload="on",
+                                prefetch_depth=depth, **kw)
+        assert rec["streamed_blocks"] == N_BLOCKS and s.backward
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), depth
+        assert s.stats["d2h_bytes"] == 0
+
+
+def test_first_order_streamed_upload_count(qdirs, tmp_path, monkeypatch):
+    """5 steps: forward + backward stream every block twice (norm clipping's measuring pass once more); the two dev
+    evaluations (no backward) once."""
+    for kw, per_step in [({}, 2), (dict(clip_grad_norm=0.05), 3)]:
+        _, _, s = train_run(tmp_path, qdirs, "llama", f"count-{per_step}", monkeypatch, offload="on",
+                            method="adalomo", lr=1e-2, **kw)
+        assert s.stats["uploads"] == N_BLOCKS * (5 * per_step + 2) and s.stats["downloads"] == 0
+
+
+def test_first_order_streamed_resume_is_bit_identical(qdirs, tmp_path, monkeypatch):
+    kw = dict(method="adalomo", lr=1e-2, offload="on", save_every=1, clip_grad_norm=0.05)
+    want, _, _ = train_run(tmp_path, qdirs, "llama", "straight", monkeypatch, **kw)
+    train_run(tmp_path, qdirs, "llama", "resumed", monkeypatch, **{**kw, "steps": 3})
+    got, _, _ = train_run(tmp_path, qdirs, "llama", "resumed", monkeypatch, **kw)
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -65,7 +65,7 @@ def build_method(cfg, model, targets: list[Target], kind: str) -> Method:
 
 def load_for_training(cfg):
     """cfg -> (model, tokenizer, method): the model loaded (eval mode: dropout off, no gradients but the trained
-    tensors'), placed on its device (streamed blocks for ZO methods when offload says so), the method built."""
+    tensors'), placed on its device (blocks streamed when offload says so), the method built."""
     source = resolve_source(cfg.model)
     if cfg.model not in ("", "default") and not Path(source).exists():
         raise TrainingError(f"model {cfg.model} does not exist")
@@ -90,5 +90,6 @@ def load_for_training(cfg):
     if quantized:
         set_cache_base(cfg.cache_base, [m for m in model.modules() if isinstance(m, QuantLinear)], device)
     place_model(model, device, cfg.offload, cfg.gpu_memory, cfg.prefetch_depth, targets,
-                streamable=spec.streams)
+                first_order=spec.first_order,
+                checkpoint=spec.first_order and getattr(cfg.options, "gradient_checkpointing", False))
     return model, tokenizer, build_method(cfg, model, targets, objective_kind(cfg))

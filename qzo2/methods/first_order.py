@@ -18,6 +18,9 @@ class FirstOrderOptions:
     clip_grad_norm: float = _f(0.0, "first-order: clip the global gradient norm (LOMO/AdaLomo: two backward passes, "
                                     "the first only measures); 0 = off", range="[0, inf)")
     clip_grad_value: float = _f(0.0, "first-order: clip each gradient entry to [-v, v]; 0 = off", range="[0, inf)")
+    gradient_checkpointing: bool = _f(False, "first-order: keep only each decoder block's input and recompute the "
+                                             "block in backward (less activation memory, one more forward; always on "
+                                             "when blocks stream: offload)")
     loss_scale_window: int = _f(1000, "first-order, dtype=fp16: dynamic loss scale (from 2^16), halved and the step "
                                       "skipped on overflow, doubled after this many overflow-free steps", range="[1, inf)")
 

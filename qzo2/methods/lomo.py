@@ -35,7 +35,8 @@ NO_ACCUMULATION = ("{} updates each tensor inside backward, as soon as its gradi
 
 @register("lomo", help="LOMO: first-order SGD with the update fused into backward (at most one gradient alive).",
           options=FirstOrderOptions, first_order=True, accumulates=NO_ACCUMULATION.format("LOMO"),
-          bench={"lomo": BenchMode(quantized=True)}, memory="activations + one gradient at a time")
+          bench={"lomo": BenchMode(quantized=True), "lomo-offload": BenchMode(quantized=True, offload=True)},
+          memory="activations + one gradient at a time")
 class Lomo(FirstOrder):
     def __init__(self, model, cfg, targets, kind):
         super().__init__(model, cfg, targets, kind)
@@ -114,7 +115,7 @@ class Lomo(FirstOrder):
 
 @register("adalomo", help="AdaLomo: LOMO with Adafactor's factored second moment (the recommended method).",
           options=FirstOrderOptions, first_order=True, accumulates=NO_ACCUMULATION.format("AdaLomo"),
-          bench={"adalomo": BenchMode(quantized=True)},
+          bench={"adalomo": BenchMode(quantized=True), "adalomo-offload": BenchMode(quantized=True, offload=True)},
           memory="activations + one gradient at a time + factored second moments (rows + columns)")
 class AdaLomo(Lomo):
     EPS = (1e-30, 1e-3)

@@ -30,16 +30,11 @@ class MethodSpec:
     help: str  # one line for `qzo2 train --help`
     options: type | None = None  # dataclass of the method's own config keys (config._f fields), or None
     trains: tuple = TRAINS  # a subset of TRAINS
-    first_order: bool = False  # needs a backward pass (so the model's codes stay on the device: no block streaming)
+    first_order: bool = False  # needs a backward pass (streamed blocks stream again through it, checkpointed)
     accumulates: str | bool = True  # gradient_accumulation_steps > 1 works; a str says why it cannot
     multi_rank: bool = True  # runs under torchrun / accelerate launch
     bench: dict = field(default_factory=dict)  # bench mode name -> BenchMode
     memory: str = ""  # what it keeps besides the model, for the docs and --help
-
-    @property
-    def streams(self) -> bool:
-        """Can decoder blocks be streamed from host memory during its step (only forwards, no backward)?"""
-        return not self.first_order
 
 
 _SPECS: dict[str, MethodSpec] = {}
