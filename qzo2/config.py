@@ -85,9 +85,10 @@ class TrainConfig:
     cache_base: str = _f("auto", "quantized model on CPU: keep codes-zeros unpacked in fp32 (4 B/weight) to skip unpacking every "
                                  "forward; auto = when it takes < 1/4 of RAM", ("auto", "on", "off"))
     device: str = _f("auto", "where the model computes; auto = cuda when a GPU is available", ("auto", "cpu", "cuda"))
-    offload: str = _f("auto", "zeroth-order methods: stream decoder blocks from host memory to the device once "
-                              "per step (a quantized model: their codes; a dense one: their Linear weights, updated on "
-                              "arrival and copied back -- ZO2 mode); auto = only the blocks that do not fit in gpu_memory", ("auto", "on", "off"))
+    offload: str = _f("auto", "stream decoder blocks from host memory to the device (a quantized model: their codes, "
+                              "once per step for zeroth-order methods, twice for first-order ones: forward, then "
+                              "backward with recomputation; a dense one, zeroth-order only: their Linear weights, "
+                              "updated on arrival and copied back -- ZO2 mode); auto = only the blocks that do not fit in gpu_memory", ("auto", "on", "off"))
     gpu_memory: str = _f("", "device memory budget for the model, e.g. 8GiB or 500MB; '' = 90% of the GPU's free "
                              "memory (on CPU: no budget, nothing streamed)")
     prefetch_depth: int = _f(2, "offload: device slots uploads are prefetched into (>= 2)", range="[2, inf)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of issue #5 in one place, for a lent H100/H200 (run from the repo root there: its python3
 # already has torch, transformers, triton and pytest; qzo2 runs from the source tree, nothing is installed).
-#   scripts/gpu_proof.sh [all|tests|llama7b|opt|peak|70b|fo] ...
+#   scripts/gpu_proof.sh [all|tests|llama7b|opt|peak|70b|fo|fo70b] ...
 # JSON lines go to $OUT/bench.jsonl (or runs/gpu/), the --compare tables and test output to *.log beside it.
 #   tests    CUDA tests (engine streams/events/pinned buffers, z and rounding on the device, bench modes) + Triton
 #   llama7b  Llama-2-7B int4 g128, 16x256: QZO resident and offloaded against the two-forward bf16 floor
@@ -9,6 +9,8 @@
 #   peak     Llama-2-7B int4, 1x512: torch peak memory resident and offloaded
 #   70b      Llama-2-70B int4 offloaded, 1x512 (h2d_floor_ms in the record is the transfer floor)
 #   fo       issue #11: Llama-2-7B int4 scales, 1x512: LOMO, AdaLomo and torch AdamW steps against the floor and QZO
+#   fo70b    issue #31: Llama-2-70B int4, AdaLomo with the codes streamed through backward, 1x2048 (h2d_floor_ms:
+#            2 x code bytes over the measured PCIe bandwidth) and Llama-2-7B streamed against resident
 set -euo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 out="${OUT:-runs/gpu}"
@@ -33,7 +35,9 @@ for part in "${@:-all}"; do
     peak|all) bench --shape llama2-7b --mode qzo,qzo-offload --batch 1 --seq 512 --steps 10 --warmup 3 ;;&
     70b|all) bench --shape llama2-70b --mode qzo-offload --batch 1 --seq 512 --steps 5 --warmup 2 ;;&
     fo|all) bench --shape llama2-7b --mode forward,qzo,lomo,adalomo,adamw --batch 1 --seq 512 --steps 10 --warmup 3 ;;&
-    tests|llama7b|opt|peak|70b|fo|all) ;;
-    *) echo "gpu_proof.sh: unknown part '$part' (all, tests, llama7b, opt, peak, 70b, fo)" >&2; exit 2 ;;
+    fo70b|all) bench --shape llama2-7b --mode adalomo,adalomo-offload --batch 1 --seq 2048 --steps 5 --warmup 2
+               bench --shape llama2-70b --mode adalomo-offload --batch 1 --seq 2048 --steps 3 --warmup 1 ;;&
+    tests|llama7b|opt|peak|70b|fo|fo70b|all) ;;
+    *) echo "gpu_proof.sh: unknown part '$part' (all, tests, llama7b, opt, peak, 70b, fo, fo70b)" >&2; exit 2 ;;
   esac
 done
