@@ -454,9 +454,8 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
     codes streamed by engine.BlockStreamer (h2d/d2h from its counters); lomo/adalomo/adamw/hift: quantized model
     resident, a first-order step (forward + backward: fused update, AdamW, or AdamW on one group of layers) on the
     scales; lomo-offload/adalomo-offload: the same with every block's codes streamed through forward and, in
-    reverse, through backward (each block checkpointed and recomputed); grass: dense model, a GRASS step on the Linear weights; mezo: dense model
-    resident, ZO step on
-    the Linear weights; zo2: the same with every block's Linear weights streamed, each step's update applied when
+    reverse, through backward (each block checkpointed and recomputed); grass: dense model, a GRASS step on the
+    Linear weights; mezo: dense model resident, ZO step on the Linear weights; zo2: the same with every block's Linear weights streamed, each step's update applied when
     the block next arrives and copied back. Timing is host wall time around each step, with
     torch.cuda.synchronize() on CUDA; torch_peak_gb is reset after the model is built (weights + step activations). For the streamed modes
     h2d_floor_ms is the time to copy every block's host buffer to the device once with nothing else running: the

@@ -29,6 +29,7 @@ with plain synchronous copies and no events, and `trace` records the (op, block,
 """
 from __future__ import annotations
 
+import itertools
 import os
 import weakref
 from dataclasses import dataclass
@@ -248,15 +249,16 @@ class _Recompute(torch.autograd.Function):
 
 def _needs_grad(block: nn.Module) -> bool:
     """Does any parameter or buffer of the block require grad (a quantized model's scales are buffers)?"""
-    return any(t.requires_grad for t in list(block.parameters()) + list(block.buffers()))
+    return any(t.requires_grad for t in itertools.chain(block.parameters(), block.buffers()))
 
 
 def _flat_tensors(tree) -> list[torch.Tensor]:
+    """The tensors in nested lists, tuples and dicts (a block's call arguments)."""
     if isinstance(tree, torch.Tensor):
         return [tree]
     if isinstance(tree, dict):
-        tree = tree.values()
-    if isinstance(tree, (list, tuple)) or type(tree).__name__ == "dict_values":
+        tree = list(tree.values())
+    if isinstance(tree, (list, tuple)):
         return [t for x in tree for t in _flat_tensors(x)]
     return []
 
