@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -31,9 +32,11 @@ from .format import QuantConfig, default_g_idx, pack_rows, pack_zeros, unpack_ze
 from .linear import QuantLinear
 from .rtn import quantize_rtn
 
+GGUF_SIDECAR = "gguf_source.json"  # a model quantized from a .gguf: the source's tokenizer keys a GGUF export reuses
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    GGUF_SIDECAR,
 )
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -163,6 +166,11 @@ def gguf_source(path: Path, trust_remote_code: bool = False) -> Source:
     def save_tokenizer(dst: Path) -> None:
         tokenizer.save_pretrained(str(dst))
         model.generation_config.save_pretrained(str(dst))
+        import gguf  # llama.cpp picks its pre-tokenizer regex by this name, which transformers' conversion drops
+
+        fields = gguf.GGUFReader(str(path)).fields
+        keep = {k: fields[k].contents() for k in ("tokenizer.ggml.model", "tokenizer.ggml.pre") if k in fields}
+        write_json(Path(dst) / GGUF_SIDECAR, {"source": path.name, **keep})
 
     return Source(config, list(state), state.__getitem__, path, save_tokenizer,
                   extra={"model": model, "tokenizer": tokenizer})
@@ -326,6 +334,7 @@ class QuantizeReport:
     bytes_before: int = 0
     bytes_after: int = 0
     seconds: float = 0.0
+    kept_codes: tuple[int, int] | None = None  # (layers whose codes came from the GGUF source as they were, of all)
     rel_error: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
     def mean_rel_error(self) -> dict[str, float]:
@@ -342,6 +351,9 @@ class QuantizeReport:
             "  mean relative reconstruction error ||W - Q(W)|| / ||W|| by layer type:",
         ]
         lines += [f"    {k:<16} {v:.4f}" for k, v in self.mean_rel_error().items()]
+        if self.kept_codes is not None:
+            lines.append(f"  codes and scales kept exactly from the GGUF for {self.kept_codes[0]} of "
+                         f"{self.kept_codes[1]} layers (the others quantized from its dequantized weights)")
         return "\n".join(lines)
 
 
@@ -401,10 +413,12 @@ class Encoder:
 
 
 def gptq_encoder(cfg: QuantConfig, quantize_fn: Callable | None = None) -> Encoder:
-    """RTN (or, through `quantize_fn(name, weight) -> (qweight, qzeros, scales fp16, g_idx)`, GPTQ) in GPTQ layout."""
+    """RTN (or, through `quantize_fn(name, weight) -> (qweight, qzeros, scales fp16, g_idx)`, GPTQ or a GGUF's own
+    codes; None from it means RTN for that layer) in GPTQ layout."""
     def encode(mod: str, w: torch.Tensor):
-        if quantize_fn is not None:
-            qweight, qzeros, scales16, g_idx = quantize_fn(mod, w)
+        chosen = quantize_fn(mod, w) if quantize_fn is not None else None  # None: this layer by RTN
+        if chosen is not None:
+            qweight, qzeros, scales16, g_idx = chosen
             zeros = unpack_zeros(qzeros, cfg.bits, cfg.checkpoint_format)
         else:
             codes, zeros, scales = quantize_rtn(w, cfg.bits, cfg.group_size, cfg.sym)
@@ -640,11 +654,56 @@ def quantize(
             raise CheckpointError("--format nf4 is 4-bit round-to-nearest: drop --bits/--method")
         return quantize_source(source, dst, nf4_encoder(cfg.group_size), skip, max_shard_bytes, progress, check)
     if cfg.method == "rtn":
-        return quantize_source(source, dst, gptq_encoder(cfg), skip, max_shard_bytes, progress, check)
+        keep = gguf_codes(source, cfg) if source.path.suffix == ".gguf" else None
+        report = quantize_source(source, dst, gptq_encoder(cfg, keep), skip, max_shard_bytes, progress, check)
+        if keep is not None:
+            report.kept_codes = (len(keep.kept), sum(len(v) for v in report.rel_error.values()))
+        return report
     with tempfile.TemporaryDirectory(prefix="gptq-work-", dir=dst) as work:  # inside the output's temporary
         encoder = gptq_encoder(cfg, gptqmodel_codes(source, Path(work), cfg, calib, nsamples, seqlen,
                                                     trust_remote_code))
         return quantize_source(source, dst, encoder, skip, max_shard_bytes, progress, check)
+
+
+def gguf_codes(source: Source, cfg: QuantConfig):
+    """For a .gguf source and a grid that is a GGUF block type (4-bit symmetric = Q4_0, 8-bit symmetric = Q8_0, group
+    size 32): quantize_fn(module, weight) giving the file's own codes and fp16 scales for each Linear stored in that
+    type, exactly (quant/gguf.py), and None (RTN from the dequantized weight) for the others. None when the grid is no
+    GGUF type. `.kept` lists the modules kept."""
+    import gguf
+
+    from .gguf import decode, unpermute_rows
+
+    want = {(4, True): "q4_0", (8, True): "q8_0"}.get((cfg.bits, cfg.sym))
+    if want is None or cfg.group_size != 32 or cfg.desc_act:
+        return None
+    reader = gguf.GGUFReader(str(source.path))
+    arch = reader.fields["general.architecture"].contents()
+    arch_enum = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), None)
+    if arch_enum is None:
+        return None
+    config = source.config
+    names = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
+    stored = {t.name: t for t in reader.tensors}
+    # llama.cpp's converter permuted llama's q/k rows into its rope layout; transformers undid it when it loaded
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads} if arch == "llama" else {}
+
+    def read(mod: str, weight: torch.Tensor):
+        g = names.get_name(f"{mod}.weight", try_suffixes=(".weight",))
+        t = stored.get(g) if g else None
+        if t is None or t.tensor_type.name.lower() != want:
+            return None
+        raw = np.asarray(t.data).reshape(weight.shape[0], -1)
+        kind = g.split(".")[2] if g.startswith("blk.") else ""
+        if kind in heads:
+            raw = unpermute_rows(raw, heads[kind])
+        codes, zeros, scales = decode(raw, want)
+        read.kept.append(mod)
+        return (pack_rows(codes, cfg.bits), pack_zeros(zeros, cfg.bits, cfg.checkpoint_format), scales,
+                default_g_idx(weight.shape[1], cfg.group_size))
+
+    read.kept = []
+    return read
 
 
 def gptqmodel_codes(source: Source, work: Path, cfg: QuantConfig, calib: Path, nsamples: int, seqlen: int,

@@ -37,14 +37,21 @@ __all__ = ["quantize", "train", "export", "evaluate", "TrainConfig", "TrainResul
 
 
 # ---- quantize ------------------------------------------------------------------------------------------------------
-def quantize(model: str | os.PathLike | None, output: str | os.PathLike, *, bits: int = 4, group_size: int | None = None,
-             sym: bool = True, method: str = "rtn", format: str = "gptq", skip: str | Iterable[str] = (),
+GGUF_GRIDS = {"gguf-q4_0": (4, True), "gguf-q4_1": (4, False), "gguf-q8_0": (8, True)}  # format -> bits, symmetric
+
+
+def quantize(model: str | os.PathLike | None, output: str | os.PathLike, *, bits: int | None = None,
+             group_size: int | None = None, sym: bool | None = None, method: str = "rtn", format: str = "gptq", skip: str | Iterable[str] = (),
              calib: str | os.PathLike | None = None, nsamples: int = 128, seqlen: int = 512, desc_act: bool = False,
              max_shard_size: int | str = "4GB", overwrite: bool = False, trust_remote_code: bool = False,
              progress: bool = False, echo=None) -> "QuantizeReport":
     """Quantize a Hugging Face causal LM (a local directory or .gguf file; None = the embedded SmolLM2-135M) into a
     GPTQ checkpoint at `output` (int `bits` codes, per-group scales; format nf4: bitsandbytes NF4), written
-    atomically. group_size None picks 128, or the largest of 64/32 that divides every layer (-1: per channel);
+    atomically; bits None = 4, sym None = symmetric. Formats gguf-q4_0 / gguf-q4_1 / gguf-q8_0 pick the grid a GGUF
+    block type holds exactly (4-bit symmetric / asymmetric, 8-bit symmetric; group size 32), written as GPTQ, so
+    the trained model exports to that GGUF type bit for bit; from a .gguf stored in that type (Q4_0 / Q8_0) the
+    codes and scales are kept as they are. group_size None picks 128, or the largest of 64/32 that divides every
+    layer (-1: per channel);
     method gptq calibrates on `calib` (a text file; default the shipped Hamlet). Returns the report
     (`.summary(output)` is what `qzo2 quantize` prints); `echo(line)` gets the chosen group size."""
     from quant.checkpoint import atomic_dir, auto_group_size, open_source
@@ -61,8 +68,20 @@ def quantize(model: str | os.PathLike | None, output: str | os.PathLike, *, bits
     if out.exists() and not overwrite:
         clear_stale_lock(out)
         raise ValueError(f"output {out} already exists (pass --overwrite / overwrite=True to replace it)")
-    if format not in ("gptq", "gptq_v2", "nf4") or method not in ("rtn", "gptq"):
-        raise ValueError(f"format must be gptq, gptq_v2 or nf4 and method rtn or gptq (got {format!r}, {method!r})")
+    if format not in ("gptq", "gptq_v2", "nf4", *GGUF_GRIDS) or method not in ("rtn", "gptq"):
+        raise ValueError(f"format must be gptq, gptq_v2, nf4 or one of {', '.join(GGUF_GRIDS)} and method rtn or gptq "
+                         f"(got {format!r}, {method!r})")
+    if format in GGUF_GRIDS:
+        grid = GGUF_GRIDS[format]
+        if (bits is not None and bits != grid[0]) or (sym is not None and sym != grid[1]):
+            raise ValueError(f"--format {format} is {grid[0]}-bit {'symmetric' if grid[1] else 'asymmetric'}: drop "
+                             f"--bits/--sym/--asym")
+        if group_size is not None and (group_size == -1 or group_size % 32) or desc_act:
+            raise ValueError(f"--format {format} needs groups of 32 input channels (or a multiple of 32) without "
+                             f"--desc-act: GGUF blocks are 32 consecutive weights")
+        bits, sym, group_size = grid[0], grid[1], group_size or 32
+    bits = 4 if bits is None else bits
+    sym = True if sym is None else sym
     skip = [skip] if isinstance(skip, str) else list(skip)
     for pattern in skip:  # before anything loads: re.error is no ValueError, it would be a traceback
         try:
@@ -75,7 +94,7 @@ def quantize(model: str | os.PathLike | None, output: str | os.PathLike, *, bits
         if echo:
             echo(f"group size {group_size}")
     cfg = QuantConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
-                      checkpoint_format="gptq" if format == "nf4" else format, method=method)
+                      checkpoint_format=format if format in ("gptq", "gptq_v2") else "gptq", method=method)
     calib = Path(calib) if calib else (default_text_path() if method == "gptq" else None)
     if calib is not None:
         read_utf8(calib, "calibration file")  # a missing or non-UTF-8 file: one line, before GPTQ starts
@@ -83,7 +102,7 @@ def quantize(model: str | os.PathLike | None, output: str | os.PathLike, *, bits
     with locked(out, "quantize"):  # one writer per output; what a killed quantize left goes first
         remove_stale(out.parent, re.escape(out.name))
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            report = quantize_source(source, tmp, cfg, fmt=format, skip=skip, calib=calib, nsamples=nsamples,
+            report = quantize_source(source, tmp, cfg, fmt="nf4" if format == "nf4" else cfg.checkpoint_format, skip=skip, calib=calib, nsamples=nsamples,
                                      seqlen=seqlen, max_shard_bytes=shard, progress=progress,
                                      trust_remote_code=trust_remote_code)
             write_marker(tmp, "quantize", source=str(Path(resolve_source(src_name)).resolve()), format=format)

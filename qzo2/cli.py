@@ -81,17 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("src", nargs="?", default=None,
                    help="local HF model directory (safetensors) or .gguf file; default: the embedded SmolLM2-135M")
     q.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --overwrite)")
-    q.add_argument("--bits", type=int, default=4, choices=[2, 4, 8], help="bits per weight (default 4)")
+    q.add_argument("--bits", type=int, default=None, choices=[2, 4, 8], help="bits per weight (default 4)")
     q.add_argument("--group-size", type=int, default=None, choices=[-1, 32, 64, 128, 256],
                    help="input channels sharing one scale; -1 = one per output channel (default: 128, or the "
                         "largest of 64/32 that divides every layer's in_features, e.g. 64 for SmolLM2's 576)")
     sym = q.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with a zero point per group")
     q.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
                    help="rtn: round to nearest (fast, no data); gptq: error-compensating GPTQ via gptqmodel")
-    q.add_argument("--format", choices=["gptq", "gptq_v2", "nf4"], default="gptq",
-                   help="gptq: v1 layout most tools read (default); gptq_v2: true zero points; nf4: bitsandbytes")
+    q.add_argument("--format", choices=["gptq", "gptq_v2", "nf4", "gguf-q4_0", "gguf-q4_1", "gguf-q8_0"],
+                   default="gptq",
+                   help="gptq: v1 layout most tools read (default); gptq_v2: true zero points; nf4: bitsandbytes; "
+                        "gguf-q4_0 / gguf-q4_1 / gguf-q8_0: GPTQ on the grid of that GGUF type (group 32), so "
+                        "`export --format gguf` writes the trained model to it exactly")
     q.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                    help="regex of Linear names to keep unquantized (repeatable), e.g. --skip 'mlp\\.down_proj'")
     q.add_argument("--calib", default=None, help="GPTQ calibration text file (default: Hamlet, shipped offline)")
@@ -119,11 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
     x.add_argument("run", help="run directory of `qzo2 train` (or a quantized model directory, for --format hf)")
     x.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --overwrite)")
-    x.add_argument("--format", choices=["gptq", "gptq_v2", "hf"], default="gptq",
+    x.add_argument("--format", choices=["gptq", "gptq_v2", "hf", "gguf"], default="gptq",
                    help="gptq: the base GPTQ checkpoint with trained scales (default); gptq_v2: same, true zero "
-                        "points; hf: dequantized, merged plain checkpoint")
-    x.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="weights of an hf export (default: the run's training dtype; for a model dir its own)")
+                        "points; hf: dequantized, merged plain checkpoint; gguf: OUT/model.gguf (llama.cpp, "
+                        "Ollama) with the codes and trained scales as Q4_0/Q4_1/Q8_0 blocks, and a Modelfile")
+    x.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "q8_0"], default=None,
+                   help="weights of an hf export (default: the run's training dtype; for a model dir its own); for "
+                        "gguf the tensors that are not quantized Linears (embeddings, an untied head; default: as "
+                        "stored; q8_0 re-quantizes them)")
     x.add_argument("--checkpoint", default="auto",
                    help="best, last or a step number (default: best if the run evaluated, else last)")
     x.add_argument("--max-shard-size", type=parse_size, default="4GB", help="safetensors shard size (default 4GB)")

@@ -29,10 +29,11 @@ from quant.checkpoint import (
 )
 from quant.format import convert_qzeros
 
+from .export_gguf import DTYPES as GGUF_DTYPES, GGUF_NAME, export_gguf
 from .model import DTYPES, is_quantized_dir, resolve_source
 from .outputs import clear_stale_lock, guard_output, locked, remove_stale, write_marker
 
-FORMATS = ("gptq", "gptq_v2", "hf")
+FORMATS = ("gptq", "gptq_v2", "hf", "gguf")
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
@@ -57,6 +58,7 @@ class ExportReport:
     lost: int = 0  # ... of which the cast to the output dtype rounds back to the untrained value
     dtype: str = ""
     bytes: int = 0
+    gguf: object = None  # export_gguf.GGUFReport of a gguf export
 
     def count_change(self, new: torch.Tensor, old: torch.Tensor, dtype: torch.dtype) -> None:
         """Count the values training moved (new != old in fp32) and those the cast to `dtype` erases."""
@@ -75,6 +77,12 @@ class ExportReport:
                 f"values ({100 * self.lost / self.changed:.1f}%)" + (f"; {hint}" if hint else ""))
 
     def summary(self) -> str:
+        if self.gguf is not None:
+            types = ", ".join(f"{n} {t}" for t, n in sorted(self.gguf.types.items()))
+            err = (f"; Q4_1 offsets within {self.gguf.q4_1_max_error:.2g} of s·(q − z)"
+                   if self.gguf.q4_1_max_error else "")
+            return (f"exported gguf to {self.out / GGUF_NAME} with an Ollama Modelfile ({self.replaced} trained "
+                    f"tensors; {types}{err}; {self.bytes / 2**20:.1f} MiB)")
         parts = [f"{self.replaced} trained tensors"]
         if self.dequantized:
             parts.append(f"{self.dequantized} Linears dequantized")
@@ -261,9 +269,9 @@ def model_card(t: Trained, fmt: str, dtype: str) -> str:
     """README.md for the exported directory: what it is, how it was made, how to load it."""
     r = t.run
     kind = {"gptq": "GPTQ (v1) checkpoint", "gptq_v2": "GPTQ v2 checkpoint",
-            "hf": f"merged {dtype} Hugging Face checkpoint"}[fmt]
+            "hf": f"merged {dtype} Hugging Face checkpoint", "gguf": "GGUF file"}[fmt]
     order = "first-order" if r and r["first_order"] else "zeroth-order"
-    tags = ["qzo2"] + ([order] if r else []) + (["gptq"] if fmt != "hf" else [])
+    tags = ["qzo2"] + ([order] if r else []) + {"hf": [], "gguf": ["gguf"]}.get(fmt, ["gptq"])
     lines = ["---", yaml.safe_dump({"library_name": "transformers", "tags": tags}, sort_keys=False).strip(), "---",
              "", f"# {kind} exported by qzo2", ""]
     if r:
@@ -281,6 +289,11 @@ def model_card(t: Trained, fmt: str, dtype: str) -> str:
         lines.append(f"- Source: `{t.base}` (no training run: exported as is)")
     if fmt == "hf":
         lines += ["", "Load with `AutoModelForCausalLM.from_pretrained(path)`; no quantization package is needed."]
+    elif fmt == "gguf":
+        lines += ["", f"`{GGUF_NAME}` holds the quantized Linears as GGUF blocks built from the base's codes and the "
+                  "trained scales (not re-quantized). Serve it with `llama-cli -m " + GGUF_NAME + "`, or "
+                  "`ollama create NAME -f Modelfile`; transformers reads it with `from_pretrained(dir, "
+                  f"gguf_file=\"{GGUF_NAME}\")`."]
     else:
         lines += ["", "Codes, zero points and g_idx are the base checkpoint's; only `scales` changed. Load with "
                   "transformers + optimum + gptqmodel (`AutoModelForCausalLM.from_pretrained(path)`), or any GPTQ "
@@ -306,26 +319,35 @@ def export(path: str, out: str, fmt: str = "gptq", dtype: str | None = None, che
     what training changed and what the cast erased (report.loss_warning())."""
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown export format {fmt!r}; choose from {FORMATS}")
-    if dtype is not None and dtype not in DTYPES:
+    if fmt == "gguf":  # --dtype names the GGUF type of the tensors that are not quantized Linears
+        dtype = {"fp16": "f16", "fp32": "f32"}.get(dtype, dtype)
+        if dtype is not None and dtype not in GGUF_DTYPES:
+            raise CheckpointError(f"unknown GGUF dtype {dtype!r}; choose from {GGUF_DTYPES}")
+    elif dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose from {tuple(DTYPES)}")
     guard_output(out, [path], replace=overwrite)  # before anything loads; the base is checked once known
     t = load_run(path, checkpoint)
-    dtype = dtype or default_dtype(t)
+    if fmt != "gguf":
+        dtype = dtype or default_dtype(t)
     target = guard_output(out, [path, t.base], replace=overwrite)
     if target.exists() and not overwrite:
         clear_stale_lock(target)
         raise CheckpointError(f"output {out} already exists (pass --overwrite to replace it)")
     report = ExportReport(Path(out), fmt, dtype=dtype if fmt == "hf" else "fp16")
+    gguf_report = None
     with locked(target, "export"):  # one writer per output; what a killed export left goes first
         remove_stale(target.parent, re.escape(target.name))
         with atomic_dir(target, overwrite=overwrite) as tmp:
             if fmt == "hf":
                 export_hf(t, tmp, DTYPES[dtype], max_shard_bytes, report)
+            elif fmt == "gguf":
+                gguf_report = export_gguf(t, tmp, dtype, report)
             else:
                 export_gptq(t, tmp, fmt, max_shard_bytes, report)
             (tmp / "README.md").write_text(model_card(t, fmt, dtype))
             write_marker(tmp, "export", format=fmt, source=str(Path(path).resolve()),
                          checkpoint=t.run.get("step"))
+    report.gguf = gguf_report
     if report.clamped:
         warnings.warn(f"{report.clamped} trained scales were outside the checkpoint dtype's range and were clamped",
                       stacklevel=2)

@@ -1,0 +1,255 @@
+"""GGUF export and import: the quantized Linears as Q4_0 / Q4_1 / Q8_0 blocks built from the codes and trained scales,
+checked against llama.cpp's own Python (gguf's reader and `gguf.quants.dequantize`), against the GPTQ export of the
+same run decoded independently in numpy, and against transformers' GGUF loader (logits and greedy text)."""
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+from conftest import TEXT, build_model
+from quant.checkpoint import atomic_dir, open_source, quantize
+from quant.format import QuantConfig
+from quant.gguf import NotExact, decode, encode, exact_type, permute_rows, unpermute_rows
+from quant.rtn import quantize_rtn
+from qzo2 import trainer
+from qzo2.api import quantize as api_quantize
+from qzo2.cli import main
+from qzo2.config import TrainConfig
+from qzo2.export_gguf import modelfile
+from qzo2.exporter import export
+
+GRIDS = {"q4_0": QuantConfig(bits=4, group_size=32), "q8_0": QuantConfig(bits=8, group_size=32),
+         "q4_1": QuantConfig(bits=4, group_size=32, sym=False, checkpoint_format="gptq_v2")}
+
+
+# ---- the block codec ---------------------------------------------------------------------------------------------------
+def _reference(codes, zeros, scales16, group):
+    """float64 W = s · (q − z) as [N, K]."""
+    s = scales16.double().repeat_interleave(group, 0)
+    z = zeros.double().repeat_interleave(group, 0)
+    return (s * (codes.double() - z)).t().numpy()
+
+
+@pytest.mark.parametrize("qtype,bits,sym,group", [("q4_0", 4, True, 32), ("q4_0", 4, True, 64), ("q8_0", 8, True, 32),
+                                                  ("q8_0", 8, True, 128), ("q4_1", 4, False, 32)])
+def test_blocks_decode_in_gguf_to_the_grid(qtype, bits, sym, group):
+    w = torch.randn(24, 256, generator=torch.Generator().manual_seed(0)) * 0.05
+    codes, zeros, scales = quantize_rtn(w, bits, group, sym)
+    s16 = scales.half()
+    raw, err = encode(codes, zeros, s16, group, qtype)
+    got = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype.upper()]).astype(np.float64)
+    ref = _reference(codes, zeros, s16, group)
+    if qtype == "q4_1":  # m = −s·z is rounded to fp16: within half an fp16 ulp of the largest |m|
+        m = (s16.double() * zeros.double()).abs().max().item()
+        assert 0 < err <= np.spacing(np.float16(m)) / 2
+        assert np.abs(got - ref).max() <= err * 1.001
+    else:
+        assert err == 0 and np.array_equal(got, ref)
+    if qtype != "q4_1" and group == 32:  # and back to the very codes, zero points and fp16 scales
+        c2, z2, s2 = decode(raw, qtype)
+        assert torch.equal(c2, codes) and torch.equal(z2, zeros) and torch.equal(s2, s16)
+
+
+def test_grids_without_an_exact_block_type_are_refused():
+    assert exact_type(4, True, 128, 256) == "q4_0" and exact_type(8, True, 32, 64) == "q8_0"
+    for args, why in [((2, True, 32, 64), "2-bit"), ((8, False, 32, 64), "8-bit asymmetric"),
+                      ((4, True, 16, 64), "group size 16"), ((4, True, 32, 64, True), "act-order"),
+                      ((4, True, 32, 64, False, True), "NF4")]:
+        with pytest.raises(NotExact, match=why):
+            exact_type(*args)
+    codes, zeros, scales = quantize_rtn(torch.randn(4, 64), 4, 32, sym=False)
+    with pytest.raises(NotExact, match="zero point to be 8"):
+        encode(codes, zeros, scales.half(), 32, "q4_0")
+    with pytest.raises(NotExact, match="Q4_1"):
+        decode(np.zeros((4, 40), np.uint8), "q4_1")
+
+
+def test_permutation_is_llama_cpps_and_inverts():
+    """permute_rows is what transformers' GGUF loader undoes for llama q/k (an independent implementation)."""
+    w = np.arange(32 * 6, dtype=np.float32).reshape(32, 6)
+    for heads in (4, 2):
+        p = permute_rows(w, heads)
+        assert not np.array_equal(p, w)
+        assert np.array_equal(LlamaTensorProcessor()._reverse_permute_weights(p, heads, heads), w)
+        assert np.array_equal(unpermute_rows(p, heads), w)
+
+
+# ---- export of trained runs ---------------------------------------------------------------------------------------------
+def _train(tmp, model_dir, steps=4):
+    words = TEXT.split()
+    rows = [{"prompt": " ".join(words[i:i + 4]), "completion": " " + " ".join(words[i + 4:i + 8])}
+            for i in range(0, 32, 8)]
+    data = tmp / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp / "run"
+    trainer.train(TrainConfig(model=str(model_dir), method="adalomo", task="", train_file=str(data), steps=steps,
+                              batch_size=4, lr=2e-2, max_length=32, eval_every=0, save_every=steps, log_every=steps,
+                              output_dir=str(run), progress=False))
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer):
+    """For (family, grid): the quantized dir, an AdaLomo run on it, its gptq_v2, hf (fp32) and gguf exports, and
+    hf16: the gptq_v2 export merged into fp32 weights."""
+    cache = {}
+
+    def get(family, qtype):
+        if (family, qtype) not in cache:
+            tmp = tmp_path_factory.mktemp(f"gguf-{family}-{qtype}")
+            src = tmp / "src"
+            build_model(family, vocab_size=len(tokenizer) + 20).save_pretrained(src)
+            tokenizer.save_pretrained(src)
+            with atomic_dir(tmp / "q") as d:
+                quantize(open_source(src), d, GRIDS[qtype], progress=False)
+            run = _train(tmp, tmp / "q")
+            out = dict(q=tmp / "q", run=run)
+            for fmt, dtype in (("gptq_v2", None), ("hf", "fp32"), ("gguf", None)):
+                out[fmt] = tmp / fmt
+                out[f"{fmt}-report"] = export(str(run), str(tmp / fmt), fmt=fmt, dtype=dtype)
+            out["hf16"] = tmp / "hf16"  # the GPTQ export merged: the trained scales as fp16, as the GGUF holds them
+            export(str(tmp / "gptq_v2"), str(tmp / "hf16"), fmt="hf", dtype="fp32")
+            cache[family, qtype] = out
+        return cache[family, qtype]
+
+    return get
+
+
+def _unpack_np(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """Independent numpy unpacker of GPTQ int32 words (lowest bits first) along `axis`."""
+    per = 32 // bits
+    u = words.astype(np.int64) & 0xFFFFFFFF
+    fields = np.stack([(u >> (bits * i)) & ((1 << bits) - 1) for i in range(per)], axis=axis + 1)
+    shape = list(words.shape)
+    shape[axis] *= per
+    return fields.reshape(shape)
+
+
+@pytest.mark.parametrize("family,qtype", [("llama", "q4_0"), ("llama", "q8_0"), ("qwen2", "q4_0"), ("qwen2", "q8_0"),
+                                          ("llama", "q4_1")])
+def test_gguf_tensors_equal_the_gptq_export_decoded_independently(exported, family, qtype):
+    e = exported(family, qtype)
+    gptq = load_file(e["gptq_v2"] / "model.safetensors")
+    base = load_file(e["q"] / "model.safetensors")
+    reader = gguf.GGUFReader(str(e["gguf"] / "model.gguf"))
+    stored = {t.name: t for t in reader.tensors}
+    config = json.loads((e["q"] / "config.json").read_text())
+    names = gguf.get_tensor_name_map(
+        next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == family), config["num_hidden_layers"])
+    bits = GRIDS[qtype].bits
+    changed = 0
+    for mod in sorted(k[:-len(".qweight")] for k in gptq if k.endswith(".qweight")):
+        changed += not torch.equal(gptq[f"{mod}.scales"], base[f"{mod}.scales"])
+        q = _unpack_np(gptq[f"{mod}.qweight"].numpy(), bits, 0)  # [K, N]
+        z = _unpack_np(gptq[f"{mod}.qzeros"].numpy(), bits, 1)  # [G, N], v2: true zero points
+        s = gptq[f"{mod}.scales"].numpy().astype(np.float64)
+        ref = (s.repeat(32, 0) * (q - z.repeat(32, 0))).T  # [N, K] float64
+        t = stored[names.get_name(f"{mod}.weight", try_suffixes=(".weight",))]
+        assert t.tensor_type.name == qtype.upper()
+        got = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
+        if family == "llama" and (".q_proj" in mod or ".k_proj" in mod):  # undone as transformers' loader does
+            heads = config["num_attention_heads"] if ".q_proj" in mod else config["num_key_value_heads"]
+            got = LlamaTensorProcessor()._reverse_permute_weights(got, heads, heads)
+        if qtype == "q4_1":
+            assert 0 < np.abs(got - ref).max() <= e["gguf-report"].gguf.q4_1_max_error * 1.001 < 1e-3
+        else:
+            assert np.array_equal(got, ref), mod  # bit for bit: the same fp16 d, the same codes
+    assert changed >= 10  # the run moved the scales, so the equality is about the trained ones
+    for name, tensor in base.items():  # the unquantized tensors, as stored
+        if name.endswith(("norm.weight", "embed_tokens.weight", "lm_head.weight")):
+            t = stored[names.get_name(name, try_suffixes=(".weight",))]
+            got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+            assert torch.equal(got.float(), tensor.float()), name
+
+
+@pytest.mark.parametrize("family,qtype", [("llama", "q4_0"), ("qwen2", "q8_0"), ("llama", "q4_1")])
+def test_transformers_loads_the_gguf_with_the_hf_exports_logits(exported, family, qtype):
+    """transformers rebuilds the model from our metadata alone; its logits equal the merged GPTQ export's exactly
+    (the same fp16 scales), and the run's fp32-scale HF export's up to the fp16 rounding of the scales."""
+    e = exported(family, qtype)
+    hf16 = AutoModelForCausalLM.from_pretrained(e["hf16"], dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(e["hf"], dtype=torch.float32).eval()
+    gg = AutoModelForCausalLM.from_pretrained(e["gguf"], gguf_file="model.gguf", dtype=torch.float32).eval()
+    assert gg.config.model_type == family
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = hf16(ids).logits, gg(ids).logits
+        if qtype == "q4_1":  # the fp16 offsets: close, not equal
+            torch.testing.assert_close(b, a, rtol=0, atol=2e-3)
+        else:
+            assert torch.equal(a, b)
+        torch.testing.assert_close(b, hf(ids).logits, rtol=0, atol=5e-3)
+        greedy = [m.generate(ids[:1, :6], max_new_tokens=8, do_sample=False, pad_token_id=2) for m in (hf16, gg)]
+    assert torch.equal(*greedy)
+
+
+def test_gguf_metadata_and_modelfile(exported, tokenizer):
+    e = exported("llama", "q4_0")
+    reader = gguf.GGUFReader(str(e["gguf"] / "model.gguf"))
+    f = {k: v.contents() for k, v in reader.fields.items() if not k.startswith("GGUF.")}
+    assert f["general.architecture"] == "llama" and f["llama.block_count"] == 2
+    assert f["llama.attention.head_count_kv"] == 2 and f["llama.embedding_length"] == 128
+    assert f["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_0
+    assert f["tokenizer.ggml.model"] == "gpt2" and len(f["tokenizer.ggml.tokens"]) == len(tokenizer) + 20
+    assert f["tokenizer.ggml.tokens"][:len(tokenizer)] == [tokenizer.convert_ids_to_tokens(i)
+                                                           for i in range(len(tokenizer))]
+    assert f["tokenizer.ggml.eos_token_id"] == 2 and len(f["tokenizer.ggml.merges"]) > 0
+    mf = (e["gguf"] / "Modelfile").read_text()
+    assert "FROM ./model.gguf" in mf and 'PARAMETER stop "</s>"' in mf
+    card = (e["gguf"] / "README.md").read_text()
+    assert "adalomo" in card and "gguf" in card
+
+
+def test_modelfile_for_chatml_and_llama3():
+    chatml = modelfile("model.gguf", "{{ '<|im_start|>' + message['role'] }}", "<|im_end|>")
+    assert "<|im_start|>{{ .Role }}" in chatml and chatml.count("PARAMETER stop") == 1
+    llama3 = modelfile("model.gguf", "<|start_header_id|>", "<|eot_id|>")
+    assert "<|start_header_id|>{{ .Role }}<|end_header_id|>" in llama3 and 'stop "<|eot_id|>"' in llama3
+
+
+# ---- quantize onto a GGUF grid, and import of GGUF codes ---------------------------------------------------------------
+def test_quantize_gguf_grid_and_exact_import(tmp_path, make_model_dir, capsys):
+    src, _ = make_model_dir("llama")
+    assert main(["quantize", str(src), "-o", str(tmp_path / "q8"), "--format", "gguf-q8_0", "-q"]) == 0
+    qc = json.loads((tmp_path / "q8" / "quantize_config.json").read_text())
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["checkpoint_format"]) == (8, 32, True, "gptq")
+    assert main(["export", str(tmp_path / "q8"), "-o", str(tmp_path / "g8"), "--format", "gguf"]) == 0
+    # the GGUF back into qzo2: the very codes and scales, for every layer
+    assert main(["quantize", str(tmp_path / "g8" / "model.gguf"), "-o", str(tmp_path / "back"), "--format",
+                 "gguf-q8_0", "-q"]) == 0
+    assert "kept exactly from the GGUF for 14 of 14 layers" in capsys.readouterr().out
+    a, b = load_file(tmp_path / "q8" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    for k in a:
+        if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx")):
+            assert torch.equal(a[k], b[k]), k
+    # a grid that is not the file's type quantizes from the dequantized weights instead (and so does not match)
+    assert main(["quantize", str(tmp_path / "g8" / "model.gguf"), "-o", str(tmp_path / "g64"), "--bits", "8",
+                 "--group-size", "64", "-q"]) == 0
+    assert "kept exactly" not in capsys.readouterr().out
+
+
+def test_refusals_say_what_to_do_and_write_nothing(tmp_path, make_model_dir, capsys):
+    src, _ = make_model_dir("llama")
+    assert main(["quantize", str(src), "-o", str(tmp_path / "x"), "--format", "gguf-q4_0", "--bits", "8"]) == 2
+    assert "drop --bits" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["quantize", str(src), "-o", str(tmp_path / "x"), "--format", "gguf-q4_1", "--group-size", "-1"]) == 2
+    assert "groups of 32" in capsys.readouterr().err
+    with atomic_dir(tmp_path / "q2") as d:
+        quantize(open_source(src), d, QuantConfig(bits=2, group_size=32), progress=False)
+    assert main(["export", str(tmp_path / "q2"), "-o", str(tmp_path / "out"), "--format", "gguf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "qzo2 quantize --format gguf-q4_0" in err
+    assert not (tmp_path / "out").exists()
+    opt, _ = make_model_dir("opt")
+    with atomic_dir(tmp_path / "qopt") as d:
+        quantize(open_source(opt), d, QuantConfig(bits=4, group_size=32), progress=False)
+    assert main(["export", str(tmp_path / "qopt"), "-o", str(tmp_path / "out"), "--format", "gguf"]) == 2
+    assert "'opt'" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(["export", str(tmp_path / "q2"), "-o", str(tmp_path / "out"), "--format", "hf", "--dtype",
+                 "q8_0"]) == 2
+    assert not (tmp_path / "out").exists()
