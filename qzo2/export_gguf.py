@@ -258,28 +258,51 @@ def tokenizer_pre(tokdir: Path, tokenizer_json: dict) -> tuple[str, str | None]:
 
 
 def add_tokenizer(w, tokdir: Path, config) -> tuple[str, str | None]:
-    """Byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen2, SmolLM2), as llama.cpp's converter writes them:
-    every id up to the model's vocab size (ids the tokenizer lacks as unused [PADn]), token types, merges, special
-    ids and the chat template (gguf.SpecialVocab)."""
+    """The tokenizer as llama.cpp's converter writes it, every id up to the model's vocab size (ids the tokenizer
+    lacks as unused [PADn]): SentencePiece models (Llama 2, Mistral v0.1: tokenizer.model) with gguf's
+    SentencePieceVocab (pieces, scores, types), byte-level BPE (Llama 3, Qwen2, SmolLM2) from tokenizer.json; then
+    merges, special ids and the chat template with gguf.SpecialVocab."""
     import gguf
 
     path = tokdir / "tokenizer.json"
+    n = config.vocab_size
+    T = gguf.TokenType
+    if (tokdir / "tokenizer.model").exists():
+        try:
+            vocab = gguf.SentencePieceVocab(tokdir)
+        except RuntimeError as e:  # gguf's reader needs the sentencepiece package
+            raise CheckpointError(f"{tokdir / 'tokenizer.model'}: reading a SentencePiece tokenizer needs "
+                                  f"`pip install sentencepiece` ({e})") from None
+        tokens, scores, types = (list(x) for x in zip(*vocab.all_tokens()))
+        if len(tokens) > n:
+            raise CheckpointError(f"{tokdir / 'tokenizer.model'} has {len(tokens)} pieces, more than the model's "
+                                  f"vocab_size {n}")
+        for i in range(len(tokens), n):
+            tokens.append(f"[PAD{i}]".encode())
+            scores.append(-1000.0)
+            types.append(T.UNUSED)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        gguf.SpecialVocab(tokdir, load_merges=False, n_vocab=n).add_to_gguf(w, quiet=True)
+        return "default", None
     if not path.exists():
-        raise CheckpointError(f"{tokdir} has no tokenizer.json; GGUF export needs a fast (tokenizers) tokenizer")
+        raise CheckpointError(f"{tokdir} has no tokenizer.json or tokenizer.model; GGUF export needs the tokenizer")
     tj = json.loads(path.read_text(encoding="utf-8"))
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise CheckpointError(f"{path}: GGUF export writes byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM2); this "
-                              f"one is {model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}"
+        raise CheckpointError(f"{path}: GGUF export writes byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM2) and "
+                              f"SentencePiece ones with their tokenizer.model; this one is {model.get('type')}"
+                              f"{' with byte fallback and no tokenizer.model' if model.get('byte_fallback') else ''}"
                               f" (export --format gptq or hf instead)")
     tok = load_tokenizer(tokdir)
     reverse = {i: s for s, i in tok.get_vocab().items()}
     added = tok.added_tokens_decoder
-    n = config.vocab_size
     if max(reverse) >= n:
         raise CheckpointError(f"{path}: token id {max(reverse)} is beyond the model's vocab_size {n}")
     tokens, types = [], []
-    T = gguf.TokenType
     for i in range(n):
         if i not in reverse:
             tokens.append(f"[PAD{i}]")

@@ -253,3 +253,42 @@ def test_refusals_say_what_to_do_and_write_nothing(tmp_path, make_model_dir, cap
     assert main(["export", str(tmp_path / "q2"), "-o", str(tmp_path / "out"), "--format", "hf", "--dtype",
                  "q8_0"]) == 2
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_sentencepiece_tokenizer_exports_for_llama_cpp(tmp_path, family):
+    """A SentencePiece tokenizer (Llama 2, Mistral v0.1: tokenizer.model) goes in as llama.cpp's 'llama' vocab with
+    its pieces, scores and types; transformers' GGUF reader rebuilds a tokenizer that splits text as the source's."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    sp = tmp_path / "sp"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([TEXT[i:i + 80] for i in range(0, len(TEXT), 40)]),
+                                   model_prefix=str(sp), vocab_size=320, model_type="bpe", byte_fallback=True,
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, character_coverage=1.0, minloglevel=2)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tokenizer.model").write_bytes(sp.with_suffix(".model").read_bytes())
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
+                                                           "eos_token": "</s>", "unk_token": "<unk>"}))
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.save_pretrained(src)
+    build_model(family, vocab_size=330).save_pretrained(src)
+    with atomic_dir(tmp_path / "q") as d:
+        quantize(open_source(src), d, GRIDS["q4_0"], progress=False)
+    export(str(tmp_path / "q"), str(tmp_path / "gg"), fmt="gguf")
+    export(str(tmp_path / "q"), str(tmp_path / "hf"), fmt="hf", dtype="fp32")
+    f = {k: v.contents() for k, v in gguf.GGUFReader(str(tmp_path / "gg" / "model.gguf")).fields.items()
+         if k.startswith("tokenizer.ggml.")}
+    assert f["tokenizer.ggml.model"] == "llama" and len(f["tokenizer.ggml.tokens"]) == 330
+    assert f["tokenizer.ggml.tokens"][300] == tok.convert_ids_to_tokens(300)
+    proc = spm.SentencePieceProcessor(model_file=str(sp.with_suffix(".model")))  # the scores llama.cpp merges by
+    assert np.allclose(f["tokenizer.ggml.scores"][:320], [proc.GetScore(i) for i in range(320)])
+    text = "the quick brown fox jumps over the lazy dog. Zebra! 123"
+    back = AutoTokenizer.from_pretrained(tmp_path / "gg", gguf_file="model.gguf")
+    assert back.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
+    ids = torch.tensor([tok.encode(text)])
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    gg = AutoModelForCausalLM.from_pretrained(tmp_path / "gg", gguf_file="model.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, gg(ids).logits)
