@@ -189,12 +189,14 @@ def open_source(src: str | os.PathLike, trust_remote_code: bool = False) -> Sour
 
 # ---- which modules get quantized ----------------------------------------------------------------------------------
 def empty_model(config, trust_remote_code: bool = False) -> nn.Module:
-    """The model skeleton with parameters on the meta device (buffers such as rotary tables stay real)."""
+    """The model skeleton with parameters on the meta device (buffers such as rotary tables stay real). Built in
+    fp32 whatever the config's dtype: the real buffers are computed as the stock fp32 model computes them (Gemma 3's
+    embed_scale √hidden would otherwise be rounded to bf16); the parameters come from the checkpoint."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -36,7 +36,7 @@ GGUF_NAME = "model.gguf"
 DTYPES = ("f16", "bf16", "f32", "q8_0")  # --dtype of a gguf export: the tensors that are not quantized Linears
 # HF model_type -> llama.cpp architecture, as llama.cpp's convert_hf_to_gguf.py registers them (Mistral is converted
 # as Llama). Only families whose export is tested against transformers' GGUF loader are listed.
-ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
 PERMUTED = ("llama",)  # archs whose q/k rows llama.cpp's converter permutes (quant/gguf.py, permute_rows)
 # a tokenizer.json pre-tokenizer regex -> llama.cpp's pre-tokenizer of that name (llama.cpp picks its regex by name)
 PRE_BY_REGEX = {
@@ -69,6 +69,7 @@ def _arch(config) -> str:
         raise CheckpointError(f"GGUF export supports the {', '.join(sorted(ARCHS))} families; this model is "
                               f"{mt!r} (export --format gptq or hf instead)")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3: one set per attention type
     if rope.get("rope_type", "default") != "default":
         raise CheckpointError(f"GGUF export does not write {rope['rope_type']!r} rope scaling yet; export --format "
                               f"gptq or hf instead")
@@ -168,7 +169,9 @@ def plan_tensors(t, dtype: str | None, report: GGUFReport):
                 x = get(name)
                 shape, stored = tuple(x.shape), x.dtype
             g = gguf_name(name)
-            plan.append(_float_plan(g, name, get, shape, dtype, permute_for(g), stored))
+            # Gemma's RMSNorm scales by (1 + w), llama.cpp's gemma3 graph by w: its converter adds the 1
+            shift = 1.0 if arch == "gemma3" and name.endswith("norm.weight") else 0.0
+            plan.append(_float_plan(g, name, get, shape, dtype, permute_for(g), stored, shift))
     return config, plan
 
 
@@ -180,11 +183,12 @@ def _stored_dtype(where, name: str):
 
 
 def _float_plan(g: str, name: str, get, shape: tuple, dtype: str | None, n_head: int | None,
-                stored: torch.dtype | None = None) -> _Planned:
+                stored: torch.dtype | None = None, shift: float = 0.0) -> _Planned:
     qtype = _float_type(stored or torch.float32, shape, dtype)
 
     def make() -> np.ndarray:
-        a = _float_array(get(name), qtype)
+        x = get(name)
+        a = _float_array(x.float() + shift if shift else x, qtype)
         return permute_rows(a, n_head) if n_head else a
 
     return _Planned(g, shape, qtype, make)
@@ -226,6 +230,7 @@ def _hparams(w, config, arch: str) -> None:
     n_head = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3: the global layers' theta (llama.cpp fixes the local one)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)
@@ -235,6 +240,11 @@ def _hparams(w, config, arch: str) -> None:
     w.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     w.add_vocab_size(config.vocab_size)
+    if arch == "gemma3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_sliding_window(config.sliding_window)
+        return
     w.add_rope_dimension_count(head_dim)
     if head_dim != config.hidden_size // n_head:
         w.add_key_length(head_dim)

@@ -22,6 +22,9 @@ FAMILIES = {
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
     "mistral": dict(model_type="mistral", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=None),
+    "gemma3": dict(model_type="gemma3_text", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                   sliding_window=64),
     "opt": dict(model_type="opt", hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
                 word_embed_proj_dim=128, max_position_embeddings=256, enable_bias=True, do_layer_norm_before=True),
 }

@@ -131,7 +131,7 @@ def _unpack_np(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family,qtype", [("llama", "q4_0"), ("llama", "q8_0"), ("qwen2", "q4_0"), ("qwen2", "q8_0"),
-                                          ("llama", "q4_1")])
+                                          ("gemma3", "q4_0"), ("llama", "q4_1")])
 def test_gguf_tensors_equal_the_gptq_export_decoded_independently(exported, family, qtype):
     e = exported(family, qtype)
     gptq = load_file(e["gptq_v2"] / "model.safetensors")
@@ -141,6 +141,7 @@ def test_gguf_tensors_equal_the_gptq_export_decoded_independently(exported, fami
     config = json.loads((e["q"] / "config.json").read_text())
     names = gguf.get_tensor_name_map(
         next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == family), config["num_hidden_layers"])
+    assert reader.fields["general.architecture"].contents() == family
     bits = GRIDS[qtype].bits
     changed = 0
     for mod in sorted(k[:-len(".qweight")] for k in gptq if k.endswith(".qweight")):
@@ -160,14 +161,19 @@ def test_gguf_tensors_equal_the_gptq_export_decoded_independently(exported, fami
         else:
             assert np.array_equal(got, ref), mod  # bit for bit: the same fp16 d, the same codes
     assert changed >= 10  # the run moved the scales, so the equality is about the trained ones
+    norms = 0
     for name, tensor in base.items():  # the unquantized tensors, as stored
         if name.endswith(("norm.weight", "embed_tokens.weight", "lm_head.weight")):
             t = stored[names.get_name(name, try_suffixes=(".weight",))]
             got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
-            assert torch.equal(got.float(), tensor.float()), name
+            # Gemma's norms scale by (1 + w), llama.cpp's gemma3 by w
+            shift = 1.0 if family == "gemma3" and name.endswith("norm.weight") else 0.0
+            assert torch.equal(got.float(), tensor.float() + shift), name
+            norms += name.endswith("norm.weight")
+    assert norms == {"gemma3": 13, "qwen2": 5, "llama": 5}[family]  # Gemma 3: 4 per block, q/k norms, final
 
 
-@pytest.mark.parametrize("family,qtype", [("llama", "q4_0"), ("qwen2", "q8_0"), ("llama", "q4_1")])
+@pytest.mark.parametrize("family,qtype", [("llama", "q4_0"), ("qwen2", "q8_0"), ("gemma3", "q4_0"), ("llama", "q4_1")])
 def test_transformers_loads_the_gguf_with_the_hf_exports_logits(exported, family, qtype):
     """transformers rebuilds the model from our metadata alone; its logits equal the merged GPTQ export's exactly
     (the same fp16 scales), and the run's fp32-scale HF export's up to the fp16 rounding of the scales."""
@@ -175,7 +181,7 @@ def test_transformers_loads_the_gguf_with_the_hf_exports_logits(exported, family
     hf16 = AutoModelForCausalLM.from_pretrained(e["hf16"], dtype=torch.float32).eval()
     hf = AutoModelForCausalLM.from_pretrained(e["hf"], dtype=torch.float32).eval()
     gg = AutoModelForCausalLM.from_pretrained(e["gguf"], gguf_file="model.gguf", dtype=torch.float32).eval()
-    assert gg.config.model_type == family
+    assert gg.config.model_type == {"gemma3": "gemma3_text"}.get(family, family)
     ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = hf16(ids).logits, gg(ids).logits
