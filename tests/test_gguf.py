@@ -298,3 +298,20 @@ def test_sentencepiece_tokenizer_exports_for_llama_cpp(tmp_path, family):
     gg = AutoModelForCausalLM.from_pretrained(tmp_path / "gg", gguf_file="model.gguf", dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(hf(ids).logits, gg(ids).logits)
+
+
+def test_dtype_q8_0_requantizes_only_the_unquantized_matrices(exported, tmp_path):
+    """--dtype q8_0: embeddings and the untied head become Q8_0 (llama.cpp's own quantizer), the quantized Linears
+    stay the exact blocks, norms F32."""
+    e = exported("qwen2", "q4_0")
+    r = export(str(e["run"]), str(tmp_path / "g"), fmt="gguf", dtype="q8_0")
+    assert r.gguf.types == {"Q8_0": 2, "Q4_0": 14, "F32": 11}  # qwen2: 14 Linears, 2 matrices, 5 norms + 6 biases
+    a = {t.name: t for t in gguf.GGUFReader(str(e["gguf"] / "model.gguf")).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "g" / "model.gguf")).tensors}
+    for name, t in b.items():
+        if t.tensor_type.name == "Q4_0" or name.endswith("norm.weight"):
+            assert np.array_equal(np.asarray(t.data), np.asarray(a[name].data)), name
+    emb = b["token_embd.weight"]
+    want = gguf.quants.quantize(gguf.quants.dequantize(a["token_embd.weight"].data, a["token_embd.weight"].tensor_type),
+                                gguf.GGMLQuantizationType.Q8_0)
+    assert emb.tensor_type.name == "Q8_0" and np.array_equal(np.asarray(emb.data), want)
