@@ -320,8 +320,19 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def fill_architectures(d: dict) -> dict:
+    """A config dict rebuilt from GGUF metadata names no model class; servers (vLLM) need one: the causal LM class
+    transformers maps its model_type to."""
+    if not d.get("architectures"):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(d.get("model_type"))
+        d["architectures"] = [name] if name else None
+    return d
+
+
 def write_config(dst: Path, config, quantization_config: dict, dtype: str = "bfloat16") -> None:
-    d = config.to_dict()
+    d = fill_architectures(config.to_dict())
     d["quantization_config"] = quantization_config
     d["dtype"] = dtype
     d.pop("torch_dtype", None)
@@ -737,7 +748,7 @@ def save_plain_hf(source: Source, dst: Path) -> Path:
     dst.mkdir(parents=True)
     save_file({n: source.get(n).contiguous() for n in source.names}, str(dst / "model.safetensors"),
               metadata={"format": "pt"})
-    d = source.config.to_dict()
+    d = fill_architectures(source.config.to_dict())
     d.pop("quantization_config", None)
     write_json(dst / "config.json", d)
     source.save_tokenizer(dst)

@@ -109,7 +109,7 @@ def decode(raw: np.ndarray, qtype: str) -> tuple[torch.Tensor, torch.Tensor, tor
     return codes, torch.full((nb, n), zero, dtype=torch.int16), scales
 
 
-# ---- llama.cpp's rope layout -------------------------------------------------------------------------------------------
+# ---- llama.cpp's rope layout ---------------------------------------------------------------------------------------
 # llama.cpp's LLAMA architecture pairs dims 2i and 2i + 1 of a head in rope, transformers' Llama pairs i and i + d/2, so
 # llama.cpp's converter permutes the rows of q_proj and k_proj (convert_hf_to_gguf.py, LlamaModel.permute). Rows move
 # whole, so a quantized weight's blocks (and a codes / scales column) move intact.

@@ -218,7 +218,8 @@ from .model import DTYPES  # noqa: E402
 RECORD_FIELDS = ("shape", "mode", "device", "gpu", "dtype", "batch", "seq", "steps", "warmup", "bits", "group_size",
                  "depth", "streamed_blocks", "build_s", "h2d_floor_ms", "step_ms", "tok_s", "torch_peak_gb",
                  "nvml_used_gb", "h2d_gb_per_step", "d2h_gb_per_step", "host_rss_gb", "ratio_to_forward", "loss", "error",
-                 "ranks", "tok_s_rank", "collective_bytes_per_step")
+                 "ranks", "tok_s_rank", "collective_bytes_per_step", "cpu_user_s_per_step", "cpu_sys_s_per_step",
+                 "profile")
 
 
 def _norm_modules(model) -> set[int]:
@@ -446,7 +447,8 @@ def build_mode(mode: str, shape, batch: int, device: torch.device, dtype: torch.
 
 
 def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: int, device: torch.device,
-               dtype: torch.dtype, bits: int = 4, group_size: int = 128, depth: int = 2, seed: int = 0) -> dict:
+               dtype: torch.dtype, bits: int = 4, group_size: int = 128, depth: int = 2, seed: int = 0,
+               profile: bool = False) -> dict:
     """Build a fresh random model for one mode, run `warmup` untimed and `steps` timed steps. -> the JSON record
     (RECORD_FIELDS; ratio_to_forward is left to run_bench). The model dies with this call (run_bench collects it).
     forward: two plain forwards of the batch (decoder + the same chunked LM head and loss as a ZO step: the
@@ -459,7 +461,11 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
     the block next arrives and copied back. Timing is host wall time around each step, with
     torch.cuda.synchronize() on CUDA; torch_peak_gb is reset after the model is built (weights + step activations). For the streamed modes
     h2d_floor_ms is the time to copy every block's host buffer to the device once with nothing else running: the
-    transfer floor a step cannot beat."""
+    transfer floor a step cannot beat. cpu_user_s / cpu_sys_s_per_step: this process's user and kernel CPU time per
+    measured step (getrusage; kernel time is mostly page faults of fresh large allocations). `profile`: one more step
+    under torch.profiler, its ops by self CPU time (`profile`: [{op, self_ms, calls}], the top 15)."""
+    import resource
+
     t0 = time.perf_counter()
     run = build_mode(mode, shape, batch, device, dtype, bits, group_size, depth, seed, seq=seq)
     model, streamer, step, quantized, offload = run.model, run.streamer, run.step, run.quantized, run.offload
@@ -477,14 +483,17 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
             moved = (streamer.stats["h2d_bytes"], streamer.stats["d2h_bytes"])
         if i == warmup:
             sent = distributed.STATS["bytes"]
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
         _sync(device)
         ts = time.perf_counter()
         loss = step(i)
         _sync(device)
         times.append(time.perf_counter() - ts)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     if not math.isfinite(loss):
         raise RuntimeError(f"{mode}: the random {shape} model gave a non-finite loss")
     step_ms = 1e3 * statistics.median(times[warmup:][steps // 2:])
+    top = _profile_step(step, warmup + steps, device) if profile else None
     h2d = (streamer.stats["h2d_bytes"] - moved[0]) / steps if streamer else 0
     d2h = (streamer.stats["d2h_bytes"] - moved[1]) / steps if streamer else 0
     return {"shape": shape, "mode": mode, "device": str(device),
@@ -499,7 +508,21 @@ def bench_mode(mode: str, shape: str, batch: int, seq: int, steps: int, warmup: 
             "host_rss_gb": host_rss_gb(), "ratio_to_forward": 1.0 if mode == "forward" else None,
             "loss": loss, "error": None, "ranks": world.size,
             "tok_s_rank": (batch // world.size) * seq / (step_ms / 1e3),
-            "collective_bytes_per_step": (distributed.STATS["bytes"] - sent) / steps}
+            "collective_bytes_per_step": (distributed.STATS["bytes"] - sent) / steps,
+            "cpu_user_s_per_step": (ru1.ru_utime - ru0.ru_utime) / steps,
+            "cpu_sys_s_per_step": (ru1.ru_stime - ru0.ru_stime) / steps, "profile": top}
+
+
+def _profile_step(step, i: int, device: torch.device, top: int = 15) -> list[dict]:
+    """One step under torch.profiler: the ops with the most self CPU time (ms), with their call counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step(i)
+        _sync(device)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 1), "calls": e.count} for e in rows]
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -515,6 +538,8 @@ def format_table(records: list[dict]) -> str:
     cols = [("mode", "mode"), ("step ms", "step_ms"), ("tok/s", "tok_s"), ("x forward", "ratio_to_forward"),
             ("torch peak GB", "torch_peak_gb"), ("NVML used GB", "nvml_used_gb"), ("H2D GB/step", "h2d_gb_per_step"),
             ("H2D floor ms", "h2d_floor_ms"), ("host RSS GB", "host_rss_gb")]
+    if any(r.get("cpu_user_s_per_step") is not None and not r.get("gpu") for r in records):  # on CPU: where time goes
+        cols += [("user s/step", "cpu_user_s_per_step"), ("sys s/step", "cpu_sys_s_per_step")]
     if any((r.get("ranks") or 1) > 1 for r in records):  # under torchrun: what each rank did and sent
         cols += [("ranks", "ranks"), ("tok/s per rank", "tok_s_rank"), ("bytes sent/step", "collective_bytes_per_step")]
     r0 = records[0] if records else {}
@@ -531,7 +556,7 @@ def format_table(records: list[dict]) -> str:
 def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, steps: int = 10, warmup: int = 2,
               bits: int = 4, group_size: int | None = None, device: str = "auto", dtype: str | None = None,
               depth: int = 2, compare: bool = False, output=None, seed: int = 0, echo=print,
-              simulate: bool = False) -> list[dict]:
+              simulate: bool = False, profile: bool = False) -> list[dict]:
     """`qzo2 bench`: for each mode, a fresh random model, `warmup` + `steps` timed steps, one JSON line (echoed
     and appended to `output`). group_size None: the largest of 128/64/32 that divides every layer, as `qzo2
     quantize` picks it. `compare` puts `forward` first and ends with a markdown table. Each mode's model
@@ -584,7 +609,7 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
     for mode in modes:
         try:
             rec = bench_mode(mode, shape, batch, seq, steps, warmup, dev, DTYPES[dtype], bits, group_size, depth,
-                             seed)
+                             seed, profile)
         except torch.OutOfMemoryError as e:
             rec = dict.fromkeys(RECORD_FIELDS)
             rec.update(shape=shape, mode=mode, device=str(dev), dtype=str(DTYPES[dtype]).replace("torch.", ""),
@@ -604,6 +629,10 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
                 f.write(line + "\n")
     if compare:
         echo(format_table(records))
+    for r in records if profile else ():
+        if r.get("profile"):
+            echo(f"\n{r['mode']}: one step's ops by self CPU time (torch.profiler)\n| op | self ms | calls |\n|---|---|---|")
+            echo("\n".join(f"| {e['op']} | {e['self_ms']} | {e['calls']} |" for e in r["profile"]))
     return records
 
 

@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activations and dense weights (default bf16 on cuda, fp32 on cpu)")
     b.add_argument("--depth", type=int, default=2, help="streamed modes: prefetch depth, device slots (>= 2)")
     b.add_argument("--compare", action="store_true", help="forward first (ratios), then a markdown table last")
+    b.add_argument("--profile", action="store_true",
+                   help="one more step of each mode under torch.profiler: its ops by self CPU time, in the record "
+                        "and as a table")
     b.add_argument("-o", "--output", default=None, help="append the JSON lines to this file")
     b.add_argument("--seed", type=int, default=0, help="seed of the random weights, data and perturbations")
     pl = sub.add_parser("plan", help="will it fit? simulated GPU memory of every method for a model (no GPU needed)",
@@ -220,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_quantize(args) -> int:
     from .api import quantize
+
+    if args.quiet:  # transformers' own bars too (dequantizing a .gguf source)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
     report = quantize(args.src, args.output, bits=args.bits, group_size=args.group_size, sym=args.sym,
                       method=args.method, format=args.format, skip=args.skip, calib=args.calib,
@@ -312,7 +320,7 @@ def cmd_bench(args) -> int:
 
     run_bench(args.shape, args.mode or _bench_modes()[0], args.batch, args.seq, args.steps, args.warmup, args.bits, args.group_size,
               args.device, args.dtype, args.depth, args.compare, args.output, args.seed,
-              echo=lambda line: print(line, flush=True), simulate=args.simulate)
+              echo=lambda line: print(line, flush=True), simulate=args.simulate, profile=args.profile)
     return 0
 
 

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from quant.checkpoint import (
-    GGUF_SIDECAR, CheckpointError, checkpoint_tensors, empty_model, is_quantized_part, load_config, load_tokenizer, open_source,
-    pop_quantization_config, quantized_layer_reader, read_tensor,
+    GGUF_SIDECAR, CheckpointError, checkpoint_tensors, empty_model, is_quantized_part, load_config, load_tokenizer,
+    open_source, pop_quantization_config, quantized_layer_reader, read_tensor,
 )
-from quant.format import unpack_rows
-from quant.gguf import BLOCK, NotExact, encode, exact_type, permute_rows
+from quant.format import QuantConfig, default_g_idx, unpack_rows, unpack_zeros
+from quant.gguf import BLOCK, SYM_ZERO, NotExact, encode, exact_type, permute_rows
 
 from .model import is_quantized_dir
 
@@ -121,11 +121,24 @@ def plan_tensors(t, dtype: str | None, report: GGUFReport):
         quantized = {n[: -len(suffix)] for n in names if n.endswith(suffix)}
         skeleton = empty_model(config)
 
+        def grid(mod: str, linear) -> tuple:
+            """exact_type's arguments for a layer, from the config, its zero points and g_idx (not its codes)."""
+            if qc.get("quant_method") == "bitsandbytes":
+                return 4, True, 64, linear.in_features, False, True
+            cfg = QuantConfig.from_dict(qc)
+            zeros = unpack_zeros(read_tensor(where, f"{mod}.qzeros"), cfg.bits, cfg.checkpoint_format)
+            group = linear.in_features if cfg.group_size == -1 else cfg.group_size
+            g_idx = read_tensor(where, f"{mod}.g_idx") if f"{mod}.g_idx" in where else None
+            act_order = g_idx is not None and not torch.equal(g_idx.int(), default_g_idx(linear.in_features, group))
+            sym = bool((zeros == SYM_ZERO[cfg.bits]).all()) if cfg.bits in SYM_ZERO else cfg.sym
+            return cfg.bits, sym, group, linear.in_features, act_order, False
+
         def get(name: str) -> torch.Tensor:
             return t.tensors[name] if name in t.tensors else read_tensor(where, name)
     else:
         source = open_source(base)
         config, names, quantized, skeleton, suffix, where = source.config, list(source.names), set(), None, "", {}
+        read_layer = grid = None
 
         def get(name: str) -> torch.Tensor:
             return t.tensors[name] if name in t.tensors else source.get(name)
@@ -153,7 +166,7 @@ def plan_tensors(t, dtype: str | None, report: GGUFReport):
         if quantized and name.endswith(suffix):
             mod = name[: -len(suffix)]
             g = gguf_name(f"{mod}.weight")
-            plan.append(_quantized_plan(mod, g, read_layer, skeleton, t.tensors.get(f"{mod}.scales"),
+            plan.append(_quantized_plan(mod, g, read_layer, grid, skeleton, t.tensors.get(f"{mod}.scales"),
                                         permute_for(g), report))
             if f"{mod}.bias" in names:
                 plan.append(_float_plan(gguf_name(f"{mod}.bias"), f"{mod}.bias", get, (skeleton.get_submodule(
@@ -194,21 +207,17 @@ def _float_plan(g: str, name: str, get, shape: tuple, dtype: str | None, n_head:
     return _Planned(g, shape, qtype, make)
 
 
-def _quantized_plan(mod: str, g: str, read_layer, skeleton, trained_scales, n_head: int | None,
+def _quantized_plan(mod: str, g: str, read_layer, grid, skeleton, trained_scales, n_head: int | None,
                     report: GGUFReport) -> _Planned:
     from .exporter import checkpoint_scales
 
     linear = skeleton.get_submodule(mod)
-    layer = read_layer(mod, linear)  # reads this layer's codes once to learn its grid; make() reads them again
-    sym = bool((layer.zeros == (1 << (layer.bits - 1))).all())
     try:
-        qtype = exact_type(layer.bits, sym, layer.group_size, layer.in_features, layer.act_order,
-                           layer.codebook is not None)
+        qtype = exact_type(*grid(mod, linear))
     except NotExact as e:
         raise CheckpointError(f"{mod}: {e}, so it cannot be written to GGUF without re-quantizing; quantize the "
                               f"base with `qzo2 quantize --format gguf-q4_0` (or gguf-q4_1 / gguf-q8_0) and train "
                               f"that, or export --format gptq or hf") from None
-    del layer
 
     def make() -> np.ndarray:
         layer = read_layer(mod, linear)

@@ -24,8 +24,8 @@ import yaml
 
 from quant.checkpoint import (
     CheckpointError, ShardWriter, atomic_dir, checkpoint_tensors, copy_tokenizer_files, empty_model,
-    is_quantized_part, load_config, open_source, pop_quantization_config, quantized_layer_reader, read_tensor,
-    write_json,
+    fill_architectures, is_quantized_part, load_config, open_source, pop_quantization_config, quantized_layer_reader,
+    read_tensor, write_json,
 )
 from quant.format import convert_qzeros
 
@@ -258,7 +258,7 @@ def export_hf(t: Trained, tmp: Path, dtype: torch.dtype, max_shard_bytes: int, r
         source.save_tokenizer(tmp)  # a .gguf source saves the tokenizer it carries
     writer.finish()
     report.bytes = writer.total
-    d = config.to_dict()
+    d = fill_architectures(config.to_dict())
     d.pop("quantization_config", None)
     d.pop("torch_dtype", None)
     d["dtype"] = DTYPE_NAMES[dtype]

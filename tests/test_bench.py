@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from qzo2.bench import SHAPES, bench_kernels, make_config, skeleton_tensors, write_random_checkpoint
+from qzo2.bench import SHAPES, bench_kernels, make_config, run_bench, skeleton_tensors, write_random_checkpoint
 from qzo2.cli import main
 
 
@@ -97,6 +97,15 @@ def test_bench_compare_writes_a_line_per_mode_and_a_table(tmp_path, capsys):
     table = stdout[5:]
     assert table[2].startswith("| mode | step ms | tok/s | x forward |") and len(table) == 4 + 5
     assert [row.split("|")[1].strip() for row in table[4:]] == ["forward", "qzo", "qzo-offload", "mezo", "zo2"]
+    assert table[2].endswith("| user s/step | sys s/step |")
+    assert all(r["cpu_user_s_per_step"] > 0 and r["cpu_sys_s_per_step"] >= 0 and r["profile"] is None for r in recs)
+
+
+def test_bench_profile_names_the_ops_of_a_step(capsys):
+    recs = run_bench("tiny", "qzo", batch=2, seq=16, steps=1, warmup=0, device="cpu", profile=True,
+                     echo=lambda line: None)
+    ops = {e["op"]: e for e in recs[0]["profile"]}
+    assert "aten::mm" in ops and ops["aten::mm"]["calls"] >= 14 and ops["aten::mm"]["self_ms"] > 0
 
 
 def test_random_quantized_model_works_and_a_qzo_step_moves_only_the_scales():

@@ -229,6 +229,7 @@ def test_quantize_gguf_grid_and_exact_import(tmp_path, make_model_dir, capsys):
     assert main(["quantize", str(tmp_path / "g8" / "model.gguf"), "-o", str(tmp_path / "back"), "--format",
                  "gguf-q8_0", "-q"]) == 0
     assert "kept exactly from the GGUF for 14 of 14 layers" in capsys.readouterr().out
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     a, b = load_file(tmp_path / "q8" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     for k in a:
         if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx")):
