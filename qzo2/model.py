@@ -26,7 +26,16 @@ def default_text_path() -> Path:
 
 
 def resolve_source(src: str | None) -> str:
-    return str(default_model_path()) if src in (None, "", "default") else src
+    """None/""/"default" -> the embedded model; a directory with no config.json and exactly one .gguf (what `qzo2
+    export --format gguf` writes) -> that file; anything else as given."""
+    if src in (None, "", "default"):
+        return str(default_model_path())
+    path = Path(src)
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(ggufs[0])
+    return src
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -226,7 +226,7 @@ def test_quantize_gguf_grid_and_exact_import(tmp_path, make_model_dir, capsys):
     assert (qc["bits"], qc["group_size"], qc["sym"], qc["checkpoint_format"]) == (8, 32, True, "gptq")
     assert main(["export", str(tmp_path / "q8"), "-o", str(tmp_path / "g8"), "--format", "gguf"]) == 0
     # the GGUF back into qzo2: the very codes and scales, for every layer
-    assert main(["quantize", str(tmp_path / "g8" / "model.gguf"), "-o", str(tmp_path / "back"), "--format",
+    assert main(["quantize", str(tmp_path / "g8"), "-o", str(tmp_path / "back"), "--format",  # the export dir: its .gguf
                  "gguf-q8_0", "-q"]) == 0
     assert "kept exactly from the GGUF for 14 of 14 layers" in capsys.readouterr().out
     assert json.loads((tmp_path / "back" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
