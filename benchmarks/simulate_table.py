@@ -7,7 +7,8 @@ batch and sequence that fit a GPU of a given size. Every cell is qzo2's real GPU
     .venv/bin/python benchmarks/simulate_table.py table                                           # markdown
 
 `run` appends one JSON line per (model, mode) to runs/simulate/table.jsonl and skips the pairs already there, so an
-interrupted run picks up where it stopped. A row holds the simulated peak at each size in SIZES (one step after the
+interrupted run picks up where it stopped (`--no-search`: the sizes only, a few measurements a row; a later run
+without it searches those rows and its lines replace them in the table). A row holds the simulated peak at each size in SIZES (one step after the
 first, so the method's state is all there), and, where 1x512 fits `--gpu-memory` less `--reserve` (what a real GPU
 adds: CUDA context and allocator cache), the largest batch at seq 512 and the longest seq at batch 1 that fit
 (qzo2.plan's search). Each row's `command` is the `qzo2 bench --simulate` line that reproduces its 1x512 cell.
@@ -25,10 +26,12 @@ SIZES = [(1, 512), (1, 2048), (16, 256)]
 OUT = Path("runs/simulate/table.jsonl")
 
 
-def _done(path: Path) -> set:
+def _done(path: Path, search: bool = True) -> set:
+    """The (model, mode, gpu) rows already there; with `search`, only those whose largest fit was searched."""
     if not path.exists():
         return set()
-    return {(r["model"], r["mode"], r["gpu_memory"]) for r in map(json.loads, path.read_text().splitlines())}
+    return {(r["model"], r["mode"], r["gpu_memory"]) for r in map(json.loads, path.read_text().splitlines())
+            if not search or r["max_batch_at_512"] is not None}
 
 
 def run(args) -> None:
@@ -43,10 +46,10 @@ def run(args) -> None:
     limit = parse_size(args.gpu_memory) / GB - args.reserve
     modes = args.modes.split(",") if args.modes else list(registry.bench_modes())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    done = _done(args.out)
+    done = _done(args.out, args.search)
     for model in args.models.split(","):
         for mode in modes:
-            if (model, mode, args.gpu_memory) in done:
+            if (model, mode, args.gpu_memory) in done:  # a sizes-only row is redone by a later --search run
                 continue
             t0 = time.time()
             row = {"model": model, "mode": mode, "dtype": "bf16", "bits": 4, "group_size": 128,
@@ -61,21 +64,32 @@ def run(args) -> None:
                                    h2d_gb_per_step=round(rec["h2d_gb_per_step"], 3),
                                    breakdown_gb={k: round(v, 3) for k, v in rec["breakdown_gb"].items()})
                 fits = row["1x512"] <= limit
-                row["max_batch_at_512"] = (_largest(lambda n: sim.measure(n, 512, 1)["simulated_peak_gb"], limit, 1,
-                                                    MAX_BATCH) if fits else 0)
-                max_pos = int(getattr(sim.run.model.config, "max_position_embeddings", 0) or 0) or 1 << 17
-                row["max_seq_at_1"] = (SEQ_STEP * _largest(lambda n: sim.measure(1, n * SEQ_STEP, 1)
-                                                           ["simulated_peak_gb"], limit, 1, max_pos // SEQ_STEP)
-                                       if fits else 0)
+                if args.search:
+                    row["max_batch_at_512"] = (_largest(lambda n: sim.measure(n, 512, 1)["simulated_peak_gb"], limit,
+                                                        1, MAX_BATCH) if fits else 0)
+                    max_pos = int(getattr(sim.run.model.config, "max_position_embeddings", 0) or 0) or 1 << 17
+                    row["max_seq_at_1"] = (SEQ_STEP * _largest(lambda n: sim.measure(1, n * SEQ_STEP, 1)
+                                                               ["simulated_peak_gb"], limit, 1, max_pos // SEQ_STEP)
+                                           if fits else 0)
+                else:  # sizes only: `qzo2 plan` searches one model's fit on demand
+                    row["max_batch_at_512"] = row["max_seq_at_1"] = None
             row["wall_s"] = round(time.time() - t0, 1)
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps({k: row[k] for k in row if k != "breakdown_gb"}), flush=True)
 
 
+def _fit(v) -> str:
+    """A largest-fit cell: the number, '-' when 1x512 does not fit, 'n/s' when not searched."""
+    return "n/s" if v is None else str(v) if v else "-"
+
+
 def table(args) -> str:
-    rows = [json.loads(line) for line in args.out.read_text().splitlines()]
-    rows = [r for r in rows if r["gpu_memory"] == args.gpu_memory]
+    latest = {}  # the last row of each (model, mode): a searched row replaces a sizes-only one
+    for r in map(json.loads, args.out.read_text().splitlines()):
+        if r["gpu_memory"] == args.gpu_memory:
+            latest[r["model"], r["mode"]] = r
+    rows = list(latest.values())
     from qzo2.methods import registry
 
     modes = list(registry.bench_modes())
@@ -87,7 +101,7 @@ def table(args) -> str:
            "|" + "---|" * (len(sizes) + 5)]
     for r in rows:
         out.append(f"| {r['model']} | {r['mode']} | " + " | ".join(f"{r[s]:.2f}" for s in sizes)
-                   + f" | {r['max_batch_at_512'] or '-'} | {r['max_seq_at_1'] or '-'} | {r['pinned_host_gb']:.1f} |")
+                   + f" | {_fit(r['max_batch_at_512'])} | {_fit(r['max_seq_at_1'])} | {r['pinned_host_gb']:.1f} |")
     return "\n".join(out)
 
 
@@ -99,6 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-memory", default="24GB")
     p.add_argument("--reserve", type=float, default=1.0, help="GB a real GPU adds (CUDA context, allocator)")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--no-search", dest="search", action="store_false",
+                   help="the three sizes only, no largest-fit search (a few measurements a row instead of ~20)")
     args = p.parse_args(argv)
     if args.what == "run":
         run(args)
