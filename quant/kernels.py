@@ -11,12 +11,40 @@ where value() is the identity for integer (GPTQ) codes and a codebook lookup for
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
 from .format import unpack_rows
 
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
+
+
+class Workspace(threading.local):
+    """Reused CPU buffers for the dense temporaries of a dequantized matmul (q − z, the scaled weight, a weight
+    gradient), one flat buffer per role grown to the largest layer seen. glibc serves allocations above 32 MB with
+    a fresh mmap and returns them on free, so a 3B layer's 100 MB temporaries were page-faulted in (kernel time) on
+    every call; a layer's temporaries are dead before the next layer runs, so one set serves them all. CPU only: on
+    CUDA the caching allocator already reuses memory, and kernels run asynchronously. Per thread."""
+
+    def __init__(self) -> None:
+        self.buffers: dict = {}
+
+    def get(self, role: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self.buffers.get((role, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[role, dtype] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
+
+    def clear(self) -> None:
+        self.buffers.clear()
+
+
+WORKSPACE = Workspace()
 
 
 def dequant_reference(qweight, zeros, scales, g_idx, bits, codebook=None) -> torch.Tensor:
@@ -28,8 +56,13 @@ def dequant_reference(qweight, zeros, scales, g_idx, bits, codebook=None) -> tor
     return w.t().contiguous()
 
 
-def codes_minus_zeros(qweight, zeros, g_idx, bits, codebook=None, dtype=torch.float32) -> torch.Tensor:
-    """value(q) - zero as [N, K] in `dtype`: the scale-free part of W, shared by every perturbed copy."""
+def codes_minus_zeros(qweight, zeros, g_idx, bits, codebook=None, dtype=torch.float32,
+                      workspace: Workspace | None = None) -> torch.Tensor:
+    """value(q) - zero as [N, K] in `dtype`: the scale-free part of W, shared by every perturbed copy. With a
+    workspace (CPU, integer codes, contiguous groups) it is written into the workspace's "base" buffer without any
+    other large temporary: the same values in the same [K, N] memory layout, valid until the next call."""
+    if workspace is not None and codebook is None and g_idx is None and qweight.device.type == "cpu":
+        return _codes_minus_zeros_into(qweight, zeros, bits, dtype, workspace)
     q = unpack_rows(qweight, bits)  # [K, N] uint8
     values = q.to(dtype) if codebook is None else codebook.to(dtype)[q.long()]
     z = zeros.to(dtype) if g_idx is None else zeros.to(dtype)[g_idx.long()]
@@ -37,6 +70,22 @@ def codes_minus_zeros(qweight, zeros, g_idx, bits, codebook=None, dtype=torch.fl
         group = q.shape[0] // zeros.shape[0]
         z = z.repeat_interleave(group, dim=0)
     return (values - z).t()
+
+
+def _codes_minus_zeros_into(qweight, zeros, bits, dtype, ws: Workspace) -> torch.Tensor:
+    per = 32 // bits
+    rows, n = qweight.shape
+    k = rows * per
+    out = ws.get("base", (k, n), dtype)  # [K, N], as unpack_rows lays the codes out
+    field = ws.get("field", (rows, n), torch.int32)
+    fields = out.view(rows, per, n)
+    for j in range(per):  # code k = word k // per, field k % per
+        torch.bitwise_right_shift(qweight, bits * j, out=field)
+        field.bitwise_and_(2**bits - 1)
+        fields[:, j, :].copy_(field)
+    g = zeros.shape[0]
+    out.view(g, k // g, n).sub_(zeros.unsqueeze(1))
+    return out.t()
 
 
 def expand_scales(scales: torch.Tensor, g_idx, in_features: int) -> torch.Tensor:
@@ -78,16 +127,27 @@ def int4pack_linear(x, packed, zeros, scales, group_size, bias=None) -> torch.Te
     return y if bias is None else y + bias.to(y.dtype)
 
 
-def apply_scales(base: torch.Tensor, scales: torch.Tensor, g_idx) -> torch.Tensor:
-    """base ⊙ expand(scales) -> [N, K]; contiguous groups broadcast one scale over G columns without expanding."""
+def apply_scales(base: torch.Tensor, scales: torch.Tensor, g_idx, workspace: Workspace | None = None,
+                 role: str = "weight") -> torch.Tensor:
+    """base ⊙ expand(scales) -> [N, K]; contiguous groups broadcast one scale over G columns without expanding.
+    With a workspace (CPU, contiguous groups) the product goes into its `role` buffer in the layout a fresh result
+    would have (base's), so everything computed from it is bit-identical; it is valid until the next call."""
     scales = scales.to(base.dtype)
     if g_idx is not None:
         return base * expand_scales(scales, g_idx, base.shape[1])
     N, K = base.shape
     n_groups = scales.shape[0]
-    return (base.reshape(N, n_groups, K // n_groups) * scales.t().unsqueeze(-1)).reshape(N, K)
+    grouped = base.reshape(N, n_groups, K // n_groups)
+    if workspace is None or base.device.type != "cpu":
+        return (grouped * scales.t().unsqueeze(-1)).reshape(N, K)
+    if base.stride() == (1, N):  # the transposed [K, N] layout codes_minus_zeros gives
+        out = workspace.get(role, (K, N), base.dtype).t()
+    else:
+        out = workspace.get(role, (N, K), base.dtype)
+    torch.mul(grouped, scales.t().unsqueeze(-1), out=out.view(N, n_groups, K // n_groups))
+    return out
 
 
-def dequant_linear(x, base, scales, g_idx, bias=None) -> torch.Tensor:
+def dequant_linear(x, base, scales, g_idx, bias=None, workspace: Workspace | None = None) -> torch.Tensor:
     """x @ (base ⊙ expand(scales)).T, base = codes_minus_zeros(...) already in x's dtype."""
-    return F.linear(x, apply_scales(base, scales, g_idx), None if bias is None else bias.to(x.dtype))
+    return F.linear(x, apply_scales(base, scales, g_idx, workspace), None if bias is None else bias.to(x.dtype))

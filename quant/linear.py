@@ -54,11 +54,12 @@ class QuantLinear(nn.Module):
 
     def _base(self, dtype: torch.dtype) -> torch.Tensor:
         """value(q) - zero as [N, K] in `dtype`. With `cache_base` it is computed once and kept (dtype-size bytes
-        per weight instead of bits/8: a speed-for-memory trade the trainer makes only when it fits)."""
+        per weight instead of bits/8: a speed-for-memory trade the trainer makes only when it fits). Without it, on
+        CPU, the result lives in the shared workspace (kernels.Workspace) and is valid until the next layer's call."""
         if self._cached_base is not None and self._cached_base.dtype == dtype:
             return self._cached_base
         base = kernels.codes_minus_zeros(self.qweight, self.zeros, self._g_idx_or_none(), self.bits, self.codebook,
-                                         dtype)
+                                         dtype, None if self.cache_base else kernels.WORKSPACE)
         if self.cache_base:  # the very tensor (same layout) an uncached forward uses, so the outputs are bit-identical
             self._cached_base = base
         return base
@@ -127,8 +128,9 @@ class QuantLinear(nn.Module):
         s = self.scales if scales is None else scales
         return kernels.dequant(self.qweight, self.zeros, s, self._g_idx_or_none(), self.bits, self.codebook, dtype)
 
-    def _linear(self, x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """x @ (scales ⊙ (q − z))ᵀ + bias by the resolved backend (no autograd through the weight)."""
+    def _linear(self, x: torch.Tensor, scales: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ (scales ⊙ (q − z))ᵀ + bias by the resolved backend (no autograd through the weight); `base`:
+        q − z already expanded for this call (torch backend)."""
         backend = self.resolved_backend(x.dtype)
         dtype = x.dtype if x.is_floating_point() else torch.float32
         if backend == "int4pack":
@@ -138,7 +140,8 @@ class QuantLinear(nn.Module):
         if backend == "triton":
             w = triton_dequant(self.qweight, self.zeros, scales, self._g_idx_or_none(), self.bits, self.codebook, dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(dtype))
-        return kernels.dequant_linear(x, self._base(dtype), scales, self._g_idx_or_none(), self.bias)
+        return kernels.dequant_linear(x, self._base(dtype) if base is None else base, scales, self._g_idx_or_none(),
+                                      self.bias, kernels.WORKSPACE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.chunk_scales is None and (self.scales.requires_grad or x.requires_grad):
@@ -148,7 +151,10 @@ class QuantLinear(nn.Module):
         if x.shape[0] % m:
             raise ValueError(f"batch of {x.shape[0]} rows cannot be split into {m} equal scale chunks")
         xs = x.split(x.shape[0] // m) if m > 1 else (x,)
-        ys = [self._linear(xi, s) for xi, s in zip(xs, scale_sets)]
+        base = None  # q − z expanded once for all the chunks (they differ only in the scales)
+        if m > 1 and self.resolved_backend(x.dtype) == "torch":
+            base = self._base(x.dtype if x.is_floating_point() else torch.float32)
+        ys = [self._linear(xi, s, base) for xi, s in zip(xs, scale_sets)]
         return ys[0] if m == 1 else torch.cat(ys)
 
     def extra_repr(self) -> str:
@@ -181,12 +187,14 @@ class ScaledLinearFunction(torch.autograd.Function):
         n, k = base.shape
         dy2 = dy.reshape(-1, n).float()
         dx = ds = None
+        ws = kernels.WORKSPACE if base.device.type == "cpu" else None  # reused buffers, valid within this call
         if ctx.needs_input_grad[0]:
-            w = kernels.apply_scales(base, scales.float(), g_idx)
+            w = kernels.apply_scales(base, scales.float(), g_idx, ws)
             dx = (dy2 @ w).reshape(x.shape).to(x.dtype)
             del w
         if ctx.needs_input_grad[1]:
-            dw = dy2.t() @ x.reshape(-1, k).float()  # [N, K]
+            x2 = x.reshape(-1, k).float()
+            dw = torch.matmul(dy2.t(), x2, out=ws.get("grad", (n, k), torch.float32)) if ws else dy2.t() @ x2
             dw.mul_(base)
             if g_idx is None:
                 ds = dw.view(n, scales.shape[0], k // scales.shape[0]).sum(-1).t()

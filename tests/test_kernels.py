@@ -153,3 +153,44 @@ def test_cache_base_gives_identical_outputs_and_is_reset_by_new_codes():
     assert layer._cached_base is None
     other.backend = "torch"
     assert torch.equal(layer(x), other(x))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_workspace_path_is_bit_identical_to_fresh_tensors_and_reuses_its_buffers(bits):
+    """The CPU workspace path (q − z unpacked into a reused buffer, the scaled weight and the weight gradient into
+    others) gives the very outputs and gradients of the allocating path (same values, same memory layout, same
+    GEMMs), and a second layer of another shape reuses the same buffers once they are large enough."""
+    torch.manual_seed(3)
+    qw, z, s, _ = random_layer(bits, 48, 256, 64, seed=5)
+    layer = QuantLinear(256, 48, bits, 64, bias=True)
+    layer.load_codes(qw, z, s)
+    layer.bias = torch.randn(48)
+    layer.backend = "torch"
+    x = torch.randn(3, 7, 256)
+    kernels.WORKSPACE.clear()
+    fresh_base = kernels.codes_minus_zeros(qw, z, None, bits)  # no workspace: fresh tensors, as before
+    assert torch.equal(kernels.codes_minus_zeros(qw, z, None, bits, workspace=kernels.WORKSPACE), fresh_base)
+    sets = [s * 1.01, s * 0.99]
+    layer.chunk_scales = sets
+    y = layer(x[:2])
+    layer.chunk_scales = None
+    want = torch.cat([torch.nn.functional.linear(xi, kernels.apply_scales(fresh_base, si, None), layer.bias)
+                      for xi, si in zip(x[:2].split(1), sets)])
+    assert torch.equal(y, want)
+    # backward: dx and ds equal the formulas on freshly allocated tensors
+    scales = s.clone().requires_grad_(True)
+    layer.scales = scales
+    xg = x.clone().requires_grad_(True)
+    dy = torch.randn(3, 7, 48)
+    (layer(xg) * dy).sum().backward()
+    w = kernels.apply_scales(fresh_base, s, None)
+    dy2, x2 = dy.reshape(-1, 48), x.reshape(-1, 256)
+    assert torch.equal(xg.grad, (dy2 @ w).reshape(x.shape))
+    ds = ((dy2.t() @ x2) * fresh_base).view(48, 4, 64).sum(-1).t()
+    assert torch.equal(scales.grad, ds)
+    # the buffers are reused: a smaller layer takes views of the same storage
+    ptrs = {k: b.data_ptr() for k, b in kernels.WORKSPACE.buffers.items()}
+    small = QuantLinear.from_linear(torch.nn.Linear(128, 32), bits, 64)
+    small.backend = "torch"
+    small(torch.randn(2, 128))
+    assert {k: b.data_ptr() for k, b in kernels.WORKSPACE.buffers.items()} == ptrs
