@@ -22,8 +22,8 @@ INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
 
 
 class Workspace(threading.local):
-    """Reused CPU buffers for the dense temporaries of a dequantized matmul (q − z, the scaled weight, a weight
-    gradient), one flat buffer per role grown to the largest layer seen. glibc serves allocations above 32 MB with
+    """Reused CPU buffers for the dense temporaries of a dequantized matmul (q − z, the scaled weight, then in
+    backward the weight gradient in the same buffer), one flat buffer per role grown to the largest layer seen. glibc serves allocations above 32 MB with
     a fresh mmap and returns them on free, so a 3B layer's 100 MB temporaries were page-faulted in (kernel time) on
     every call; a layer's temporaries are dead before the next layer runs, so one set serves them all. CPU only: on
     CUDA the caching allocator already reuses memory, and kernels run asynchronously. Per thread."""

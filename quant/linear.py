@@ -194,7 +194,8 @@ class ScaledLinearFunction(torch.autograd.Function):
             del w
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, k).float()
-            dw = torch.matmul(dy2.t(), x2, out=ws.get("grad", (n, k), torch.float32)) if ws else dy2.t() @ x2
+            # the weight buffer again: w is dead once dx is computed
+            dw = torch.matmul(dy2.t(), x2, out=ws.get("weight", (n, k), torch.float32)) if ws else dy2.t() @ x2
             dw.mul_(base)
             if g_idx is None:
                 ds = dw.view(n, scales.shape[0], k // scales.shape[0]).sum(-1).t()
