@@ -11,6 +11,7 @@ where value() is the identity for integer (GPTQ) codes and a codebook lookup for
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -30,8 +31,15 @@ class Workspace(threading.local):
 
     def __init__(self) -> None:
         self.buffers: dict = {}
+        self.enabled = True
 
     def get(self, role: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """A [shape] view of the `role` buffer; a fresh tensor when disabled or under fake tensors (a fake buffer
+        must never be kept for later real calls)."""
+        from torch._guards import detect_fake_mode
+
+        if not self.enabled or detect_fake_mode() is not None:
+            return torch.empty(shape, dtype=dtype)
         n = 1
         for d in shape:
             n *= d
@@ -42,6 +50,15 @@ class Workspace(threading.local):
 
     def clear(self) -> None:
         self.buffers.clear()
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Fresh tensors for every call inside (what a simulated step allocates), the buffers dropped."""
+        self.enabled, self.buffers = False, {}
+        try:
+            yield
+        finally:
+            self.enabled = True
 
 
 WORKSPACE = Workspace()

@@ -194,3 +194,21 @@ def test_workspace_path_is_bit_identical_to_fresh_tensors_and_reuses_its_buffers
     small.backend = "torch"
     small(torch.randn(2, 128))
     assert {k: b.data_ptr() for k, b in kernels.WORKSPACE.buffers.items()} == ptrs
+
+
+def test_workspace_keeps_no_fake_tensor():
+    """Under fake tensors (qzo2.simulate) the workspace hands out fresh tensors and keeps none: a kept fake buffer
+    would poison every later real call."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    layer = QuantLinear.from_linear(torch.nn.Linear(128, 32), 4, 32)
+    layer.backend = "torch"
+    layer._g_idx_or_none()  # settled on real tensors (a data-dependent check)
+    kernels.WORKSPACE.clear()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        y = layer(mode.from_tensor(torch.randn(2, 128)))
+    assert isinstance(y, FakeTensor) and kernels.WORKSPACE.buffers == {}
+    real = QuantLinear.from_linear(torch.nn.Linear(128, 32), 4, 32)
+    real.backend = "torch"
+    real(torch.randn(2, 128))
+    assert kernels.WORKSPACE.buffers and not any(isinstance(b, FakeTensor) for b in kernels.WORKSPACE.buffers.values())

@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from quant import kernels
+
 from qzo2 import cli, simulate
 from qzo2.bench import bench_modes, build_mode, mode_names
 
@@ -28,7 +30,8 @@ def small_dir(tmp_path_factory):
 def _cpu_peak(mode: str, shape: str, fake: bool, batch: int = 2, seq: int = 32) -> int:
     """Peak live bytes of STEPS steps of `mode` on the CPU: real tensors, or fake ones through the same code."""
     dev = torch.device("cpu")
-    with (simulate.fake_gpu(dev) if fake else simulate.LiveBytes(dev)) as tracker:
+    # the real CPU run without kernels' reused buffers, which the fake run (like CUDA) never keeps
+    with (simulate.fake_gpu(dev) if fake else simulate.LiveBytes(dev)) as tracker, kernels.WORKSPACE.disabled():
         run = build_mode(mode, shape, batch, dev, torch.float32, 4, 32, 2, 0, seq=seq)
         tracker.reset_peak()
         for i in range(STEPS):
