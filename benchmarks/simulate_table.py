@@ -96,12 +96,15 @@ def table(args) -> str:
     order = {m: i for i, m in enumerate(MODELS)}
     rows.sort(key=lambda r: (order.get(r["model"], 99), modes.index(r["mode"]) if r["mode"] in modes else 99))
     sizes = [f"{b}x{t}" for b, t in SIZES]
+    searched = any(r["max_batch_at_512"] is not None for r in rows)  # no fit columns when nothing was searched
+    fit_head = f" | max batch @512 ({args.gpu_memory}) | max seq @1 ({args.gpu_memory})" if searched else ""
     out = [f"| model | mode | " + " | ".join(f"GB {s.replace('x', '×')}" for s in sizes)
-           + f" | max batch @512 ({args.gpu_memory}) | max seq @1 ({args.gpu_memory}) | pinned host GB |",
-           "|" + "---|" * (len(sizes) + 5)]
+           + fit_head + " | pinned host GB |",
+           "|" + "---|" * (len(sizes) + (5 if searched else 3))]
     for r in rows:
+        fit = f" | {_fit(r['max_batch_at_512'])} | {_fit(r['max_seq_at_1'])}" if searched else ""
         out.append(f"| {r['model']} | {r['mode']} | " + " | ".join(f"{r[s]:.2f}" for s in sizes)
-                   + f" | {_fit(r['max_batch_at_512'])} | {_fit(r['max_seq_at_1'])} | {r['pinned_host_gb']:.1f} |")
+                   + fit + f" | {r['pinned_host_gb']:.1f} |")
     return "\n".join(out)
 
 
