@@ -26,8 +26,11 @@ EPILOG_EXPORT = """examples:
   qzo2 export runs/sentiment-adalomo -o runs/sentiment-gptq             # GPTQ, only the scales changed
   qzo2 export runs/sentiment-adalomo -o runs/sentiment-hf --format hf --dtype bf16
   qzo2 export runs/my-dense-run -o runs/my-hf --format hf                # a run on a dense model: merged weights
+  qzo2 export runs/sentiment-adalomo -o runs/sentiment-gguf --format gguf  # model.gguf + Modelfile (llama.cpp, Ollama)
 
-Both load with AutoModelForCausalLM.from_pretrained (gptq needs optimum + gptqmodel) and with `qzo2 eval`."""
+All load with AutoModelForCausalLM.from_pretrained (gptq needs optimum + gptqmodel; gguf: gguf_file="model.gguf")
+and with `qzo2 eval`. GGUF keeps the codes and trained scales exactly on a Q4_0/Q8_0 grid (qzo2 quantize --format
+gguf-q4_0 / gguf-q8_0; 4-bit symmetric with any group size that is a multiple of 32 is Q4_0 too)."""
 
 
 EPILOG_BENCH = """examples (the modes: see --mode; docs/bench.md has the measured runs):
@@ -120,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a run as a servable checkpoint: GPTQ with trained scales, or merged HF",
                        description="Export a training run (or a quantized model) as a checkpoint to serve.",
                        epilog=EPILOG_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    x.add_argument("run", help="run directory of `qzo2 train` (or a quantized model directory, for --format hf)")
+    x.add_argument("run", help="run directory of `qzo2 train` (or a quantized model directory, for --format hf or "
+                               "gguf)")
     x.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --overwrite)")
     x.add_argument("--format", choices=["gptq", "gptq_v2", "hf", "gguf"], default="gptq",
                    help="gptq: the base GPTQ checkpoint with trained scales (default); gptq_v2: same, true zero "
