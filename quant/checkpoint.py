@@ -577,6 +577,30 @@ def load_quantized(
     return model.eval()
 
 
+@dataclass
+class QuantizedDir:
+    """A quantized checkpoint directory opened for streaming: its plain config, quantization_config, tensor names
+    and files, the suffix marking a quantized module, the per-layer reader, the quantized modules, a meta skeleton."""
+
+    config: object
+    qc: dict
+    names: list[str]
+    where: dict[str, Path]
+    suffix: str
+    read_layer: Callable
+    quantized: set[str]
+    skeleton: nn.Module
+
+
+def open_quantized(path: Path) -> QuantizedDir:
+    config = load_config(path)
+    qc = pop_quantization_config(config, path)
+    names, where = checkpoint_tensors(path)
+    suffix, read_layer = quantized_layer_reader(path, where, qc)
+    quantized = {n[: -len(suffix)] for n in names if n.endswith(suffix)}
+    return QuantizedDir(config, qc, names, where, suffix, read_layer, quantized, empty_model(config))
+
+
 def pop_quantization_config(config, path: Path) -> dict:
     """Remove quantization_config from a loaded HF config (so the plain model class builds) -> it, as a dict."""
     qc = getattr(config, "quantization_config", None)
@@ -685,9 +709,9 @@ def gguf_codes(source: Source, cfg: QuantConfig):
     GGUF type. `.kept` lists the modules kept."""
     import gguf
 
-    from .gguf import decode, unpermute_rows
+    from .gguf import DECODABLE, GRID, decode, unpermute_rows
 
-    want = {(4, True): "q4_0", (8, True): "q8_0"}.get((cfg.bits, cfg.sym))
+    want = next((t for t in DECODABLE if GRID[t] == (cfg.bits, cfg.sym)), None)
     if want is None or cfg.group_size != 32 or cfg.desc_act:
         return None
     reader = gguf.GGUFReader(str(source.path))

@@ -26,6 +26,7 @@ BLOCK = 32
 TYPES = ("q4_0", "q4_1", "q8_0")
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 GRID = {"q4_0": (4, True), "q4_1": (4, False), "q8_0": (8, True)}  # bits, symmetric
+DECODABLE = ("q4_0", "q8_0")  # the types whose blocks map back onto integer zero points exactly
 SYM_ZERO = {4: 8, 8: 128}
 
 
@@ -90,7 +91,7 @@ def encode(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group
 def decode(raw: np.ndarray, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GGUF blocks of a weight [N, K] (uint8 [N, K / 32 · block bytes]) -> (codes uint8 [K, N], zeros int16
     [K / 32, N], scales fp16 [K / 32, N]) on qzo2's grid with group size 32, exactly. Q4_0 and Q8_0 only."""
-    if qtype not in ("q4_0", "q8_0"):
+    if qtype not in DECODABLE:
         raise NotExact(f"{qtype.upper()} blocks have no exact integer zero point (a Q4_1 block's −m/d is a fraction)")
     raw = np.ascontiguousarray(raw, dtype=np.uint8)
     n = raw.shape[0]

@@ -16,6 +16,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from torch._guards import detect_fake_mode
 
 from .format import unpack_rows
 
@@ -36,8 +37,6 @@ class Workspace(threading.local):
     def get(self, role: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         """A [shape] view of the `role` buffer; a fresh tensor when disabled or under fake tensors (a fake buffer
         must never be kept for later real calls)."""
-        from torch._guards import detect_fake_mode
-
         if not self.enabled or detect_fake_mode() is not None:
             return torch.empty(shape, dtype=dtype)
         n = 1

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
 
+from quant.gguf import GRID
+
 from .config import MEMORY, ConfigError, TrainConfig, _check_key, _coerce, load_config, renamed
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
@@ -37,7 +39,7 @@ __all__ = ["quantize", "train", "export", "evaluate", "TrainConfig", "TrainResul
 
 
 # ---- quantize ------------------------------------------------------------------------------------------------------
-GGUF_GRIDS = {"gguf-q4_0": (4, True), "gguf-q4_1": (4, False), "gguf-q8_0": (8, True)}  # format -> bits, symmetric
+GGUF_GRIDS = {f"gguf-{t}": grid for t, grid in GRID.items()}  # format -> bits, symmetric
 
 
 def quantize(model: str | os.PathLike | None, output: str | os.PathLike, *, bits: int | None = None,

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from quant.checkpoint import (
-    GGUF_SIDECAR, CheckpointError, checkpoint_tensors, empty_model, is_quantized_part, load_config, load_tokenizer,
-    open_source, pop_quantization_config, quantized_layer_reader, read_tensor,
+    GGUF_SIDECAR, CheckpointError, is_quantized_part, load_tokenizer, open_quantized, open_source, read_tensor,
 )
 from quant.format import QuantConfig, default_g_idx, unpack_rows, unpack_zeros
 from quant.gguf import BLOCK, SYM_ZERO, NotExact, encode, exact_type, permute_rows
@@ -108,18 +107,17 @@ def _nbytes(shape: tuple, qtype: str) -> int:
 
 
 def plan_tensors(t, dtype: str | None, report: GGUFReport):
-    """(config, [_Planned, ...]) for a Trained (base + trained tensors): every tensor of the GGUF, in file order."""
+    """(config, [_Planned, ...], the opened Source of a dense base or None) for a Trained (base + trained tensors):
+    every tensor of the GGUF, in file order."""
     import gguf
 
     base = Path(t.base)
     plan: list[_Planned] = []
+    source = None
     if is_quantized_dir(base):
-        config = load_config(base)
-        qc = pop_quantization_config(config, base)
-        names, where = checkpoint_tensors(base)
-        suffix, read_layer = quantized_layer_reader(base, where, qc)
-        quantized = {n[: -len(suffix)] for n in names if n.endswith(suffix)}
-        skeleton = empty_model(config)
+        q = open_quantized(base)
+        config, qc, names, where, suffix, read_layer, quantized, skeleton = (
+            q.config, q.qc, q.names, q.where, q.suffix, q.read_layer, q.quantized, q.skeleton)
 
         def grid(mod: str, linear) -> tuple:
             """exact_type's arguments for a layer, from the config, its zero points and g_idx (not its codes)."""
@@ -185,7 +183,7 @@ def plan_tensors(t, dtype: str | None, report: GGUFReport):
             # Gemma's RMSNorm scales by (1 + w), llama.cpp's gemma3 graph by w: its converter adds the 1
             shift = 1.0 if arch == "gemma3" and name.endswith("norm.weight") else 0.0
             plan.append(_float_plan(g, name, get, shape, dtype, permute_for(g), stored, shift))
-    return config, plan
+    return config, plan, source
 
 
 def _stored_dtype(where, name: str):
@@ -276,7 +274,7 @@ def tokenizer_pre(tokdir: Path, tokenizer_json: dict) -> tuple[str, str | None]:
                        "llama.cpp may split some words differently from transformers")
 
 
-def add_tokenizer(w, tokdir: Path, config) -> tuple[str, str | None]:
+def add_tokenizer(w, tokdir: Path, tok, config) -> tuple[str, str | None]:
     """The tokenizer as llama.cpp's converter writes it, every id up to the model's vocab size (ids the tokenizer
     lacks as unused [PADn]): SentencePiece models (Llama 2, Mistral v0.1: tokenizer.model) with gguf's
     SentencePieceVocab (pieces, scores, types), byte-level BPE (Llama 3, Qwen2, SmolLM2) from tokenizer.json; then
@@ -316,7 +314,6 @@ def add_tokenizer(w, tokdir: Path, config) -> tuple[str, str | None]:
                               f"SentencePiece ones with their tokenizer.model; this one is {model.get('type')}"
                               f"{' with byte fallback and no tokenizer.model' if model.get('byte_fallback') else ''}"
                               f" (export --format gptq or hf instead)")
-    tok = load_tokenizer(tokdir)
     reverse = {i: s for s, i in tok.get_vocab().items()}
     added = tok.added_tokens_decoder
     if max(reverse) >= n:
@@ -368,13 +365,14 @@ def export_gguf(t, tmp: Path, dtype: str | None, report) -> GGUFReport:
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype} is not a GGUF type for the unquantized tensors; choose from {DTYPES}")
     g = GGUFReport(types={})
-    config, plan = plan_tensors(t, dtype, g)
+    config, plan, source = plan_tensors(t, dtype, g)
     arch = _arch(config)
     tokdir = Path(t.base) if Path(t.base).is_dir() else None
     if tokdir is None:  # a .gguf base: its tokenizer as transformers reads it, saved beside the output for a moment
         tokdir = tmp / "_tokenizer"
         tokdir.mkdir()
-        open_source(t.base).save_tokenizer(tokdir)
+        source.save_tokenizer(tokdir)
+    tokenizer = load_tokenizer(tokdir)
     out = tmp / GGUF_NAME
     w = gguf.GGUFWriter(str(out), arch)
     run = t.run or {}
@@ -389,7 +387,7 @@ def export_gguf(t, tmp: Path, dtype: str | None, report) -> GGUFReport:
                                               "BF16": gguf.LlamaFileType.MOSTLY_BF16}.get(
         plan[0].qtype, gguf.LlamaFileType.ALL_F32))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    g.pre, note = add_tokenizer(w, tokdir, config)
+    g.pre, note = add_tokenizer(w, tokdir, tokenizer, config)
     g.notes = (note,) if note else ()
     for p in plan:
         qt = gguf.GGMLQuantizationType[p.qtype]
@@ -408,8 +406,8 @@ def export_gguf(t, tmp: Path, dtype: str | None, report) -> GGUFReport:
     w.close()
     report.replaced = len(t.tensors)
     report.bytes = out.stat().st_size
-    tpl = load_tokenizer(tokdir)
-    (tmp / "Modelfile").write_text(modelfile(GGUF_NAME, getattr(tpl, "chat_template", None), tpl.eos_token))
+    (tmp / "Modelfile").write_text(modelfile(GGUF_NAME, getattr(tokenizer, "chat_template", None),
+                                             tokenizer.eos_token))
     if tokdir.parent == tmp:
         import shutil
 

@@ -23,9 +23,8 @@ import torch
 import yaml
 
 from quant.checkpoint import (
-    CheckpointError, ShardWriter, atomic_dir, checkpoint_tensors, copy_tokenizer_files, empty_model,
-    fill_architectures, is_quantized_part, load_config, open_source, pop_quantization_config, quantized_layer_reader,
-    read_tensor, write_json,
+    CheckpointError, ShardWriter, atomic_dir, checkpoint_tensors, copy_tokenizer_files, fill_architectures,
+    is_quantized_part, open_quantized, open_source, read_tensor, write_json,
 )
 from quant.format import convert_qzeros
 
@@ -202,12 +201,9 @@ def export_hf(t: Trained, tmp: Path, dtype: torch.dtype, max_shard_bytes: int, r
         return x.to(dtype) if x.is_floating_point() else x
 
     if is_quantized_dir(base):
-        config = load_config(base)
-        qc = pop_quantization_config(config, base)
-        names, where = checkpoint_tensors(base)
-        suffix, read_layer = quantized_layer_reader(base, where, qc)
-        quantized = {n[: -len(suffix)] for n in names if n.endswith(suffix)}
-        skeleton = empty_model(config)  # meta tensors: only the Linears' shapes are read from it
+        q = open_quantized(base)  # its meta skeleton: only the Linears' shapes are read from it
+        config, names, where, suffix, read_layer, quantized, skeleton = (q.config, q.names, q.where, q.suffix,
+                                                                         q.read_layer, q.quantized, q.skeleton)
         unknown = sorted(n for n in t.tensors if n.rpartition(".")[0] not in quantized and n not in where)
         if unknown:
             raise CheckpointError(f"trained tensor {unknown[0]} is not a quantized layer's scales in {base}")
