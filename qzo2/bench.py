@@ -29,6 +29,10 @@ from .tracking import GB, host_rss_gb  # GiB; the training log lines measure the
 SHAPES: dict[str, dict] = {
     "tiny": dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=4, vocab_size=512, max_position_embeddings=512),
+    # a 1B-class Llama (TinyLlama-1.1B's sizes) and a 3B one (OpenLLaMA-3B's): the CPU cost rows in docs/bench.md
+    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                     num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
+                     rms_norm_eps=1e-5),
     "llama-3b": dict(model_type="llama", hidden_size=3200, intermediate_size=8640, num_hidden_layers=26,
                      num_attention_heads=32, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6),
     "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

@@ -212,3 +212,16 @@ def test_workspace_keeps_no_fake_tensor():
     real.backend = "torch"
     real(torch.randn(2, 128))
     assert kernels.WORKSPACE.buffers and not any(isinstance(b, FakeTensor) for b in kernels.WORKSPACE.buffers.values())
+
+
+@pytest.mark.parametrize("K,block", [(256, 64), (200, 64), (37, 8), (5, 64)])
+def test_mul_transposed_is_bit_identical_to_mul(K, block):
+    """The blocked multiply the scale gradient uses (dW ⊙ (q − z), q − z stored [K, N]) equals one `mul_`, bit for
+    bit, for widths that are and are not a multiple of the block, and leaves the transposed operand untouched."""
+    torch.manual_seed(K)
+    out, other = torch.randn(48, K), torch.randn(K, 48).t()
+    assert other.stride() == (1, 48)
+    keep = other.clone()
+    want = out.clone().mul_(other)
+    assert torch.equal(kernels.mul_transposed_(out, other, block), want)
+    assert torch.equal(other, keep)
