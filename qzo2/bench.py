@@ -641,7 +641,7 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
 
 
 SIMULATED_FIELDS = ("simulated", "simulated_peak_gb", "resident_gb", "breakdown_gb", "pinned_host_gb", "host_peak_gb",
-                    "host_syncs", "peak_at")
+                    "host_syncs", "peak_at", "device_ops_per_step", "tflop_per_step", "hbm_gb_per_step", "estimate_ms")
 
 
 def simulated_record(mode: str, shape: str, batch: int, seq: int, bits: int = 4, group_size: int | None = None,
@@ -691,13 +691,20 @@ def format_simulated(records: list[dict]) -> str:
     parts = ("weights", "trained", "state", "slots", "activations")
     lines = [f"{r0.get('shape')}, batch {r0.get('batch')} x seq {r0.get('seq')}, {r0.get('dtype')}, simulated GPU "
              f"(fake tensors; a real GPU adds its CUDA context and allocator cache)", "",
-             "| mode | simulated peak GB | " + " | ".join(parts) + " | pinned host GB | H2D GB/step | D2H GB/step |",
-             "|" + "---|" * (len(parts) + 5)]
+             "| mode | simulated peak GB | " + " | ".join(parts) + " | pinned host GB | H2D GB/step | D2H GB/step | "
+             + " | ".join(f"est. ms {g} (bound)" for g in ESTIMATE_GPUS) + " |",
+             "|" + "---|" * (len(parts) + 5 + len(ESTIMATE_GPUS))]
     for r in records:
         cells = [r["mode"], _fmt(r["simulated_peak_gb"])] + [_fmt(r["breakdown_gb"][k]) for k in parts]
         cells += [_fmt(r["pinned_host_gb"]), _fmt(r["h2d_gb_per_step"]), _fmt(r["d2h_gb_per_step"])]
+        cells += [f"{_fmt(r['estimate_ms'][g]['step'])} ({r['estimate_ms'][g]['bound']})" for g in ESTIMATE_GPUS]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nest. ms: a roofline estimate of one step at datasheet peaks (qzo2.simulate.estimate), not a "
+                 f"measurement; a real step is slower.")
     return "\n".join(lines)
+
+
+ESTIMATE_GPUS = ("h100-sxm", "rtx4090")  # the estimate columns of the --simulate --compare table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,29 @@ from . import gpu
 aten = torch.ops.aten
 STAND_IN = torch.device("meta")  # the simulated GPU's device (see the module doc)
 _COPIES = {aten._to_copy.default, aten.copy_.default}
+# ops that move no data on the device (besides views): reshapes of contiguous tensors, allocations, scalar reads
+_NO_TRAFFIC = {aten._unsafe_view, aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty,
+               aten.new_empty_strided, aten.detach, aten.lift_fresh, aten._local_scalar_dense, aten.zeros_like}
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """Datasheet peaks (dense, no sparsity) for the roofline estimate: tensor-core fp16/bf16 FLOP/s, plain fp32
+    FLOP/s (torch's default: TF32 off for matmuls), memory bytes/s, host link bytes/s each way (PCIe x16)."""
+
+    half_flops: float
+    fp32_flops: float
+    mem_bw: float
+    link_bw: float
+
+
+GPUS = {
+    "h100-sxm": GPUSpec(989e12, 67e12, 3.35e12, 63e9),   # PCIe 5.0 x16
+    "h200": GPUSpec(989e12, 67e12, 4.8e12, 63e9),
+    "a100-80gb": GPUSpec(312e12, 19.5e12, 2.039e12, 31.5e9),  # PCIe 4.0 x16
+    "rtx4090": GPUSpec(165.2e12, 82.6e12, 1.008e12, 31.5e9),
+}
+LAUNCH_S = 4e-6  # the least a kernel takes, launch to launch (an assumption, stated with the estimate)
 
 
 def _tensors(tree):
@@ -82,6 +105,7 @@ class LiveBytes(TorchDispatchMode):
         self.created: list[tuple[str, int, str]] = []  # (device type, bytes, where) made while `watching`
         self.watching = False
         self.peak_where = ""  # the qzo2 line that allocated the device peak's last bytes
+        self.op_costs: list[tuple[int, int, bool]] = []  # per device op: (FLOPs, bytes read + written, fp32 math)
 
     # ---- bookkeeping ---------------------------------------------------------------------------------------------
     def _add(self, t: torch.Tensor) -> None:
@@ -115,7 +139,7 @@ class LiveBytes(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak = Counter(self.now)
         self.peak_keys = {s for n, d, s in self.live.values() if d == self.device.type}
-        self.syncs, self.moved, self.created = [], Counter(), []
+        self.syncs, self.moved, self.created, self.op_costs = [], Counter(), [], []
 
     def adopt(self, tensors) -> None:
         """Count tensors made before this tracker was entered (e.g. a model built outside it)."""
@@ -155,7 +179,22 @@ class LiveBytes(TorchDispatchMode):
                     self.syncs.append(Sync("d2h", nbytes, _caller()))  # a blocking copy waits for the device
         for t in _tensors(out):
             self._add(t)
+        if self.device.type != "cpu" and not func.is_view and func.overloadpacket not in _NO_TRAFFIC:
+            self._cost(func, args, kwargs, out, on_device)
         return out
+
+    def _cost(self, func, args, kwargs, out, on_device) -> None:
+        """What one device op costs for the roofline estimate: its FLOPs (torch.utils.flop_counter's formulas:
+        matmuls and attention; elementwise ops count as memory traffic only) and the bytes it reads and writes."""
+        from torch.utils.flop_counter import flop_registry
+
+        outs = [t for t in _tensors(out) if t.device == self.device]
+        if not outs:  # no device tensor made or written (prim.device, sizes, a copy to the host: the link's)
+            return
+        nbytes = sum(t.numel() * t.element_size() for t in on_device) + sum(t.numel() * t.element_size() for t in outs)
+        formula = flop_registry.get(func.overloadpacket)
+        flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
+        self.op_costs.append((flops, nbytes, (on_device or outs)[0].dtype == torch.float32))
 
 
 def _unique_bound(x, sorted=True, return_inverse=False, return_counts=False):
@@ -331,9 +370,9 @@ class Simulation:
         tracker.reset_peak()
         moved, syncs = Counter(), []
         for i in range(self.steps if steps is None else steps):
-            before, n_syncs = Counter(tracker.moved), len(tracker.syncs)
+            before, n_syncs, n_ops = Counter(tracker.moved), len(tracker.syncs), len(tracker.op_costs)
             run.step(i)
-            moved, syncs = Counter(tracker.moved) - before, tracker.syncs[n_syncs:]
+            moved, syncs, ops = Counter(tracker.moved) - before, tracker.syncs[n_syncs:], tracker.op_costs[n_ops:]
         parts = breakdown(tracker, run.model, run.method, run.streamer)
         pinned = 0
         if gpu.is_gpu(device):
@@ -347,7 +386,29 @@ class Simulation:
                 "host_peak_gb": tracker.peak["cpu"] / GB,
                 "h2d_gb_per_step": moved["h2d"] / GB, "d2h_gb_per_step": moved["d2h"] / GB,
                 "host_syncs": [f"{s.kind} {s.where}" for s in syncs], "peak_at": tracker.peak_where,
-                "streamed_blocks": run.streamer.stats["streamed_blocks"] if run.streamer else 0}
+                "streamed_blocks": run.streamer.stats["streamed_blocks"] if run.streamer else 0,
+                "device_ops_per_step": len(ops), "tflop_per_step": sum(o[0] for o in ops) / 1e12,
+                "hbm_gb_per_step": sum(o[1] for o in ops) / GB,
+                "estimate_ms": {name: estimate(ops, moved["h2d"], moved["d2h"], spec) for name, spec in GPUS.items()}}
+
+
+def estimate(ops, h2d_bytes: int, d2h_bytes: int, spec: GPUSpec) -> dict:
+    """A roofline estimate of one step (ms), never a measurement: each device op takes the longest of its FLOPs at
+    the datasheet peak for its precision, its bytes at the memory bandwidth, and LAUNCH_S; the host link moves the
+    step's H2D and D2H bytes at its peak, each way at once, behind the compute (the streamer prefetches), so the step
+    takes the longer of the two. Peaks are never reached and the host's own op dispatch is not counted, so a real
+    step is slower; what the estimate says is which bound a mode hits (`bound`: compute, memory, launch or link)."""
+    by = Counter()
+    for flops, nbytes, fp32 in ops:
+        t = {"compute": flops / (spec.fp32_flops if fp32 else spec.half_flops), "memory": nbytes / spec.mem_bw,
+             "launch": LAUNCH_S}
+        kind = max(t, key=t.get)
+        by[kind] += t[kind]
+    device = sum(by.values())
+    link = max(h2d_bytes, d2h_bytes) / spec.link_bw
+    bound = "link" if link > device else max(by, key=by.get) if by else "launch"
+    ms = {"step": max(device, link), "device": device, "link": link, **{k: by[k] for k in ("compute", "memory", "launch")}}
+    return {**{k: round(1e3 * v, 3) for k, v in ms.items()}, "bound": bound}
 
 
 def simulate_mode(mode: str, shape, batch: int, seq: int, dtype: torch.dtype = torch.bfloat16, bits: int = 4,

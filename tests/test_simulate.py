@@ -212,3 +212,50 @@ def test_bad_plan_input_gets_one_line(capsys, argv, needle):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_op_costs_count_matmul_flops_and_bytes_and_the_estimate_picks_the_bound():
+    """One bf16 matmul on the simulated GPU costs 2·M·N·K FLOPs and reads and writes its three matrices; views and
+    allocations cost nothing. The roofline estimate takes the longest of compute, memory and launch per op, and the
+    host link's time when it is longer than the device's."""
+    M, K, N = 64, 128, 256
+    with simulate.fake_gpu() as tracker:
+        a = torch.empty(M, K, dtype=torch.bfloat16, device=simulate.STAND_IN)
+        b = torch.empty(K, N, dtype=torch.bfloat16, device=simulate.STAND_IN)
+        tracker.reset_peak()
+        c = (a @ b.t().t()).view(-1)  # two views around the product
+        assert c.numel() == M * N
+    assert tracker.op_costs == [(2 * M * N * K, 2 * (M * K + K * N + M * N), False)]
+    spec = simulate.GPUSpec(half_flops=1e12, fp32_flops=1e11, mem_bw=1e9, link_bw=1e8)
+    ops = [(10**9, 10**3, False),   # 1 ms of bf16 math, 1 µs of memory: compute
+           (10**8, 10**3, True),    # fp32: 1 ms at the fp32 peak
+           (0, 5 * 10**6, False),   # 5 ms of memory
+           (10, 10, False)]         # a tiny op: the launch floor
+    est = simulate.estimate(ops, 0, 0, spec)
+    assert est["compute"] == 2.0 and est["memory"] == 5.0 and est["launch"] == 1e3 * simulate.LAUNCH_S
+    assert est["step"] == est["device"] == round(7.0 + 1e3 * simulate.LAUNCH_S, 3) and est["bound"] == "memory"
+    linked = simulate.estimate(ops, 10**6, 10**5, spec)  # 10 ms over the link, more than the device's 7
+    assert linked["link"] == 10.0 and linked["step"] == 10.0 and linked["bound"] == "link"
+
+
+@pytest.mark.parametrize("mode", ["qzo", "adalomo"])
+def test_simulated_flops_equal_torch_flop_counter(mode):
+    """The step's FLOPs as the simulation counts them equal torch.utils.flop_counter.FlopCounterMode's count of the
+    same step (an independent interception of the same ops), and at least the dense GEMMs' 2·params·tokens per
+    forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch, seq = 2, 16
+    with simulate.Simulation(mode, "tiny", torch.bfloat16, 4, 32) as sim:
+        sim.measure(batch, seq, 1)  # the method's state is made in the first step
+        with FlopCounterMode(display=False) as counter:
+            rec = sim.measure(batch, seq, 1)
+        linear_params = sum(m.in_features * m.out_features for m in sim.run.model.modules()
+                            if hasattr(m, "in_features"))
+    assert rec["tflop_per_step"] * 1e12 == counter.get_total_flops()
+    # QZO: the ± pair of forwards; AdaLomo: one forward and at least the input gradient's GEMMs (the scales'
+    # gradients add the weight-gradient GEMMs of the quantized layers, not of the head)
+    dense = 2 * linear_params * batch * seq
+    assert 2 * dense <= rec["tflop_per_step"] * 1e12 <= (2 if mode == "qzo" else 3) * dense * 1.5
+    assert rec["device_ops_per_step"] > 0 and rec["hbm_gb_per_step"] > 0
+    assert set(rec["estimate_ms"]) == set(simulate.GPUS)
