@@ -18,6 +18,8 @@ CPU caches. Two choices torch makes per device are made here as CUDA makes them:
   - a host read of a device scalar (`.item()`, `float(t)`, `bool(t)`; `aten._local_scalar_dense`) has no data to
     read: it is counted as a host synchronisation and answered with 1 (1.0, True), so the step goes on as if the
     loss were finite and nothing overflowed.
+The tracker also records each device op's FLOPs and the bytes it reads and writes; `estimate` turns a step's into a
+roofline time on a named GPU (an estimate, never a measurement).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ STAND_IN = torch.device("meta")  # the simulated GPU's device (see the module do
 _COPIES = {aten._to_copy.default, aten.copy_.default}
 # ops that move no data on the device (besides views): reshapes of contiguous tensors, allocations, scalar reads
 _NO_TRAFFIC = {aten._unsafe_view, aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty,
-               aten.new_empty_strided, aten.detach, aten.lift_fresh, aten._local_scalar_dense, aten.zeros_like}
+               aten.new_empty_strided, aten.detach, aten.lift_fresh, aten._local_scalar_dense}
 
 
 @dataclass(frozen=True)
