@@ -14,6 +14,7 @@ read, converted and written one at a time, so memory stays near one layer.
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -67,12 +68,42 @@ def _arch(config) -> str:
     if mt not in ARCHS:
         raise CheckpointError(f"GGUF export supports the {', '.join(sorted(ARCHS))} families; this model is "
                               f"{mt!r} (export --format gptq or hf instead)")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope = rope.get("full_attention", rope)  # Gemma 3: one set per attention type
-    if rope.get("rope_type", "default") != "default":
-        raise CheckpointError(f"GGUF export does not write {rope['rope_type']!r} rope scaling yet; export --format "
-                              f"gptq or hf instead")
+    kind = _rope(config).get("rope_type", "default")
+    if kind != "default" and not (kind == "llama3" and ARCHS[mt] == "llama"):
+        raise CheckpointError(f"GGUF export does not write {kind!r} rope scaling yet; export --format gptq or hf "
+                              f"instead")
     return ARCHS[mt]
+
+
+def _rope(config) -> dict:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return rope.get("full_attention", rope)  # Gemma 3: one set per attention type (the global layers' here)
+
+
+def rope_freqs(config) -> np.ndarray | None:
+    """Llama 3.1+'s `llama3` rope scaling as llama.cpp reads it: a `rope_freqs` tensor of one factor per rotary
+    frequency, each dividing that frequency (1 for the fast ones, `factor` for the slow ones, smoothed between), as
+    llama.cpp's convert_hf_to_gguf.py computes it; None for unscaled rope."""
+    rope = _rope(config)
+    if rope.get("rope_type") != "llama3":
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    base = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    old_len = int(rope["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            out.append(1.0 / ((1.0 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
 
 
 def _float_array(t: torch.Tensor, qtype: str) -> np.ndarray:
@@ -183,6 +214,10 @@ def plan_tensors(t, dtype: str | None, report: GGUFReport):
             # Gemma's RMSNorm scales by (1 + w), llama.cpp's gemma3 graph by w: its converter adds the 1
             shift = 1.0 if arch == "gemma3" and name.endswith("norm.weight") else 0.0
             plan.append(_float_plan(g, name, get, shape, dtype, permute_for(g), stored, shift))
+    factors = rope_freqs(config)
+    if factors is not None:  # always F32, as llama.cpp's converter writes it
+        plan.append(_Planned(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape, "F32",
+                             lambda: factors))
     return config, plan, source
 
 
@@ -236,8 +271,7 @@ def _hparams(w, config, arch: str) -> None:
     """The architecture keys llama.cpp reads, as its converter writes them for these families."""
     n_head = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    rope = getattr(config, "rope_parameters", None) or {}
-    rope = rope.get("full_attention", rope)  # Gemma 3: the global layers' theta (llama.cpp fixes the local one)
+    rope = _rope(config)  # Gemma 3: the global layers' theta (llama.cpp fixes the local one)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)

@@ -316,3 +316,34 @@ def test_dtype_q8_0_requantizes_only_the_unquantized_matrices(exported, tmp_path
     want = gguf.quants.quantize(gguf.quants.dequantize(a["token_embd.weight"].data, a["token_embd.weight"].tensor_type),
                                 gguf.GGMLQuantizationType.Q8_0)
     assert emb.tensor_type.name == "Q8_0" and np.array_equal(np.asarray(emb.data), want)
+
+
+def test_llama3_rope_scaling_writes_llama_cpps_rope_freqs(tmp_path, make_model_dir):
+    """A Llama 3.1-style `llama3` rope scaling is written as llama.cpp reads it: a `rope_freqs` F32 tensor of one
+    factor per rotary frequency that divides it. The factors equal the ratio of the unscaled inverse frequencies
+    (float64 here) to those of transformers' own llama3 rope init; other rope scalings are still refused."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    src, _ = make_model_dir("llama", rope_scaling=rope, rope_theta=500000.0, max_position_embeddings=512)
+    with atomic_dir(tmp_path / "q") as d:
+        quantize(open_source(src), d, GRIDS["q4_0"], progress=False)
+    assert main(["export", str(tmp_path / "q"), "-o", str(tmp_path / "out"), "--format", "gguf"]) == 0
+    reader = gguf.GGUFReader(str(tmp_path / "out" / "model.gguf"))
+    t = {x.name: x for x in reader.tensors}["rope_freqs.weight"]
+    assert t.tensor_type == gguf.GGMLQuantizationType.F32
+    config = AutoConfig.from_pretrained(src)
+    head_dim = config.hidden_size // config.num_attention_heads
+    plain = 1.0 / (500000.0 ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    want = plain / scaled.double().numpy()
+    got = np.asarray(t.data, dtype=np.float64)
+    assert got.shape == (head_dim // 2,) and np.allclose(got, want, rtol=1e-5)
+    assert got.min() == 1.0 and got.max() == 8.0 and ((got > 1) & (got < 8)).any()  # fast, slow and smoothed ones
+    src2, _ = make_model_dir("llama", name="linear", rope_scaling={"rope_type": "linear", "factor": 2.0})
+    with atomic_dir(tmp_path / "q2") as d:
+        quantize(open_source(src2), d, GRIDS["q4_0"], progress=False)
+    assert main(["export", str(tmp_path / "q2"), "-o", str(tmp_path / "out2"), "--format", "gguf"]) == 2
+    assert not (tmp_path / "out2").exists()
