@@ -225,3 +225,22 @@ def test_mul_transposed_is_bit_identical_to_mul(K, block):
     want = out.clone().mul_(other)
     assert torch.equal(kernels.mul_transposed_(out, other, block, min_numel=0), want)  # the blocked loop
     assert torch.equal(other, keep)
+
+
+def test_scale_gradient_of_a_large_layer_takes_the_blocked_multiply_and_stays_exact():
+    """A layer of 1M weights (where backward multiplies dW by q − z in column blocks) gives the scale gradient of the
+    one-`mul_` formula bit for bit, and the input gradient unchanged."""
+    torch.manual_seed(4)
+    n = k = 1024
+    layer = QuantLinear.from_linear(torch.nn.Linear(k, n), 4, 64)
+    layer.backend = "torch"
+    base = kernels.codes_minus_zeros(layer.qweight, layer.zeros, None, 4)
+    assert base.numel() >= 1 << 20 and base.stride() == (1, n)  # the blocked path's case
+    s = layer.scales.detach().clone()
+    layer.scales = s.clone().requires_grad_(True)
+    x = torch.randn(5, k, requires_grad=True)
+    dy = torch.randn(5, n)
+    (layer(x) * dy).sum().backward()
+    want = ((dy.t() @ x.detach()) * base).view(n, k // 64, 64).sum(-1).t()
+    assert torch.equal(layer.scales.grad, want)
+    assert torch.equal(x.grad, dy @ kernels.apply_scales(base, s, None))
