@@ -6,7 +6,8 @@ batch and sequence that fit a GPU of a given size. Every cell is qzo2's real GPU
     .venv/bin/python benchmarks/simulate_table.py run [--models llama2-7b,...] [--modes qzo,...]  # appends rows
     .venv/bin/python benchmarks/simulate_table.py table                                           # markdown
 
-`run` appends one JSON line per (model, mode) to runs/simulate/table.jsonl and skips the pairs already there, so an
+`run` appends one JSON line per (model, mode) to benchmarks/results/simulate_table.jsonl (committed: the rows behind
+docs/gpu-memory.md's table, so a later session goes on from them) and skips the pairs already there, so an
 interrupted run picks up where it stopped (`--no-search`: the sizes only, a few measurements a row; a later run
 without it searches those rows and its lines replace them in the table). A row holds the simulated peak at each size in SIZES (one step after the
 first, so the method's state is all there), and, where 1x512 fits `--gpu-memory` less `--reserve` (what a real GPU
@@ -23,7 +24,7 @@ from pathlib import Path
 
 MODELS = ["llama2-7b", "llama3-8b", "llama2-13b", "llama2-70b", "opt-175b"]
 SIZES = [(1, 512), (1, 2048), (16, 256)]
-OUT = Path("runs/simulate/table.jsonl")
+OUT = Path(__file__).parent / "results" / "simulate_table.jsonl"
 
 
 def _done(path: Path, search: bool = True) -> set:
