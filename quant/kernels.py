@@ -165,13 +165,14 @@ def apply_scales(base: torch.Tensor, scales: torch.Tensor, g_idx, workspace: Wor
 
 
 def mul_transposed_(out: torch.Tensor, other: torch.Tensor, block: int = 64, min_numel: int = 1 << 20) -> torch.Tensor:
-    """out *= other for a row-major [N, K] `out` and an `other` stored transposed ([K, N] memory, as q − z is), in
-    blocks of `block` columns. One `mul_` over the whole tensors walks `other` with a stride of N elements per step, a
+    """out *= other for a [N, K] `out`. On CPU, when `other` is stored transposed ([K, N] memory, as q − z is), in
+    blocks of `block` columns: one `mul_` over the whole tensors walks `other` with a stride of N elements per step, a
     cache miss per element (14 s of a 3B AdaLomo step on a 2-core CPU); a block of 64 columns keeps the 64 rows of
     `other` it reads in cache, ~3x faster at 3B (docs/bench.md). Below `min_numel` elements (4 MB in fp32, where the
-    two cross over on that CPU) both fit in cache and one `mul_` is faster. Elementwise, so the result is
-    bit-identical to out.mul_(other) either way."""
-    if out.numel() < min_numel:
+    two cross over on that CPU) both fit in cache and one `mul_` is faster; on a GPU one kernel is. Elementwise, so
+    the result is bit-identical to out.mul_(other) either way."""
+    transposed = other.stride() == (1, out.shape[0])
+    if out.device.type != "cpu" or not transposed or out.numel() < min_numel:
         return out.mul_(other)
     for k0 in range(0, out.shape[1], block):
         out[:, k0:k0 + block].mul_(other[:, k0:k0 + block])

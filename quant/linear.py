@@ -196,10 +196,7 @@ class ScaledLinearFunction(torch.autograd.Function):
             x2 = x.reshape(-1, k).float()
             # the weight buffer again: w is dead once dx is computed
             dw = torch.matmul(dy2.t(), x2, out=ws.get("weight", (n, k), torch.float32)) if ws else dy2.t() @ x2
-            if dw.device.type == "cpu" and base.stride() == (1, n):  # q − z in its transposed [K, N] layout
-                kernels.mul_transposed_(dw, base)
-            else:
-                dw.mul_(base)
+            kernels.mul_transposed_(dw, base)  # dW ⊙ (q − z), q − z in its transposed [K, N] layout
             if g_idx is None:
                 ds = dw.view(n, scales.shape[0], k // scales.shape[0]).sum(-1).t()
             else:

@@ -642,6 +642,7 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
 
 SIMULATED_FIELDS = ("simulated", "simulated_peak_gb", "resident_gb", "breakdown_gb", "pinned_host_gb", "host_peak_gb",
                     "host_syncs", "peak_at", "device_ops_per_step", "tflop_per_step", "hbm_gb_per_step", "estimate_ms")
+ESTIMATE_GPUS = ("h100-sxm", "rtx4090")  # the estimate columns of the --simulate --compare table
 
 
 def simulated_record(mode: str, shape: str, batch: int, seq: int, bits: int = 4, group_size: int | None = None,
@@ -702,9 +703,6 @@ def format_simulated(records: list[dict]) -> str:
     lines.append(f"\nest. ms: a roofline estimate of one step at datasheet peaks (qzo2.simulate.estimate), not a "
                  f"measurement; a real step is slower.")
     return "\n".join(lines)
-
-
-ESTIMATE_GPUS = ("h100-sxm", "rtx4090")  # the estimate columns of the --simulate --compare table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,6 +80,14 @@ def _rope(config) -> dict:
     return rope.get("full_attention", rope)  # Gemma 3: one set per attention type (the global layers' here)
 
 
+def _rope_theta(config) -> float:
+    return float(_rope(config).get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def rope_freqs(config) -> np.ndarray | None:
     """Llama 3.1+'s `llama3` rope scaling as llama.cpp reads it: a `rope_freqs` tensor of one factor per rotary
     frequency, each dividing that frequency (1 for the fast ones, `factor` for the slow ones, smoothed between), as
@@ -87,9 +95,8 @@ def rope_freqs(config) -> np.ndarray | None:
     rope = _rope(config)
     if rope.get("rope_type") != "llama3":
         return None
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    base = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    head_dim = _head_dim(config)
+    freqs = 1.0 / (_rope_theta(config) ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
     old_len = int(rope["original_max_position_embeddings"])
     low_wavelen, high_wavelen = old_len / low, old_len / high
@@ -270,15 +277,14 @@ def _quantized_plan(mod: str, g: str, read_layer, grid, skeleton, trained_scales
 def _hparams(w, config, arch: str) -> None:
     """The architecture keys llama.cpp reads, as its converter writes them for these families."""
     n_head = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    rope = _rope(config)  # Gemma 3: the global layers' theta (llama.cpp fixes the local one)
+    head_dim = _head_dim(config)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)
     w.add_feed_forward_length(config.intermediate_size)
     w.add_head_count(n_head)
     w.add_head_count_kv(config.num_key_value_heads)
-    w.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    w.add_rope_freq_base(_rope_theta(config))  # Gemma 3: the global layers' theta (llama.cpp fixes the local one)
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     w.add_vocab_size(config.vocab_size)
     if arch == "gemma3":

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from . import gpu
 
@@ -188,8 +189,6 @@ class LiveBytes(TorchDispatchMode):
     def _cost(self, func, args, kwargs, out, on_device) -> None:
         """What one device op costs for the roofline estimate: its FLOPs (torch.utils.flop_counter's formulas:
         matmuls and attention; elementwise ops count as memory traffic only) and the bytes it reads and writes."""
-        from torch.utils.flop_counter import flop_registry
-
         outs = [t for t in _tensors(out) if t.device == self.device]
         if not outs:  # no device tensor made or written (prim.device, sizes, a copy to the host: the link's)
             return
