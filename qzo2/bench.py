@@ -705,6 +705,16 @@ def format_simulated(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _nxk(text: str) -> tuple[int, int]:
+    try:
+        n, k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a layer shape as NxK, e.g. 4096x4096") from None
+    if n <= 0 or k <= 0 or k % 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: N and K must be positive and K a multiple of 64 (int4 g64)")
+    return n, k
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m qzo2.bench", description="qzo2 benchmark helpers")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -717,9 +727,11 @@ def main(argv: list[str] | None = None) -> int:
     kb = sub.add_parser("kernels", help="CPU quantized-matmul paths, median ms per product (JSON lines)")
     kb.add_argument("--rows", type=int, default=1536, help="activation rows (tokens) per product")
     kb.add_argument("--repeats", type=int, default=5)
+    kb.add_argument("--shape", action="append", metavar="NxK", type=_nxk,
+                    help="layer shape, out x in features (repeatable; default 576x576, 1536x576, 576x1536)")
     args = p.parse_args(argv)
     if args.verb == "kernels":
-        bench_kernels(args.rows, args.repeats)
+        bench_kernels(args.rows, args.repeats, *([tuple(args.shape)] if args.shape else []))
         return 0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     t0 = time.perf_counter()

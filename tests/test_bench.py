@@ -36,6 +36,16 @@ def test_kernel_bench_reports_every_path():
     assert all(r[k] > 0 for r in recs for k in ("dense_ms", "dequant_ms", "dequant_cached_ms", "int4pack_ms"))
 
 
+def test_kernel_bench_cli_takes_shapes(capsys):
+    from qzo2.bench import main as bench_main
+    assert bench_main(["kernels", "--rows", "4", "--repeats", "1", "--shape", "64x128", "--shape", "32X64"]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["N"], r["K"], r["rows"]) for r in recs] == [(64, 128, 4)] * 2 + [(32, 64, 4)] * 2
+    with pytest.raises(SystemExit):
+        bench_main(["kernels", "--shape", "64x100"])       # K not a multiple of the group
+    assert "multiple of 64" in capsys.readouterr().err
+
+
 # ---- `qzo2 bench`: random models built in place, one ZO step per mode ------------------------------------------------
 FIELDS = ("shape", "mode", "device", "dtype", "batch", "seq", "steps", "step_ms", "tok_s", "torch_peak_gb",
           "nvml_used_gb", "h2d_gb_per_step", "d2h_gb_per_step", "host_rss_gb", "ratio_to_forward")
