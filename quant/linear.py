@@ -162,6 +162,29 @@ class QuantLinear(nn.Module):
                 f"group_size={self.group_size}, bias={self.bias is not None}, backend={self.backend}")
 
 
+def _half_gemms(layer, x: torch.Tensor, dy: torch.Tensor) -> bool:
+    """Whether the scale backward runs its GEMMs on half-precision tensor cores: on CUDA, with bf16/fp16 activations
+    and gradients, and integer codes (q − z is then a small integer, exact in the half dtype; a codebook's values are
+    not). dW = dyᵀx takes the half inputs with an fp32 result (`torch.mm(..., out_dtype=float32)`: fp32 accumulation,
+    and a product of two halves is exact in fp32, so it is the fp32 GEMM's value up to summation order); dx = dy·W
+    uses the forward's half weight, as a bf16 nn.Linear's backward does. The fp32 GEMMs were ~half of a first-order
+    7B step on an H100 in the roofline estimate (docs/gpu-memory.md). CPU keeps fp32: it has no fast half GEMM, and
+    `mm(out_dtype=)` is CUDA-only. `meta` is the GPU's stand-in in qzo2's simulation (qzo2.simulate), which has
+    `mm(out_dtype=)` too."""
+    half = (torch.float16, torch.bfloat16)
+    return (dy.device.type in ("cuda", "meta") and dy.dtype in half and x.dtype == dy.dtype and layer.codebook is None
+            and layer.bits <= 8)
+
+
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result from half inputs, accumulated in fp32: mm's `out_dtype` on CUDA; on CPU, which lacks
+    it (only tests take the half path there), the fp32 GEMM of the exactly upcast inputs, the same value up to
+    summation order."""
+    if a.device.type == "cpu":
+        return a.float() @ b.float()
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
 class ScaledLinearFunction(torch.autograd.Function):
     """y = x @ Wᵀ + b with W = s ⊙ (q − z), differentiable in x and in the scales s, that keeps no dense weight
     between forward and backward: it saves x and s (the codes are the layer's buffers), and backward recomputes
@@ -170,7 +193,8 @@ class ScaledLinearFunction(torch.autograd.Function):
       ∂L/∂x = ∂L/∂y · W
       ∂L/∂s[g, n] = Σ_{k in group g} ∂L/∂W[n, k] · (q − z)[n, k],   ∂L/∂W = (∂L/∂y)ᵀ x
     Plain autograd through `dequant` would instead keep a dequantized copy of every layer alive until backward (2-4
-    bytes per weight). Backward holds one layer's dense (q − z), W and ∂L/∂W at a time, in fp32."""
+    bytes per weight). Backward holds one layer's dense (q − z), W and ∂L/∂W at a time: in fp32, or on CUDA with half
+    activations q − z and W in the half dtype (`_half_gemms`); ∂L/∂W is fp32 either way."""
 
     @staticmethod
     def forward(ctx, x, scales, layer):
@@ -183,19 +207,26 @@ class ScaledLinearFunction(torch.autograd.Function):
         x, scales = ctx.saved_tensors
         layer = ctx.layer
         g_idx = layer._g_idx_or_none()
-        base = layer._base(torch.float32)  # [N, K], q − z
+        half = _half_gemms(layer, x, dy)
+        base = layer._base(dy.dtype if half else torch.float32)  # [N, K], q − z
         n, k = base.shape
-        dy2 = dy.reshape(-1, n).float()
+        dy2 = dy.reshape(-1, n) if half else dy.reshape(-1, n).float()
         dx = ds = None
         ws = kernels.WORKSPACE if base.device.type == "cpu" else None  # reused buffers, valid within this call
         if ctx.needs_input_grad[0]:
-            w = kernels.apply_scales(base, scales.float(), g_idx, ws)
+            if half and layer.resolved_backend(x.dtype) == "triton":  # the forward's own weight
+                w = triton_dequant(layer.qweight, layer.zeros, scales, g_idx, layer.bits, layer.codebook, dy.dtype)
+            else:
+                w = kernels.apply_scales(base, scales if half else scales.float(), g_idx, ws)
             dx = (dy2 @ w).reshape(x.shape).to(x.dtype)
             del w
         if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, k).float()
-            # the weight buffer again: w is dead once dx is computed
-            dw = torch.matmul(dy2.t(), x2, out=ws.get("weight", (n, k), torch.float32)) if ws else dy2.t() @ x2
+            if half:  # exact products, fp32 sums and result: the fp32 GEMM's value up to summation order
+                dw = _mm_fp32_out(dy2.t(), x.reshape(-1, k))
+            else:
+                x2 = x.reshape(-1, k).float()
+                # the weight buffer again: w is dead once dx is computed
+                dw = torch.matmul(dy2.t(), x2, out=ws.get("weight", (n, k), torch.float32)) if ws else dy2.t() @ x2
             kernels.mul_transposed_(dw, base)  # dW ⊙ (q − z), q − z in its transposed [K, N] layout
             if g_idx is None:
                 ds = dw.view(n, scales.shape[0], k // scales.shape[0]).sum(-1).t()

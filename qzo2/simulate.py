@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -224,14 +223,24 @@ def _caller() -> str:
     return "?"
 
 
-class _CudaKernelChoice(TorchFunctionMode):
-    """scaled_dot_product_attention on the stand-in device picks the kernel CUDA would pick (see the module doc)."""
+@contextlib.contextmanager
+def _cuda_kernel_choice():
+    """scaled_dot_product_attention on the stand-in device picks the kernel CUDA would pick (see the module doc).
+    The function itself is swapped while simulating, not intercepted by a TorchFunctionMode: autograd runs a
+    backward without the caller's function modes, and a block recomputed inside backward (the streamed first-order
+    modes, engine._Recompute) would take the math path there, with fp32 T x T scores."""
+    original = F.scaled_dot_product_attention
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and gpu.is_gpu(args[0].device):
-            return _fused_attention(*args, **kwargs)
-        return func(*args, **kwargs)
+    def attention(q, *args, **kwargs):
+        if gpu.is_gpu(q.device):
+            return _fused_attention(q, *args, **kwargs)
+        return original(q, *args, **kwargs)
+
+    F.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -263,7 +272,7 @@ def fake_gpu(device=STAND_IN):
         if device.type != "cpu":
             stack.enter_context(gpu.simulating(device))
             stack.enter_context(assume_triton())
-            stack.enter_context(_CudaKernelChoice())
+            stack.enter_context(_cuda_kernel_choice())
         stack.enter_context(tracker)
         yield tracker
 

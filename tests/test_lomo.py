@@ -85,6 +85,46 @@ def test_int4pack_forward_gets_the_same_backward():
     torch.testing.assert_close(g, layer.scales.grad, rtol=2e-2, atol=1e-2)  # bf16 vs fp32 activations
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_half_gemm_backward_matches_the_float64_reference(monkeypatch, act_order):
+    """The GPU's half-precision backward (bf16 activations: q − z and W in bf16, dW from bf16 inputs with an fp32
+    result), taken here on CPU: the scale gradient equals the float64 reference to fp32 rounding (dW's products of
+    bf16 values are exact in fp32), the input gradient to bf16 rounding."""
+    import quant.linear as qlinear
+
+    layer = quant_layer(k=128, n=64, group=32, bias=False, act_order=act_order)
+    layer.backend = "torch"
+    monkeypatch.setattr(qlinear, "_half_gemms", lambda *a: True)
+    x = torch.randn(4, 128).to(torch.bfloat16)
+    r = torch.randn(4, 64).to(torch.bfloat16)
+    s = layer.scales.clone().requires_grad_(True)
+    layer.scales = s
+    xg = x.clone().requires_grad_(True)
+    (layer(xg) * r).sum().backward()  # dy = r, exactly
+    assert s.grad.dtype == torch.float32 and xg.grad.dtype == torch.bfloat16
+    s64 = s.detach().double().requires_grad_(True)
+    x64 = x.double().requires_grad_(True)
+    w = kernels.dequant_reference(layer.qweight, layer.zeros, s64, layer.g_idx, 4)
+    ((x64 @ w.t()) * r.double()).sum().backward()
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(xg.grad.double(), x64.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_half_gemms_only_on_the_gpu_with_half_activations_and_integer_codes():
+    import quant.linear as qlinear
+
+    layer = quant_layer(k=64, n=32, group=16, bias=False)
+    nf4 = QuantLinear.from_linear(torch.nn.Linear(64, 32, bias=False), 4, 16)
+    nf4.codebook = torch.linspace(-1, 1, 16)
+    half = lambda dt, dev: qlinear._half_gemms(layer, torch.empty(2, 64, dtype=dt, device=dev),  # noqa: E731
+                                                 torch.empty(2, 32, dtype=dt, device=dev))
+    assert half(torch.bfloat16, "meta") and half(torch.float16, "meta")  # meta: the simulation's stand-in GPU
+    assert not half(torch.float32, "meta") and not half(torch.bfloat16, "cpu")
+    x, dy = torch.empty(2, 64, dtype=torch.bfloat16, device="meta"), torch.empty(2, 32, dtype=torch.bfloat16,
+                                                                                device="meta")
+    assert not qlinear._half_gemms(nf4, x, dy)  # codebook values are not exact in bf16
+
+
 # ---- LOMO / AdaLomo against references ---------------------------------------------------------------------------
 def batches(n, vocab=300, rows=2, seq=10):
     return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}

@@ -238,6 +238,17 @@ def test_op_costs_count_matmul_flops_and_bytes_and_the_estimate_picks_the_bound(
     assert linked["link"] == 10.0 and linked["step"] == 10.0 and linked["bound"] == "link"
 
 
+@pytest.mark.parametrize("mode", ["lomo", "adalomo", "adalomo-offload"])
+def test_first_order_gpu_steps_run_their_gemms_in_half_precision(mode):
+    """bf16 first-order steps on the GPU run no fp32 GEMM: the scales' backward takes half inputs (dW with an fp32
+    result), so every op with FLOPs reads bf16."""
+    with simulate.Simulation(mode, "tiny", torch.bfloat16, 4, 32) as sim:
+        sim.measure(2, 16, 1)
+        sim.measure(2, 16, 1)  # the op list holds this step's ops (reset at each measure)
+        gemms = [c for c in sim.tracker.op_costs if c[0] > 0]
+    assert gemms and not [c for c in gemms if c[2]]
+
+
 @pytest.mark.parametrize("mode", ["qzo", "adalomo"])
 def test_simulated_flops_equal_torch_flop_counter(mode):
     """The step's FLOPs as the simulation counts them equal torch.utils.flop_counter.FlopCounterMode's count of the
