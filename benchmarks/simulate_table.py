@@ -47,7 +47,7 @@ def run(args) -> None:
     limit = parse_size(args.gpu_memory) / GB - args.reserve
     modes = args.modes.split(",") if args.modes else list(registry.bench_modes())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    done = _done(args.out, args.search)
+    done = set() if args.redo else _done(args.out, args.search)
     for model in args.models.split(","):
         for mode in modes:
             if (model, mode, args.gpu_memory) in done:  # a sizes-only row is redone by a later --search run
@@ -75,9 +75,21 @@ def run(args) -> None:
                 else:  # sizes only: `qzo2 plan` searches one model's fit on demand
                     row["max_batch_at_512"] = row["max_seq_at_1"] = None
             row["wall_s"] = round(time.time() - t0, 1)
+            row["revision"] = _revision()
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps({k: row[k] for k in row if k != "breakdown_gb"}), flush=True)
+
+
+def _revision() -> str | None:
+    """The commit the row was simulated at (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def _fit(v) -> str:
@@ -117,6 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-memory", default="24GB")
     p.add_argument("--reserve", type=float, default=1.0, help="GB a real GPU adds (CUDA context, allocator)")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--redo", action="store_true", help="simulate the rows again even where they are there (after a "
+                                                       "change to the step code); the new lines replace them")
     p.add_argument("--no-search", dest="search", action="store_false",
                    help="the three sizes only, no largest-fit search (a few measurements a row instead of ~20)")
     args = p.parse_args(argv)
