@@ -127,6 +127,9 @@ def load_tokenizer(directory, trust_remote_code: bool = False, **kwargs):
                                              trust_remote_code=trust_remote_code, **kwargs)
     except ValueError as e:
         if "trust_remote_code" not in str(e):  # transformers' refusal says how to allow the code
+            if "tokenizer" in str(e).lower() and "instantiate" in str(e):  # no tokenizer files at all
+                raise CheckpointError(f"{directory} has no usable tokenizer ({str(e).splitlines()[0][:80]}...); "
+                                      f"copy the tokenizer files of the model it came from into it") from None
             raise
         raise CheckpointError(f"{directory}: its tokenizer_config.json asks to run custom tokenizer code (auto_map), "
                               f"which qzo2 does not run unless asked: pass --trust-remote-code (qzo2 quantize) if "

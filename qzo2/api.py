@@ -99,7 +99,8 @@ def quantize(model: str | os.PathLike | None, output: str | os.PathLike, *, bits
                       checkpoint_format=format if format in ("gptq", "gptq_v2") else "gptq", method=method)
     calib = Path(calib) if calib else (default_text_path() if method == "gptq" else None)
     if calib is not None:
-        read_utf8(calib, "calibration file")  # a missing or non-UTF-8 file: one line, before GPTQ starts
+        if not read_utf8(calib, "calibration file").strip():  # missing, non-UTF-8 or empty: one line, before GPTQ
+            raise ValueError(f"calibration file {calib} is empty; give --calib a text file with a few pages of text")
     shard = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     with locked(out, "quantize"):  # one writer per output; what a killed quantize left goes first
         remove_stale(out.parent, re.escape(out.name))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -23,6 +24,7 @@ from torch import nn
 
 from . import data as D
 from . import distributed, gpu
+from .outputs import append_line
 from .tracking import GB, host_rss_gb  # GiB; the training log lines measure the same way
 
 # HF config kwargs (plus model_type) of well-known shapes; the weights are random, only the sizes matter.
@@ -88,9 +90,10 @@ def make_config(shape: str, dtype: torch.dtype = torch.bfloat16):
         kw = dict(SHAPES[shape])
         config = AutoConfig.for_model(kw.pop("model_type"), **kw)
     else:
+        from quant.checkpoint import load_config
+
         path = Path(shape)
-        config = AutoConfig.from_pretrained(str(path.parent if path.name == "config.json" else path),
-                                            trust_remote_code=False, local_files_only=True)
+        config = load_config(path.parent if path.name == "config.json" else path)  # a bad file: one line naming it
     config.dtype = dtype
     return config
 
@@ -605,9 +608,7 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
         _check_quantizable(config, bits, group_size)
     if compare and "forward" in modes:
         modes = ["forward"] + [m for m in modes if m != "forward"]
-    out = Path(output) if output else None
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    out = _bench_output(output, shape)
 
     records, floor_ms = [], None
     for mode in modes:
@@ -629,8 +630,7 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
         line = json.dumps(rec)
         echo(line)
         if out is not None:
-            with open(out, "a") as f:
-                f.write(line + "\n")
+            append_line(out, line)
     if compare:
         echo(format_table(records))
     for r in records if profile else ():
@@ -667,10 +667,23 @@ def simulated_record(mode: str, shape: str, batch: int, seq: int, bits: int = 4,
     return rec
 
 
+def _bench_output(output, shape) -> Path | None:
+    """-o FILE.jsonl: records are appended, only to a new file or an earlier bench output (never through a symlink,
+    never into the model directory measured)."""
+    if not output:
+        return None
+    from .outputs import guard_file
+
+    inputs = [shape] if shape not in SHAPES and os.path.exists(shape) else []
+    out = guard_file(output, inputs, own_keys=("shape", "mode"), what="-o")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _run_simulated(shape, modes, batch, seq, bits, group_size, dtype, depth, compare, output, seed, echo):
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    out = Path(output) if output else None
+    out = _bench_output(output, shape)
     records = []
     for mode in modes:
         rec = simulated_record(mode, shape, batch, seq, bits, group_size, dtype, depth, seed)
@@ -678,9 +691,7 @@ def _run_simulated(shape, modes, batch, seq, bits, group_size, dtype, depth, com
         line = json.dumps(rec)
         echo(line)
         if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with open(out, "a") as f:
-                f.write(line + "\n")
+            append_line(out, line)
     if compare:
         echo(format_simulated(records))
     return records

@@ -59,6 +59,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def size_arg(text: str) -> int:
+    """argparse type: a size such as 4GB (config.parse_size), its complaint as the message."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (got {text})")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (a count or a length of 0 would only fail later, less clearly)."""
     try:
@@ -101,10 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                    help="regex of Linear names to keep unquantized (repeatable), e.g. --skip 'mlp\\.down_proj'")
     q.add_argument("--calib", default=None, help="GPTQ calibration text file (default: Hamlet, shipped offline)")
-    q.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration sequences (default 128)")
-    q.add_argument("--seqlen", type=int, default=512, help="GPTQ calibration sequence length (default 512)")
+    q.add_argument("--nsamples", type=positive_int, default=128, help="GPTQ calibration sequences (default 128)")
+    q.add_argument("--seqlen", type=positive_int, default=512, help="GPTQ calibration sequence length (default 512)")
     q.add_argument("--desc-act", action="store_true", help="GPTQ act-order (columns by decreasing activation)")
-    q.add_argument("--max-shard-size", type=parse_size, default="4GB", help="safetensors shard size (default 4GB)")
+    q.add_argument("--max-shard-size", type=size_arg, default="4GB", help="safetensors shard size (default 4GB)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument("--trust-remote-code", action="store_true", help="allow model code from the source directory")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -136,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "stored; q8_0 re-quantizes them)")
     x.add_argument("--checkpoint", default="auto",
                    help="best, last or a step number (default: best if the run evaluated, else last)")
-    x.add_argument("--max-shard-size", type=parse_size, default="4GB", help="safetensors shard size (default 4GB)")
+    x.add_argument("--max-shard-size", type=size_arg, default="4GB", help="safetensors shard size (default 4GB)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     e = sub.add_parser("eval", help="evaluate a model or a run: task accuracy, perplexity, generations",
@@ -207,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=positive_int, default=1, help="rows per step (default 1)")
     pl.add_argument("--seq", type=positive_int, default=512, help="tokens per row (default 512)")
     pl.add_argument("--gpu-memory", default="24GB", help="the GPU's memory, e.g. 24GB, 80GB (default 24GB)")
-    pl.add_argument("--reserve", type=float, default=1.0,
+    pl.add_argument("--reserve", type=non_negative_float, default=1.0,
                     help="GB a real GPU needs beyond the simulated bytes: CUDA context (~0.5) and allocator cache "
                          "(default 1.0)")
     pl.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="activations and dense "
@@ -333,7 +352,9 @@ def cmd_plan(args) -> int:
 
     from .plan import format_plan, plan
 
-    methods = [m.strip() for m in args.method.split(",") if m.strip()] if args.method else None
+    methods = [m.strip() for m in args.method.split(",") if m.strip()] if args.method is not None else None
+    if methods == []:
+        raise ValueError("--method is empty; give methods such as qzo,adalomo, or leave it out for all")
     echo = (lambda row: print(json.dumps(dict(vars(row), simulated=True)), flush=True)) if args.json else None
     rows = plan(args.model, methods, args.batch, args.seq, args.gpu_memory, args.dtype, args.bits, args.group_size,
                 args.reserve, not args.no_search, echo=echo)

@@ -17,7 +17,8 @@ class ConfigError(ValueError):
 
 
 def parse_size(text: str) -> int:
-    """"8GiB", "500MB", "1.5gb", "4096" -> bytes (kB/MB/GB/TB are binary units, like KiB/MiB/GiB/TiB)."""
+    """"8GiB", "500MB", "1.5gb", "1073741824" -> bytes (kB/MB/GB/TB are binary units, like KiB/MiB/GiB/TiB). A
+    number without a unit is bytes and must be at least 1 MiB: "24" is refused (24GB was meant)."""
     units = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40,
              "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
     t = str(text).strip().lower().replace(" ", "")
@@ -28,9 +29,13 @@ def parse_size(text: str) -> int:
                 break
         else:
             n = float(t)
-    except ValueError:
+            if 0 < n < 1 << 20:
+                raise ValueError(f"{text!r} has no unit, so it would be {n:g} bytes; give a unit, e.g. {text}GB")
+    except ValueError as e:
+        if "no unit" in str(e):
+            raise
         raise ValueError(f"{text!r} is not a size like 8GiB or 500MB") from None
-    if not 0 < n < float("inf"):
+    if not 1 <= n < float("inf"):
         raise ValueError(f"{text!r} is not a positive size")
     return int(n)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .outputs import write_file
+from .outputs import guard_file, write_file
 
 
 def check_windows(seqlen, nseq, batch_size=1) -> None:
@@ -26,6 +26,10 @@ def check_windows(seqlen, nseq, batch_size=1) -> None:
 def perplexity(model, tokenizer, text: str, seqlen: int = 256, nseq: int = 8, batch_size: int = 4) -> float:
     """exp(mean next-token NLL) over the first nseq non-overlapping windows of seqlen tokens."""
     check_windows(seqlen, nseq, batch_size)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and seqlen > positions:
+        raise ValueError(f"--seqlen {seqlen} is longer than the model's {positions} positions; give --seqlen "
+                         f"{positions} or less")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     n = min(nseq, ids.numel() // seqlen)
     if n == 0:
@@ -157,6 +161,9 @@ def evaluate_model(model=None, tokenizer=None, *, cfg=None, checkpoint: str = "b
 
     if ppl:
         check_windows(seqlen, nseq)
+    if predictions:  # before anything loads: never an input, never a file this command did not write
+        inputs = [v for v in (model, task, data) if isinstance(v, (str, os.PathLike)) and os.path.exists(v)]
+        guard_file(predictions, inputs, own_keys=("index", "label", "pred", "scores"), what="--predictions")
     if model is None or isinstance(model, (str, os.PathLike)):
         model, tokenizer, cfg = load_for_eval(None if model is None else str(model), checkpoint, dtype, device)
     elif tokenizer is None:

@@ -64,7 +64,12 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def is_quantized_dir(path: Path) -> bool:
     cfg = path / "config.json"
-    return path.is_dir() and cfg.exists() and "quantization_config" in json.loads(cfg.read_text())
+    if not (path.is_dir() and cfg.exists()):
+        return False
+    try:
+        return "quantization_config" in json.loads(cfg.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {cfg}: {str(e).splitlines()[0]}; restore it from the model's source") from None
 
 
 def load_model(src: str | None, dtype: torch.dtype = torch.float32, backend: str = "auto"):
@@ -73,17 +78,23 @@ def load_model(src: str | None, dtype: torch.dtype = torch.float32, backend: str
     from transformers import AutoModelForCausalLM
 
     path = Path(resolve_source(src))
-    if is_quantized_dir(path):
-        tokenizer = load_tokenizer(path)  # first: it is the quick one to fail
-        model = load_quantized(path, dtype=dtype, backend=backend)
-    elif path.is_file():  # .gguf: open_source dequantizes it into an in-memory model and reads its tokenizer
-        source = open_source(path)
-        model, tokenizer = source.extra["model"].to(dtype), source.extra["tokenizer"]
-    else:
-        open_source(path)  # validates: config.json, safetensors only
-        tokenizer = load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
-                                                     trust_remote_code=False)
+    try:
+        if is_quantized_dir(path):
+            tokenizer = load_tokenizer(path)  # first: it is the quick one to fail
+            model = load_quantized(path, dtype=dtype, backend=backend)
+        elif path.is_file():  # .gguf: open_source dequantizes it into an in-memory model and reads its tokenizer
+            source = open_source(path)
+            model, tokenizer = source.extra["model"].to(dtype), source.extra["tokenizer"]
+        else:
+            open_source(path)  # validates: config.json, safetensors only
+            tokenizer = load_tokenizer(path)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                         trust_remote_code=False)
+    except RuntimeError as e:  # transformers' size-mismatch report: weights that config.json does not describe
+        if "size mismatch" not in str(e) and "ignore_mismatched_sizes" not in str(e):
+            raise
+        raise ValueError(f"{path}: its weights do not match its config.json ({str(e).strip().splitlines()[-1][:120]}); "
+                         f"the model directory is damaged or config.json was edited") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer

@@ -2,8 +2,11 @@
 
   guard_output   the one check every command that writes (and with overwrite replaces) a directory passes first:
                  never the current, home or root directory or one holding them, never a directory that is or holds
-                 an input of the command, and replace only a directory qzo2 recognises as its own kind of output
-                 (a run directory for `train`, a checkpoint with qzo2's marker for `quantize` / `export`)
+                 an input of the command, and replace only a directory qzo2 recognises as its own kind of output,
+                 holding nothing qzo2 did not write there (a run directory for `train`, whose files qzo2 names;
+                 a checkpoint for `quantize` / `export`, whose marker lists the files it wrote)
+  guard_file     the same for a file output (eval --predictions, bench -o): never a directory or an input, and an
+                 existing file only when it is the same command's own output
   locked         one writer per output: an advisory lock (flock) beside it, released by the kernel when the process
                  dies, so a kill -9 never leaves it stuck
   write_file     a file written atomically and exclusively: a new temporary made by mkstemp in the target's
@@ -36,33 +39,53 @@ def _resolved(path) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(path)))).resolve()
 
 
+def _tree(path: Path) -> list[str]:
+    """Every file and symlink under `path`, as relative POSIX paths (an empty directory as 'NAME/')."""
+    names = []
+    for root, dirs, files in os.walk(path):
+        rel = Path(root).relative_to(path)
+        names += [(rel / f).as_posix() for f in files]
+        names += [(rel / d).as_posix() for d in dirs if os.path.islink(Path(root) / d)]
+        if not dirs and not files and rel != Path("."):
+            names.append(rel.as_posix() + "/")
+    return sorted(names)
+
+
 def is_checkpoint_dir(path: Path) -> bool:
-    """A model directory written by `qzo2 quantize` or `qzo2 export`: it carries qzo2's marker file, or (written
-    before the marker existed) quantize_config.json names qzo2 as the quantizer, or the model card says qzo2
-    exported it."""
-    path = Path(path)
+    """A model directory written by `qzo2 quantize` or `qzo2 export`: it carries qzo2's marker file."""
     try:
-        return json.loads((path / MARKER).read_text()).get("written_by", "").startswith("qzo2")
+        return json.loads((Path(path) / MARKER).read_text()).get("written_by", "").startswith("qzo2")
     except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        quantizer = json.loads((path / "quantize_config.json").read_text()).get("meta", {}).get("quantizer", [])
-        if any(str(q).startswith("qzo2:") for q in quantizer):
-            return True
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        return "exported by qzo2" in (path / "README.md").read_text(encoding="utf-8")[:2000]
-    except (OSError, ValueError):
         return False
 
 
+def foreign_entries(path, kind: str) -> list[str]:
+    """What in directory `path` qzo2 did not write there, so that replacing it would lose it: for a checkpoint,
+    every file its marker does not list (a checkpoint without the list is refused whole); for a run directory,
+    every entry that is not one of the run's own files (config, metrics, checkpoints/step-N, best/, the trackers'
+    directories, a killed writer's temporaries)."""
+    path = Path(path)
+    if kind == "run":
+        from .run import is_own_run_entry
+
+        return [n for n in _tree(path) if not is_own_run_entry(n) and not n.endswith("/")]  # empty dirs: nothing
+    try:
+        listed = json.loads((path / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if not isinstance(listed, list):
+        return [f"{MARKER} without its list of files"]
+    return [n for n in _tree(path) if n != MARKER and n not in set(listed) and not n.endswith("/")]
+
+
 def write_marker(directory: Path, command: str, **info) -> None:
-    """The marker that makes a checkpoint directory recognisably qzo2's (what `--overwrite` may replace)."""
+    """The marker that makes a checkpoint directory recognisably qzo2's, with the list of every file the command
+    wrote (what `--overwrite` may replace: a directory holding anything else is refused); written last."""
     from . import __version__
 
+    files = [n for n in _tree(Path(directory)) if n != MARKER]
     (Path(directory) / MARKER).write_text(json.dumps({"written_by": f"qzo2 {__version__}", "command": command,
-                                                       **info}, indent=2) + "\n")
+                                                       **info, "files": files}, indent=2) + "\n")
 
 
 def guard_output(out, inputs: Iterable = (), kind: str = "checkpoint", replace: bool = False) -> Path:
@@ -93,6 +116,41 @@ def guard_output(out, inputs: Iterable = (), kind: str = "checkpoint", replace: 
                     else f"a checkpoint written by qzo2 (no {MARKER})")
             raise OutputError(f"output {out} is not {what}, so it is not replaced; choose another output "
                               f"directory (or empty this one yourself)")
+        foreign = foreign_entries(path, kind)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise OutputError(f"output {out} holds {foreign[0]}{more}, which qzo2 did not write there, so it is not "
+                              f"replaced; move that out or choose another output directory")
+    return path
+
+
+def guard_file(out, inputs: Iterable = (), own_keys: Iterable[str] = (), what: str = "output") -> Path:
+    """Check that file `out` may be written: not a directory, not an input (nor inside an input directory), and
+    if it exists, this command's own earlier output (its first line a JSON object with every key of `own_keys`),
+    never another file. Returns it resolved (a symlink planted there is replaced or refused, never followed)."""
+    path = Path(os.path.abspath(os.path.expanduser(str(out))))
+    if path.is_dir():
+        raise OutputError(f"{what} {out} is a directory; give a file name such as {Path(out) / 'out.jsonl'}")
+    real = _resolved(path)
+    for src in inputs:
+        if src in (None, ""):
+            continue
+        s = _resolved(src)
+        if s == real or s in real.parents:
+            raise OutputError(f"{what} {out} {'is' if s == real else 'is inside'} the input {src}; choose another "
+                              f"file")
+    if os.path.lexists(path):
+        if path.is_symlink() or not path.is_file():
+            raise OutputError(f"{what} {out} exists and is not a regular file; choose another file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                first = json.loads(f.readline())
+            own = isinstance(first, dict) and all(k in first for k in own_keys)
+        except (OSError, ValueError):
+            own = False
+        if not own:
+            raise OutputError(f"{what} {out} exists and was not written by this command, so it is not touched; "
+                              f"choose another file")
     return path
 
 

@@ -40,6 +40,19 @@ class TrainingError(ValueError):
     """A run that cannot start or go on (bad run dir, mismatched checkpoint, diverged); one line for the user."""
 
 
+_RUN_ENTRY = re.compile(
+    r"(?:config\.yaml|metrics\.jsonl|metrics\.png"
+    r"|(?:checkpoints/step-\d{6}|best)/(?:trained\.safetensors|method\.safetensors|state\.json)"
+    r"|(?:tensorboard|wandb)/.+"  # the trackers' own directories (report_to)
+    r"|(?:checkpoints/)?\.(?:best|config\.yaml|metrics\.jsonl|metrics\.png|step-\d{6})\.(?:tmp|old)-[a-z0-9_]{8}"
+    r"(?:/.*)?)\Z")
+
+
+def is_own_run_entry(name: str) -> bool:
+    """Whether `name` (a path relative to a run directory, from outputs._tree) is one qzo2 train writes there."""
+    return bool(_RUN_ENTRY.match(name))
+
+
 def is_run_dir(path) -> bool:
     """A `qzo2 train` output directory (its config.yaml, with checkpoints/ or qzo2's header line: a run that died
     before its first checkpoint is one too), as opposed to a model directory."""
@@ -73,7 +86,8 @@ class RunDir:
             which = "best" if (self.path / "best").is_dir() else "last"
         if which == "best":
             if not (self.path / "best").is_dir():
-                raise TrainingError(f"{self.path} has no best checkpoint (no dev evaluation ran)")
+                raise TrainingError(f"{self.path} has no best checkpoint (no dev evaluation ran); use --checkpoint "
+                                    f"last or a step")
             return self.path / "best"
         which = str(which)
         if which != "last" and not which.isdigit():
@@ -346,6 +360,8 @@ def open_run(cfg: TrainConfig) -> tuple[RunDir, bool]:
         return run, False
     if cfg.overwrite:
         return run, True
+    if run.metrics.is_symlink():  # refused before config.yaml is rewritten: nothing of the run changes
+        raise TrainingError(f"{run.metrics} is a symbolic link; qzo2 never writes through one: remove it")
     if not is_run_dir(run.path):
         raise TrainingError(f"output_dir {run.path} exists and is not a qzo2 run directory; choose another "
                             f"output_dir")

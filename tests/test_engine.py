@@ -202,7 +202,11 @@ def test_plan_for_model_and_budgets(qdirs):
     assert engine.plan_for_model(model, 1, 3, "off") == set()
     assert engine.device_budget("", torch.device("cpu")) is None
     assert engine.device_budget("1.5GiB", torch.device("cpu")) == 3 << 29
-    assert (parse_size("500MB"), parse_size("8gib"), parse_size("4096")) == (500 << 20, 8 << 30, 4096)
+    assert (parse_size("500MB"), parse_size("8gib"), parse_size("4096b"), parse_size("1073741824")) == (
+        500 << 20, 8 << 30, 4096, 1 << 30)
+    for bare in ("24", "4096", "0.5"):  # a number without a unit under 1 MiB: a forgotten unit, never bytes
+        with pytest.raises(ValueError, match="no unit"):
+            parse_size(bare)
     with pytest.raises(ConfigError, match="gpu_memory"):
         TrainConfig(gpu_memory="lots")
     with pytest.raises(ConfigError, match="prefetch_depth"):
@@ -251,7 +255,7 @@ def test_auto_offload_streams_what_the_budget_leaves_out(qdirs, tmp_path, monkey
     model, _ = load_model(str(qdirs["llama"]))
     budget = engine._tensor_bytes(model) - 2 * code_bytes(model, [0])
     want, _, _ = train_run(tmp_path, qdirs, "llama", "resident", monkeypatch, offload="off")
-    got, rec, s = train_run(tmp_path, qdirs, "llama", "auto", monkeypatch, gpu_memory=str(budget))
+    got, rec, s = train_run(tmp_path, qdirs, "llama", "auto", monkeypatch, gpu_memory=f"{budget}B")  # bytes: a bare number under 1 MiB is refused
     assert rec["streamed_blocks"] == 4 and s.order == [1, 2, 3, 4]
     assert all(torch.equal(got[k], want[k]) for k in want)
     _, rec, s = train_run(tmp_path, qdirs, "llama", "auto-cpu", monkeypatch)  # CPU, no budget: all resident

@@ -105,6 +105,97 @@ def test_3_train_overwrite_never_deletes_its_own_inputs(tiny, tmp_path, capsys):
     assert tree(a) == before
 
 
+def test_overwrite_refuses_a_look_alike_holding_files_qzo2_did_not_write(tiny, tmp_path, capsys):
+    """A directory that only looks like qzo2's output (config.yaml + checkpoints/, a model card naming qzo2, a run
+    put inside a checkpoint, a recipe copied into a run) is not replaced: every file in it must be one qzo2 wrote."""
+    q, src, data = tiny
+    fh = tmp_path / "fh"  # another trainer's layout
+    (fh / "checkpoints").mkdir(parents=True)
+    (fh / "config.yaml").write_text("lr: 1\n")
+    (fh / "notes.txt").write_text("mine")
+    (fh / "checkpoints" / "epoch1.ckpt").write_text("w")
+    before = tree(fh)
+    one_error(capsys, train_args(small(tmp_path, q, data, fh, overwrite=True)), "which qzo2 did not write")
+    assert tree(fh) == before
+    proj = tmp_path / "proj"  # a model card that says "exported by qzo2" is no marker
+    proj.mkdir()
+    (proj / "README.md").write_text("models here were exported by qzo2")
+    (proj / "serve.py").write_text("print()")
+    before = tree(proj)
+    one_error(capsys, ["quantize", str(src), "-o", str(proj), "--overwrite", "-q"], "not a checkpoint written by qzo2")
+    assert tree(proj) == before
+    qx = quantized(tmp_path, src, "qx")  # a run trained into a checkpoint directory
+    trainer.train(small(tmp_path, q, data, qx / "myrun"))
+    before = tree(qx)
+    one_error(capsys, ["quantize", str(src), "-o", str(qx), "--overwrite", "-q", "--group-size", "32"],
+              "myrun/")
+    assert tree(qx) == before
+    run = tmp_path / "run"  # a recipe kept inside the run directory it names
+    trainer.train(small(tmp_path, q, data, run))
+    (run / "recipe.yaml").write_text((run / "config.yaml").read_text().split("\n", 1)[1])
+    before = tree(run)
+    one_error(capsys, ["train", str(run / "recipe.yaml"), "overwrite=true"], "recipe.yaml")
+    assert tree(run) == before
+    # what qzo2 wrote itself is still replaced
+    assert main(["quantize", str(src), "-o", str(tmp_path / "q2"), "-q", "--group-size", "32"]) == 0
+    assert main(["quantize", str(src), "-o", str(tmp_path / "q2"), "-q", "--group-size", "32", "--overwrite"]) == 0
+    trainer.train(small(tmp_path, q, data, tmp_path / "r2", report_to="jsonl"))
+    trainer.train(small(tmp_path, q, data, tmp_path / "r2", overwrite=True, steps=3))
+
+
+def test_file_outputs_never_replace_an_input_or_a_file_they_did_not_write(tiny, tmp_path, capsys):
+    """eval --predictions and bench -o write only a new file or their own earlier output: never the task, the data,
+    a model's files or any other file, never through a symlink."""
+    q, _, _ = tiny
+    rows = tmp_path / "t.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(4)))
+    task = tmp_path / "t.yaml"
+    task.write_text("template: '{text} ->'\ncandidates: [' no', ' yes']\n")
+    model_config = (q / "config.json").read_bytes()
+    ev = ["eval", str(q), "--task", str(task), "--data", str(rows), "--batch-size", "2"]
+    for victim in (rows, task, q / "config.json"):
+        before = victim.read_bytes()
+        one_error(capsys, ev + ["--predictions", str(victim)], "--predictions")
+        assert victim.read_bytes() == before
+    one_error(capsys, ev + ["--predictions", str(tmp_path)], "is a directory")
+    preds = tmp_path / "p.jsonl"
+    assert main(ev + ["--predictions", str(preds)]) == 0
+    assert main(ev + ["--predictions", str(preds)]) == 0  # its own output is replaced
+    assert json.loads(preds.read_text().splitlines()[0])["index"] == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (tmp_path / "b.jsonl").symlink_to(victim)
+    bench = ["bench", "--shape", "tiny", "--mode", "qzo", "--seq", "8", "--steps", "1", "--warmup", "0", "--device",
+             "cpu"]
+    one_error(capsys, bench + ["-o", str(tmp_path / "b.jsonl")], "-o")
+    one_error(capsys, bench[:2] + [str(q)] + bench[3:] + ["-o", str(q / "config.json")], "the input")
+    assert victim.read_text() == "keep" and (q / "config.json").read_bytes() == model_config
+    out = tmp_path / "bench.jsonl"
+    assert main(bench + ["-o", str(out)]) == 0 and main(bench + ["-o", str(out)]) == 0
+    assert [json.loads(line)["mode"] for line in out.read_text().splitlines()] == ["qzo", "qzo"]
+
+
+def test_bad_model_files_and_settings_found_by_the_review_are_one_line(tiny, tmp_path, capsys):
+    q, src, _ = tiny
+    bad = tmp_path / "bad"
+    shutil.copytree(q, bad)
+    (bad / "config.json").write_text("{oops")
+    for argv in (["eval", str(bad)], ["plan", str(bad)]):
+        assert str(bad / "config.json") in one_error(capsys, argv, "cannot read")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    one_error(capsys, ["quantize", str(src), "-o", str(tmp_path / "g"), "--method", "gptq", "--calib", str(empty)],
+              "is empty")
+    assert not (tmp_path / "g").exists()
+    one_error(capsys, ["eval", str(q), "--seqlen", "100000"], "positions")
+    mis = tmp_path / "mis"  # weights that config.json does not describe
+    shutil.copytree(src, mis)
+    c = json.loads((mis / "config.json").read_text())
+    c["intermediate_size"] += 8
+    (mis / "config.json").write_text(json.dumps(c))
+    one_error(capsys, ["eval", str(mis)], "do not match its config.json")
+
+
 # ---- 4: one writer per output ---------------------------------------------------------------------------------------
 def test_4_a_second_writer_is_refused_for_train_export_and_quantize(tiny, tmp_path, capsys):
     q, src, data = tiny
@@ -155,8 +246,10 @@ def test_6_symlinks_planted_in_a_run_are_never_written_through(tiny, tmp_path):
     assert not (run / "config.yaml").is_symlink() and not (run / "metrics.png").is_symlink()
     (run / "metrics.jsonl").unlink()
     (run / "metrics.jsonl").symlink_to(victim)
+    config_before = (run / "config.yaml").read_bytes()
     with pytest.raises(trainer.TrainingError, match="symbolic link"):
         trainer.train(small(tmp_path, q, data, run, steps=6))
+    assert (run / "config.yaml").read_bytes() == config_before  # refused before anything of the run changed
     with pytest.raises(OSError):  # appending refuses the link (O_NOFOLLOW) instead of writing to its target
         trainer.RunDir(run).log({"step": 7})
     assert victim.read_text() == "do not touch"

@@ -207,6 +207,14 @@ def test_largest_matches_a_brute_force_search():
     (["plan", "no-such-shape"], "unknown shape 'no-such-shape'"),
     (["plan", "tiny", "--method", "nope"], "unknown method 'nope'"),
     (["bench", "--simulate", "--shape", "nope"], "unknown shape 'nope'"),
+    (["plan", "tiny", "--gpu-memory", "24"], "no unit"),  # 24 bytes was never meant
+    (["plan", "tiny", "--gpu-memory", "0.5"], "no unit"),
+    (["plan", "tiny", "--reserve", "nan"], "--reserve"),
+    (["plan", "tiny", "--reserve=-100"], "--reserve"),
+    (["plan", "tiny", "--method", ""], "--method is empty"),
+    (["quantize", "x", "-o", "y", "--seqlen", "0"], "--seqlen"),
+    (["quantize", "x", "-o", "y", "--nsamples=-5"], "--nsamples"),
+    (["quantize", "x", "-o", "y", "--max-shard-size", "0.5"], "no unit"),
 ])
 def test_bad_plan_input_gets_one_line(capsys, argv, needle):
     assert cli.main(argv) == 2
