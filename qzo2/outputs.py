@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 MARKER = "qzo2.json"  # in every checkpoint directory `qzo2 quantize` / `qzo2 export` writes
+OLD_MARKER = f"{MARKER} without its list of files"  # written by qzo2 before the list: what it holds is unknown
 
 
 class OutputError(ValueError):
@@ -74,7 +75,7 @@ def foreign_entries(path, kind: str) -> list[str]:
     except (OSError, ValueError, AttributeError):
         listed = None
     if not isinstance(listed, list):
-        return [f"{MARKER} without its list of files"]
+        return [OLD_MARKER]
     return [n for n in _tree(path) if n != MARKER and n not in set(listed) and not n.endswith("/")]
 
 
@@ -117,6 +118,10 @@ def guard_output(out, inputs: Iterable = (), kind: str = "checkpoint", replace: 
             raise OutputError(f"output {out} is not {what}, so it is not replaced; choose another output "
                               f"directory (or empty this one yourself)")
         foreign = foreign_entries(path, kind)
+        if foreign == [OLD_MARKER]:
+            raise OutputError(f"output {out} was written by an earlier qzo2 that did not list its files, so what it "
+                              f"holds is unknown and it is not replaced; delete it yourself or choose another output "
+                              f"directory")
         if foreign:
             more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
             raise OutputError(f"output {out} holds {foreign[0]}{more}, which qzo2 did not write there, so it is not "

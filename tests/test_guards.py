@@ -136,6 +136,10 @@ def test_overwrite_refuses_a_look_alike_holding_files_qzo2_did_not_write(tiny, t
     before = tree(run)
     one_error(capsys, ["train", str(run / "recipe.yaml"), "overwrite=true"], "recipe.yaml")
     assert tree(run) == before
+    marker = json.loads((qx / outputs.MARKER).read_text())  # a checkpoint of a qzo2 that did not list its files
+    (qx / "myrun").rename(tmp_path / "myrun-moved")
+    (qx / outputs.MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "files"}))
+    one_error(capsys, ["quantize", str(src), "-o", str(qx), "--overwrite", "-q"], "did not list its files")
     # what qzo2 wrote itself is still replaced
     assert main(["quantize", str(src), "-o", str(tmp_path / "q2"), "-q", "--group-size", "32"]) == 0
     assert main(["quantize", str(src), "-o", str(tmp_path / "q2"), "-q", "--group-size", "32", "--overwrite"]) == 0
