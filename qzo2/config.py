@@ -142,7 +142,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "micro-batches per step (batch_size is the whole step's), for the "
                                              "methods that can accumulate", range="[1, inf)")
     max_skips: int = _f(10, "stop with an error after this many consecutive non-finite steps", range="[1, inf)")
-    seed: int = _f(0, "seed of the data order, the perturbations and the sentiment splits")
+    seed: int = _f(0, "seed of the data order, the perturbations and the sentiment splits", range="[0, 4294967296)")
     # evaluation, logging, checkpoints
     eval_every: int = _f(100, "dev evaluation every N steps (0: only at the end)", range="[0, inf)")
     eval_batch_size: int = _f(16, "examples per evaluation forward", range="[1, inf)")

@@ -281,7 +281,8 @@ def test_7_values_are_parsed_by_the_type_of_their_key(tmp_path):
 
 FLOATS = [("lr", "inf"), ("lr", "nan"), ("clip", "nan"), ("eps", "inf"), ("scale_floor", "-1"),
           ("weight_decay", "inf"), ("clip_grad_norm", "nan"), ("grass_scale", "0"), ("zo_track", "nan"),
-          ("dev_fraction", "nan"), ("zo_mask_fraction", "inf"), ("zo_rms_beta", "1"), ("clip_grad_value", "-1")]
+          ("dev_fraction", "nan"), ("zo_mask_fraction", "inf"), ("zo_rms_beta", "1"), ("clip_grad_value", "-1"),
+          ("seed", "-1"), ("seed", "1e30")]
 
 
 @pytest.mark.parametrize("key,value", FLOATS)
@@ -293,7 +294,7 @@ def test_8_non_finite_or_out_of_range_numbers_are_refused(key, value, capsys):
 
 
 def test_8_every_numeric_key_has_a_range():
-    numeric = [n for n, f in FIELDS.items() if f.type in ("int", "float") and n != "seed"]
+    numeric = [n for n, f in FIELDS.items() if f.type in ("int", "float")]
     assert numeric and all(FIELDS[n].metadata["range"] for n in numeric), \
         [n for n in numeric if not FIELDS[n].metadata["range"]]
     TrainConfig(task="sentiment")  # the defaults lie in their ranges
