@@ -68,3 +68,28 @@ def test_bench_runs_every_mode_on_cuda():
     assert all(r["error"] is None and r["torch_peak_gb"] > 0 and r["gpu"] for r in recs)
     by = {r["mode"]: r for r in recs}
     assert by["qzo"]["loss"] == by["qzo-offload"]["loss"] and by["mezo"]["loss"] == by["zo2"]["loss"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_scale_backward_equals_the_fp32_one(dtype):
+    """On the GPU, bf16/fp16 activations take the half-precision backward (quant.linear._half_gemms): the scale
+    gradient equals the fp32 backward's on the same (exactly upcast) inputs up to fp32 summation order, the input
+    gradient within the half dtype's rounding, and mm(out_dtype=float32) exists for the dtype on this GPU."""
+    from quant import linear as qlinear
+    from quant.linear import QuantLinear
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(512, 256, bias=False), 4, 128, sym=False).to(DEV)
+    x = torch.randn(3, 7, 512, device=DEV).to(dtype)
+    dy = torch.randn(3, 7, 256, device=DEV).to(dtype)
+    assert qlinear._half_gemms(layer, x, dy)
+    grads = {}
+    for name, xi, dyi in (("half", x, dy), ("fp32", x.float(), dy.float())):
+        s = layer.scales.detach().clone().requires_grad_(True)
+        layer.scales = s
+        xg = xi.clone().requires_grad_(True)
+        (layer(xg) * dyi).sum().backward()
+        grads[name] = (s.grad, xg.grad)
+    torch.testing.assert_close(grads["half"][0], grads["fp32"][0], rtol=1e-4, atol=1e-6)
+    assert grads["half"][1].dtype == dtype
+    torch.testing.assert_close(grads["half"][1].float(), grads["fp32"][1], rtol=2e-2, atol=2e-2)
