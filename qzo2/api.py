@@ -109,6 +109,8 @@ def quantize(model: str | os.PathLike | None, output: str | os.PathLike, *, bits
                                      seqlen=seqlen, max_shard_bytes=shard, progress=progress,
                                      trust_remote_code=trust_remote_code)
             write_marker(tmp, "quantize", source=str(Path(resolve_source(src_name)).resolve()), format=format)
+            guard_output(out, [resolve_source(src_name), calib], replace=overwrite)  # again, under the lock, just
+            # before the swap: a file put into the old output while GPTQ ran is not lost either
         return report
 
 

@@ -674,7 +674,9 @@ def _bench_output(output, shape) -> Path | None:
         return None
     from .outputs import guard_file
 
-    inputs = [shape] if shape not in SHAPES and os.path.exists(shape) else []
+    inputs = []
+    if shape not in SHAPES and os.path.exists(shape):  # the model directory, also when given as its config.json
+        inputs = [Path(shape).parent if Path(shape).name == "config.json" else shape]
     out = guard_file(output, inputs, own_keys=("shape", "mode"), what="-o")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out

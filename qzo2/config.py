@@ -30,7 +30,7 @@ def parse_size(text: str) -> int:
         else:
             n = float(t)
             if 0 < n < 1 << 20:
-                raise ValueError(f"{text!r} has no unit, so it would be {n:g} bytes; give a unit, e.g. {text}GB")
+                raise ValueError(f"{text!r} has no unit, so it would be {n:g} bytes; give a unit such as GB or MB")
     except ValueError as e:
         if "no unit" in str(e):
             raise
@@ -142,7 +142,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "micro-batches per step (batch_size is the whole step's), for the "
                                              "methods that can accumulate", range="[1, inf)")
     max_skips: int = _f(10, "stop with an error after this many consecutive non-finite steps", range="[1, inf)")
-    seed: int = _f(0, "seed of the data order, the perturbations and the sentiment splits", range="[0, 4294967296)")
+    seed: int = _f(0, "seed of the data order, the perturbations and the sentiment splits", range="[-9223372036854775808, 18446744073709551616)")  # torch.manual_seed's
     # evaluation, logging, checkpoints
     eval_every: int = _f(100, "dev evaluation every N steps (0: only at the end)", range="[0, inf)")
     eval_batch_size: int = _f(16, "examples per evaluation forward", range="[1, inf)")
@@ -194,6 +194,8 @@ class TrainConfig:
         """The config of a run directory (state.json / config.yaml): runs made before methods had their own keys
         store every method's keys, so the other methods' keys are dropped whatever their value."""
         values = renamed(dict(values))
+        if str(values.get("gpu_memory", "")).strip().isdigit():  # saved before a size needed a unit: bytes
+            values["gpu_memory"] = f"{str(values['gpu_memory']).strip()}B"
         own, foreign = _own_keys(values.get("method", FIELDS["method"].default)), _registry().option_fields()
         return cls(**{k: v for k, v in values.items() if k not in foreign or k in own})
 

@@ -163,7 +163,8 @@ def evaluate_model(model=None, tokenizer=None, *, cfg=None, checkpoint: str = "b
         check_windows(seqlen, nseq)
     if predictions:  # before anything loads: never an input, never a file this command did not write
         inputs = [v for v in (model, task, data) if isinstance(v, (str, os.PathLike)) and os.path.exists(v)]
-        guard_file(predictions, inputs, own_keys=("index", "label", "pred", "scores"), what="--predictions")
+        predictions = guard_file(predictions, inputs, own_keys=("index", "label", "pred", "scores"),
+                                 what="--predictions")
     if model is None or isinstance(model, (str, os.PathLike)):
         model, tokenizer, cfg = load_for_eval(None if model is None else str(model), checkpoint, dtype, device)
     elif tokenizer is None:

@@ -343,6 +343,7 @@ def export(path: str, out: str, fmt: str = "gptq", dtype: str | None = None, che
             (tmp / "README.md").write_text(model_card(t, fmt, dtype))
             write_marker(tmp, "export", format=fmt, source=str(Path(path).resolve()),
                          checkpoint=t.run.get("step"))
+            guard_output(out, [path, t.base], replace=overwrite)  # again, under the lock, just before the swap
     report.gguf = gguf_report
     if report.clamped:
         warnings.warn(f"{report.clamped} trained scales were outside the checkpoint dtype's range and were clamped",

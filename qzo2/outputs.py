@@ -43,7 +43,11 @@ def _resolved(path) -> Path:
 def _tree(path: Path) -> list[str]:
     """Every file and symlink under `path`, as relative POSIX paths (an empty directory as 'NAME/')."""
     names = []
-    for root, dirs, files in os.walk(path):
+
+    def unreadable(e: OSError) -> None:  # a directory that cannot be listed holds what we cannot vouch for
+        names.append(f"{Path(e.filename).relative_to(path).as_posix() if e.filename else '?'} (unreadable)")
+
+    for root, dirs, files in os.walk(path, onerror=unreadable):
         rel = Path(root).relative_to(path)
         names += [(rel / f).as_posix() for f in files]
         names += [(rel / d).as_posix() for d in dirs if os.path.islink(Path(root) / d)]
@@ -132,8 +136,10 @@ def guard_output(out, inputs: Iterable = (), kind: str = "checkpoint", replace: 
 def guard_file(out, inputs: Iterable = (), own_keys: Iterable[str] = (), what: str = "output") -> Path:
     """Check that file `out` may be written: not a directory, not an input (nor inside an input directory), and
     if it exists, this command's own earlier output (its first line a JSON object with every key of `own_keys`),
-    never another file. Returns it resolved (a symlink planted there is replaced or refused, never followed)."""
-    path = Path(os.path.abspath(os.path.expanduser(str(out))))
+    never another file. Returns the path to write (its directory resolved; a symlink planted at the file itself is
+    refused, never followed)."""
+    given = Path(os.path.expanduser(str(out)))
+    path = given.parent.resolve() / given.name  # where the OS will write (the last component itself not followed)
     if path.is_dir():
         raise OutputError(f"{what} {out} is a directory; give a file name such as {Path(out) / 'out.jsonl'}")
     real = _resolved(path)

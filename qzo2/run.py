@@ -42,9 +42,9 @@ class TrainingError(ValueError):
 
 _RUN_ENTRY = re.compile(
     r"(?:config\.yaml|metrics\.jsonl|metrics\.png"
-    r"|(?:checkpoints/step-\d{6}|best)/(?:trained\.safetensors|method\.safetensors|state\.json)"
+    r"|(?:checkpoints/step-\d{6,}|best)/(?:trained\.safetensors|method\.safetensors|state\.json)"
     r"|(?:tensorboard|wandb)/.+"  # the trackers' own directories (report_to)
-    r"|(?:checkpoints/)?\.(?:best|config\.yaml|metrics\.jsonl|metrics\.png|step-\d{6})\.(?:tmp|old)-[a-z0-9_]{8}"
+    r"|(?:checkpoints/)?\.(?:best|config\.yaml|metrics\.jsonl|metrics\.png|step-\d{6,})\.(?:tmp|old)-[a-z0-9_]{8}"
     r"(?:/.*)?)\Z")
 
 
@@ -125,7 +125,7 @@ class RunDir:
     def remove_stale(self) -> None:
         """Temporaries a killed writer of this run left (the run's lock is held): half-written checkpoints,
         best/, config.yaml, metrics."""
-        remove_stale(self.ckpts, r"step-\d{6}")
+        remove_stale(self.ckpts, r"step-\d{6,}")
         remove_stale(self.path, r"(?:best|config\.yaml|metrics\.jsonl|metrics\.png)")
         remove_stale(self.path.parent, re.escape(self.path.name))  # a replaced run's remains (replace_run)
 
@@ -344,18 +344,25 @@ def check_resume(run: RunDir, cfg: TrainConfig) -> None:
                             f"{', '.join(RESUMABLE_CHANGES[9:])}); use another output_dir or overwrite=true")
 
 
+def guard_run(run: RunDir, cfg: TrainConfig) -> None:
+    """outputs.guard_output for a run directory: never the cwd / home / root, and (to be replaced) only a run that
+    holds none of this run's inputs and nothing but a run's own files. open_run calls it first, and the trainer
+    again just before it replaces the old run (minutes later, with the run's lock held)."""
+    inputs = [cfg.model, cfg.train_file, cfg.dev_file, cfg.task]
+    inputs = [v for k, v in zip(("model", "train_file", "dev_file", "task"), inputs)
+              if v and not v.startswith(MEMORY) and not is_symbolic(k, v)]
+    try:
+        guard_output(run.path, inputs if cfg.overwrite else (), kind="run", replace=cfg.overwrite)
+    except ValueError as e:
+        raise TrainingError(str(e).replace("output ", "output_dir ", 1)) from None
+
+
 def open_run(cfg: TrainConfig) -> tuple[RunDir, bool]:
     """Decide, before anything is loaded, what output_dir means: (run, replace) where replace says an old run is
     to be replaced once the new one can start. Resuming is run.steps() non-empty and replace False; a run that
     died before its first checkpoint starts again from step 0 with the same config."""
     run = RunDir(cfg.output_dir)
-    inputs = [cfg.model, cfg.train_file, cfg.dev_file, cfg.task]
-    inputs = [v for k, v in zip(("model", "train_file", "dev_file", "task"), inputs)
-              if v and not v.startswith(MEMORY) and not is_symbolic(k, v)]
-    try:  # the cwd / home / root, and (to be replaced) only a run that holds none of this run's inputs
-        guard_output(run.path, inputs if cfg.overwrite else (), kind="run", replace=cfg.overwrite)
-    except ValueError as e:
-        raise TrainingError(str(e).replace("output ", "output_dir ", 1)) from None
+    guard_run(run, cfg)
     if not run.path.exists() or not any(run.path.iterdir()):
         return run, False
     if cfg.overwrite:

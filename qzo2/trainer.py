@@ -21,9 +21,9 @@ from .methods import load_for_training
 from .objective import dev_metric, evaluate
 from .engine import placement
 from .outputs import locked
-from .run import (RunDir, TrainingError, check_finite, check_inputs, input_fingerprints, load_method_state,
-                  load_trained, open_run, plot_metrics, read_state, replace_run, save_best, save_checkpoint,
-                  write_config)
+from .run import (RunDir, TrainingError, check_finite, check_inputs, guard_run, input_fingerprints,
+                  load_method_state, load_trained, open_run, plot_metrics, read_state, replace_run, save_best,
+                  save_checkpoint, write_config)
 
 __all__ = ["train", "TrainOutcome", "TrainingError", "RunDir", "lr_at", "load_for_training", "StopSignals"]
 
@@ -194,7 +194,8 @@ def _train(cfg: TrainConfig, world: distributed.World, memory: dict | None = Non
         raise TrainingError(f"dev_file {cfg.dev_file} holds no dev examples; give a dev set with rows, or no "
                             f"dev_file")
     if world.main:
-        if replace:  # the new run can start: only now does the old one go
+        if replace:  # the new run can start: only now does the old one go, if it still holds only a run's files
+            guard_run(run, cfg)
             replace_run(run)
         run.path.mkdir(parents=True, exist_ok=True)
         write_config(run, cfg, given)

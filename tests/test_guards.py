@@ -147,6 +147,65 @@ def test_overwrite_refuses_a_look_alike_holding_files_qzo2_did_not_write(tiny, t
     trainer.train(small(tmp_path, q, data, tmp_path / "r2", overwrite=True, steps=3))
 
 
+def test_a_file_put_into_the_old_output_while_the_job_ran_is_not_lost(tiny, tmp_path, monkeypatch, capsys):
+    """The look-alike check is made again, under the lock, just before the old output is swapped out: quantize,
+    export and train take minutes to hours, and a file written into the old output meanwhile stays."""
+    import quant.checkpoint
+    from qzo2 import run as run_module
+
+    q, src, data = tiny
+    old = quantized(tmp_path, src, "old")
+    real = quant.checkpoint.quantize
+
+    def quantize_and_meanwhile(*a, **kw):
+        (old / "notes.txt").write_text("written during the job")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(quant.checkpoint, "quantize", quantize_and_meanwhile)
+    one_error(capsys, ["quantize", str(src), "-o", str(old), "--overwrite", "-q", "--group-size", "32"], "notes.txt")
+    assert (old / "notes.txt").read_text() == "written during the job" and (old / outputs.MARKER).exists()
+    run = tmp_path / "run"
+    trainer.train(small(tmp_path, q, data, run))
+    real_load = trainer.load_for_training
+
+    def load_and_meanwhile(cfg):
+        (run / "notes.txt").write_text("written during the load")
+        return real_load(cfg)
+
+    monkeypatch.setattr(trainer, "load_for_training", load_and_meanwhile)
+    with pytest.raises(trainer.TrainingError, match="notes.txt"):
+        trainer.train(small(tmp_path, q, data, run, overwrite=True))
+    assert (run / "notes.txt").exists() and run_module.RunDir(run).steps()
+
+
+def test_a_run_saved_with_a_unitless_gpu_memory_still_loads():
+    """Runs saved before a size needed a unit keep loading (eval, export, resume): a bare number is bytes there."""
+    cfg = TrainConfig.from_saved({**TrainConfig(task="sentiment").to_dict(), "gpu_memory": "200000"})
+    assert cfg.gpu_memory == "200000B"
+    with pytest.raises(ConfigError, match="no unit"):
+        TrainConfig(task="sentiment", gpu_memory="200000")
+
+
+def test_what_cannot_be_listed_or_a_long_run_is_judged_right(tmp_path, monkeypatch):
+    from qzo2.run import is_own_run_entry
+
+    assert is_own_run_entry("checkpoints/step-1000000/state.json")  # past step 999,999
+    assert is_own_run_entry("checkpoints/.step-1000000.tmp-abcd1234/x")
+    assert not is_own_run_entry("checkpoints/epoch1.ckpt") and not is_own_run_entry("notes.txt")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000001").mkdir(parents=True)
+    (run / "config.yaml").write_text("x")
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name == "step-000001":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert outputs.foreign_entries(run, "run") == ["checkpoints/step-000001 (unreadable)"]
+
+
 def test_file_outputs_never_replace_an_input_or_a_file_they_did_not_write(tiny, tmp_path, capsys):
     """eval --predictions and bench -o write only a new file or their own earlier output: never the task, the data,
     a model's files or any other file, never through a symlink."""
@@ -173,6 +232,7 @@ def test_file_outputs_never_replace_an_input_or_a_file_they_did_not_write(tiny, 
              "cpu"]
     one_error(capsys, bench + ["-o", str(tmp_path / "b.jsonl")], "-o")
     one_error(capsys, bench[:2] + [str(q)] + bench[3:] + ["-o", str(q / "config.json")], "the input")
+    one_error(capsys, bench[:2] + [str(q / "config.json")] + bench[3:] + ["-o", str(q / "b.jsonl")], "the input")
     assert victim.read_text() == "keep" and (q / "config.json").read_bytes() == model_config
     out = tmp_path / "bench.jsonl"
     assert main(bench + ["-o", str(out)]) == 0 and main(bench + ["-o", str(out)]) == 0
@@ -282,7 +342,7 @@ def test_7_values_are_parsed_by_the_type_of_their_key(tmp_path):
 FLOATS = [("lr", "inf"), ("lr", "nan"), ("clip", "nan"), ("eps", "inf"), ("scale_floor", "-1"),
           ("weight_decay", "inf"), ("clip_grad_norm", "nan"), ("grass_scale", "0"), ("zo_track", "nan"),
           ("dev_fraction", "nan"), ("zo_mask_fraction", "inf"), ("zo_rms_beta", "1"), ("clip_grad_value", "-1"),
-          ("seed", "-1"), ("seed", "1e30")]
+          ("seed", "1e30"), ("seed", "-1e20")]
 
 
 @pytest.mark.parametrize("key,value", FLOATS)
