@@ -505,6 +505,10 @@ def quantize_source(
             report.bytes_before += t.numel() * t.element_size()
             mod = name[: -len(".weight")] if name.endswith(".weight") else None
             if mod in modules:
+                want = tuple(modules[mod].weight.shape)
+                if tuple(t.shape) != want:  # a checkpoint that loads nowhere: refused before it is written
+                    raise CheckpointError(f"{source.path}: {name} has shape {tuple(t.shape)}, but config.json says "
+                                          f"{want}; the model directory is damaged or config.json was edited")
                 tensors, w_hat = encoder.encode(mod, t)
                 report.rel_error[layer_type(mod)].append(relative_error(t, w_hat))
                 report.quantized_parameters += t.numel()

@@ -255,9 +255,12 @@ def test_bad_model_files_and_settings_found_by_the_review_are_one_line(tiny, tmp
     mis = tmp_path / "mis"  # weights that config.json does not describe
     shutil.copytree(src, mis)
     c = json.loads((mis / "config.json").read_text())
-    c["intermediate_size"] += 8
+    c["intermediate_size"] += 32
     (mis / "config.json").write_text(json.dumps(c))
     one_error(capsys, ["eval", str(mis)], "do not match its config.json")
+    one_error(capsys, ["quantize", str(mis), "-o", str(tmp_path / "qmis"), "-q", "--group-size", "32"],
+              "config.json says")
+    assert not (tmp_path / "qmis").exists()
 
 
 # ---- 4: one writer per output ---------------------------------------------------------------------------------------
