@@ -162,9 +162,8 @@ def evaluate_model(model=None, tokenizer=None, *, cfg=None, checkpoint: str = "b
     if ppl:
         check_windows(seqlen, nseq)
     if predictions:  # before anything loads: never an input, never a file this command did not write
-        inputs = [v for v in (model, task, data) if isinstance(v, (str, os.PathLike)) and os.path.exists(v)]
-        predictions = guard_file(predictions, inputs, own_keys=("index", "label", "pred", "scores"),
-                                 what="--predictions")
+        predictions = guard_file(predictions, eval_inputs(model, task, data), what="--predictions",
+                                 own_keys=("index", "label", "pred", "scores"))
     if model is None or isinstance(model, (str, os.PathLike)):
         model, tokenizer, cfg = load_for_eval(None if model is None else str(model), checkpoint, dtype, device)
     elif tokenizer is None:
@@ -195,6 +194,20 @@ def evaluate_model(model=None, tokenizer=None, *, cfg=None, checkpoint: str = "b
     return out
 
 
+def eval_inputs(model, task, data) -> list:
+    """The paths an evaluation reads, which its outputs must never be or be inside: the model (for a run directory
+    also its base model), the task file and the data."""
+    from .run import is_run_dir
+
+    paths = [v for v in (model, task, data) if isinstance(v, (str, os.PathLike)) and os.path.exists(v)]
+    if isinstance(model, (str, os.PathLike)) and is_run_dir(model):
+        from .config import load_config
+
+        base = load_config(str(Path(model) / "config.yaml")).model
+        paths += [base] if base and os.path.exists(base) else []
+    return paths
+
+
 def write_predictions(path, items: list, scores: list) -> Path:
     """Each example's label, prediction and candidate scores (mean log-prob per token) as jsonl at `path`."""
     import json
@@ -212,6 +225,7 @@ def write_predictions(path, items: list, scores: list) -> Path:
 # the same examples as an lm-evaluation-harness task
 
 LM_EVAL_METRICS = ("acc", "acc_norm")
+LM_EVAL_HEAD = "# written by qzo2 eval --lm-eval-task"  # the task YAML's first line: what marks it as ours
 
 
 def lm_eval_task_name(task: str, data, split: str, seed: int | None, template: str) -> str:
@@ -270,7 +284,7 @@ def write_lm_eval_task(out_dir, items: list, name: str, about: str = "") -> Path
         "metadata": {"version": 1.0},
     }
     path = out_dir / f"{name}.yaml"
-    head = (f"# written by qzo2 eval --lm-eval-task: {len(items)} examples of {about or name}; `acc` is qzo2's\n"
+    head = (f"{LM_EVAL_HEAD}: {len(items)} examples of {about or name}; `acc` is qzo2's\n"
             f"# accuracy when every candidate is one token after the prompt (see qzo2.evaluation.write_lm_eval_task)\n")
     write_file(path, head + yaml.safe_dump(task, sort_keys=False, allow_unicode=True, width=1000))
     return path
@@ -346,6 +360,9 @@ def write_lm_eval(out_dir, model: str | None = None, *, task: str, data=None, sp
     ecfg = eval_config(cfg, None, max_length, template)
     items, about = task_items(task, data, split, seed, cfg, ecfg)
     name = lm_eval_task_name(task, data, split, seed, ecfg.template)
+    inputs = eval_inputs(model, task, data)  # the two files: never an input, only new or this command's own
+    guard_file(Path(out_dir) / f"{name}.jsonl", inputs, own_keys=("prompt", "label"), what="--lm-eval-task")
+    guard_file(Path(out_dir) / f"{name}.yaml", inputs, own_head=LM_EVAL_HEAD, what="--lm-eval-task")
     path = write_lm_eval_task(out_dir, items, name, about)
     try:
         source = Path(resolve_source(cfg.model if cfg else model))

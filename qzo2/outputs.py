@@ -109,9 +109,11 @@ def guard_output(out, inputs: Iterable = (), kind: str = "checkpoint", replace: 
         if src in (None, ""):
             continue
         s = _resolved(src)
-        if s == path or path in s.parents:
+        if (s == path or path in s.parents) and (replace or kind != "run"):  # a run may be resumed beside its data
             raise OutputError(f"output {out} {'is' if s == path else 'contains'} the input {src}; choose another "
                               f"output directory")
+        if s in path.parents:  # written into a model or run it reads: a stray directory there, or worse
+            raise OutputError(f"output {out} is inside the input {src}; choose an output directory outside it")
     if path.exists() and not path.is_dir():
         raise OutputError(f"output {out} is a file, not a directory; choose another output")
     if replace and path.is_dir() and any(path.iterdir()):
@@ -133,10 +135,11 @@ def guard_output(out, inputs: Iterable = (), kind: str = "checkpoint", replace: 
     return path
 
 
-def guard_file(out, inputs: Iterable = (), own_keys: Iterable[str] = (), what: str = "output") -> Path:
+def guard_file(out, inputs: Iterable = (), own_keys: Iterable[str] = (), what: str = "output",
+               own_head: str | None = None) -> Path:
     """Check that file `out` may be written: not a directory, not an input (nor inside an input directory), and
-    if it exists, this command's own earlier output (its first line a JSON object with every key of `own_keys`),
-    never another file. Returns the path to write (its directory resolved; a symlink planted at the file itself is
+    if it exists, this command's own earlier output (its first line a JSON object with every key of `own_keys`,
+    or with `own_head` its first line starting with that text), never another file. Returns the path to write (its directory resolved; a symlink planted at the file itself is
     refused, never followed)."""
     given = Path(os.path.expanduser(str(out)))
     path = given.parent.resolve() / given.name  # where the OS will write (the last component itself not followed)
@@ -155,8 +158,12 @@ def guard_file(out, inputs: Iterable = (), own_keys: Iterable[str] = (), what: s
             raise OutputError(f"{what} {out} exists and is not a regular file; choose another file")
         try:
             with open(path, encoding="utf-8") as f:
-                first = json.loads(f.readline())
-            own = isinstance(first, dict) and all(k in first for k in own_keys)
+                line = f.readline()
+            if own_head is not None:
+                own = line.startswith(own_head)
+            else:
+                first = json.loads(line)
+                own = isinstance(first, dict) and all(k in first for k in own_keys)
         except (OSError, ValueError):
             own = False
         if not own:

@@ -352,7 +352,7 @@ def guard_run(run: RunDir, cfg: TrainConfig) -> None:
     inputs = [v for k, v in zip(("model", "train_file", "dev_file", "task"), inputs)
               if v and not v.startswith(MEMORY) and not is_symbolic(k, v)]
     try:
-        guard_output(run.path, inputs if cfg.overwrite else (), kind="run", replace=cfg.overwrite)
+        guard_output(run.path, inputs, kind="run", replace=cfg.overwrite)
     except ValueError as e:
         raise TrainingError(str(e).replace("output ", "output_dir ", 1)) from None
 

@@ -97,7 +97,9 @@ def test_3_train_overwrite_never_deletes_its_own_inputs(tiny, tmp_path, capsys):
     q, _, data = tiny
     a = tmp_path / "runs" / "a"
     trainer.train(small(tmp_path, q, data, a))
-    assert main(["export", str(a), "-o", str(a / "gptq")]) == 0
+    one_error(capsys, ["export", str(a), "-o", str(a / "gptq")], "is inside the input")  # into the run it reads
+    assert main(["export", str(a), "-o", str(tmp_path / "gptq")]) == 0
+    shutil.move(tmp_path / "gptq", a / "gptq")  # the user moved it there
     shutil.copy(data, a / "d.jsonl")
     before = tree(a)
     cfg = small(tmp_path, a / "gptq", a / "d.jsonl", a, overwrite=True)
@@ -209,7 +211,7 @@ def test_what_cannot_be_listed_or_a_long_run_is_judged_right(tmp_path, monkeypat
 def test_file_outputs_never_replace_an_input_or_a_file_they_did_not_write(tiny, tmp_path, capsys):
     """eval --predictions and bench -o write only a new file or their own earlier output: never the task, the data,
     a model's files or any other file, never through a symlink."""
-    q, _, _ = tiny
+    q, _, data = tiny
     rows = tmp_path / "t.jsonl"
     rows.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(4)))
     task = tmp_path / "t.yaml"
@@ -221,6 +223,21 @@ def test_file_outputs_never_replace_an_input_or_a_file_they_did_not_write(tiny, 
         one_error(capsys, ev + ["--predictions", str(victim)], "--predictions")
         assert victim.read_bytes() == before
     one_error(capsys, ev + ["--predictions", str(tmp_path)], "is a directory")
+    lm = tmp_path / "lm"  # --lm-eval-task: a hand-written task file of the same name is not replaced
+    lm.mkdir()
+    lm_args = ["eval", str(q), "--task", str(task), "--data", str(rows), "--lm-eval-task"]
+    assert main(lm_args + [str(lm)]) == 0
+    assert main(lm_args + [str(lm)]) == 0  # its own files are rewritten
+    mine = next(lm.glob("*.yaml"))
+    mine.write_text("task: mine\n")
+    one_error(capsys, lm_args + [str(lm)], "--lm-eval-task")
+    assert mine.read_text() == "task: mine\n"
+    one_error(capsys, lm_args + [str(q / "tasks")], "inside the input")
+    run = tmp_path / "run"  # a run's base model is an input of its evaluation too
+    trainer.train(small(tmp_path, q, data, run))
+    one_error(capsys, ["eval", str(run), "--checkpoint", "last", "--task", str(task), "--data", str(rows),
+                       "--predictions", str(q / "p.jsonl")], "inside the input")
+    assert not (q / "p.jsonl").exists()
     preds = tmp_path / "p.jsonl"
     assert main(ev + ["--predictions", str(preds)]) == 0
     assert main(ev + ["--predictions", str(preds)]) == 0  # its own output is replaced
