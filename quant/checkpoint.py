@@ -496,6 +496,16 @@ def quantize_source(
     missing = [f"{m}.weight" for m in modules if f"{m}.weight" not in names]
     if missing:
         raise CheckpointError(f"source has no tensor {missing[0]} (is it the model its config describes?)")
+    described = set(skeleton.state_dict())
+    if getattr(source.config, "tie_word_embeddings", False):
+        described.discard("lm_head.weight")  # the embedding's alias: a checkpoint may or may not store it
+    missing = sorted(described - names)
+    extra = sorted(n for n in names - set(skeleton.state_dict()) if not n.endswith("inv_freq"))
+    for what, found in (("has no tensor", missing), ("has tensors config.json does not describe:", extra)):
+        if found:  # a checkpoint written from it would load nowhere, or silently drop weights
+            more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+            raise CheckpointError(f"{source.path} {what} {found[0]}{more}; the model directory is damaged or "
+                                  f"config.json was edited")
     report = QuantizeReport()
     writer = ShardWriter(dst, max_shard_bytes)
     with tqdm(total=len(modules), desc="quantize", unit="layer", disable=not progress) as bar:

@@ -267,4 +267,4 @@ def evaluate(model: TrainResult | str | os.PathLike | "nn.Module" | None = None,
     r = evaluate_model(model, tokenizer, cfg=cfg, checkpoint=checkpoint, task=task, data=data, split=split, seed=seed,
                        template=template, max_length=max_length, batch_size=batch_size, ppl=task is None, text=text,
                        seqlen=seqlen, nseq=nseq)
-    return r.metrics if task is not None else {"perplexity": r.perplexity, "tokens": seqlen * nseq}
+    return r.metrics if task is not None else {"perplexity": r.perplexity, "tokens": seqlen * r.windows}

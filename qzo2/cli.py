@@ -332,7 +332,7 @@ def cmd_eval(args) -> int:
             lines.append(f"per-example candidate scores (mean log-prob per token): {r.predictions}")
         lines += [f"> {prompt}\n{text}" for prompt, text in r.generations]
         if r.perplexity is not None:
-            lines.append(f"perplexity {r.perplexity:.2f} ({args.nseq}x{args.seqlen} tokens of {r.text.name})")
+            lines.append(f"perplexity {r.perplexity:.2f} ({r.windows}x{args.seqlen} tokens of {r.text.name})")
     for line in lines:
         print(line)
     return 0

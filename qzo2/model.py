@@ -88,8 +88,17 @@ def load_model(src: str | None, dtype: torch.dtype = torch.float32, backend: str
         else:
             open_source(path)  # validates: config.json, safetensors only
             tokenizer = load_tokenizer(path)
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
-                                                         trust_remote_code=False)
+            model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                               trust_remote_code=False, output_loading_info=True)
+            absent = sorted(info.get("missing_keys") or [])  # transformers would train on random weights there
+            extra = sorted(k for k in info.get("unexpected_keys") or [] if not k.endswith("inv_freq"))
+            if absent or extra:
+                found = absent or extra
+                what = ("config.json describes weights it does not hold" if absent
+                        else "it holds weights config.json does not describe")
+                more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+                raise ValueError(f"{path}: {what} ({found[0]}{more}); the model directory is damaged or config.json "
+                                 f"was edited")
     except RuntimeError as e:  # transformers' size-mismatch report: weights that config.json does not describe
         if "size mismatch" not in str(e) and "ignore_mismatched_sizes" not in str(e):
             raise

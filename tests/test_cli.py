@@ -185,6 +185,10 @@ def test_eval_perplexity(make_model_dir, tmp_path, capsys):
     with torch.no_grad():
         losses = [float(model(input_ids=w[None], labels=w[None]).loss) for w in ids[:64].view(4, 16)]
     assert ppl == pytest.approx(math.exp(sum(losses) / 4), rel=1e-3)  # printed with 2 decimals
+    assert "(4x16 tokens of t.txt)" in out
+    n = len(ids) // 16  # asked for more windows than the text holds: the line says how many were scored
+    assert main(["eval", str(dst), "--ppl", str(text), "--seqlen", "16", "--nseq", "100000"]) == 0
+    assert f"({n}x16 tokens of t.txt)" in capsys.readouterr().out and n < 100000
     run_bad(capsys, ["eval", str(dst), "--ppl", str(tmp_path / "missing.txt")], "does not exist")
 
 

@@ -278,6 +278,13 @@ def test_bad_model_files_and_settings_found_by_the_review_are_one_line(tiny, tmp
     one_error(capsys, ["quantize", str(mis), "-o", str(tmp_path / "qmis"), "-q", "--group-size", "32"],
               "config.json says")
     assert not (tmp_path / "qmis").exists()
+    for layers, needle in ((1, "does not describe"), (3, "has no tensor")):  # a layer count edited either way
+        c = json.loads((src / "config.json").read_text())
+        c["num_hidden_layers"] = layers
+        (mis / "config.json").write_text(json.dumps(c))
+        one_error(capsys, ["quantize", str(mis), "-o", str(tmp_path / "qmis"), "-q", "--group-size", "32"], needle)
+        one_error(capsys, ["eval", str(mis)], "config.json")
+    assert not (tmp_path / "qmis").exists()
 
 
 # ---- 4: one writer per output ---------------------------------------------------------------------------------------
