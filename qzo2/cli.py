@@ -354,7 +354,8 @@ def cmd_plan(args) -> int:
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()] if args.method is not None else None
     if methods == []:
-        raise ValueError("--method is empty; give methods such as qzo,adalomo, or leave it out for all")
+        raise ValueError("--method is empty; give a comma list of methods (qzo2 plan --help lists them), or leave it "
+                         "out for all")
     echo = (lambda row: print(json.dumps(dict(vars(row), simulated=True)), flush=True)) if args.json else None
     rows = plan(args.model, methods, args.batch, args.seq, args.gpu_memory, args.dtype, args.bits, args.group_size,
                 args.reserve, not args.no_search, echo=echo)
