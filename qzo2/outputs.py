@@ -78,17 +78,44 @@ def foreign_entries(path, kind: str) -> list[str]:
         listed = json.loads((path / MARKER).read_text()).get("files")
     except (OSError, ValueError, AttributeError):
         listed = None
-    if not isinstance(listed, list):
+    if not isinstance(listed, dict):
         return [OLD_MARKER]
-    return [n for n in _tree(path) if n != MARKER and n not in set(listed) and not n.endswith("/")]
+    foreign = []
+    for n in _tree(path):
+        if n == MARKER or n.endswith("/"):
+            continue
+        if n not in listed:
+            foreign.append(n)
+        elif _fingerprint(path / n) != listed[n]:
+            foreign.append(f"{n} (changed since qzo2 wrote it)")
+    return foreign
+
+
+HASHED = 16 << 20  # files up to this size are listed with their sha256 (model cards, configs, tokenizers); larger ones
+# (weight shards, GGUF) by size: hashing them would read gigabytes, and no one edits a shard in place
+
+
+def _fingerprint(file: Path) -> dict | None:
+    """What a checkpoint's list records of one file: its size, and its sha256 when it is small (None: not a regular
+    file, e.g. a symlink put in its place)."""
+    import hashlib
+
+    if file.is_symlink() or not file.is_file():
+        return None
+    size = file.stat().st_size
+    digest = None
+    if size <= HASHED:
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    return {"bytes": size, "sha256": digest}
 
 
 def write_marker(directory: Path, command: str, **info) -> None:
     """The marker that makes a checkpoint directory recognisably qzo2's, with the list of every file the command
-    wrote (what `--overwrite` may replace: a directory holding anything else is refused); written last."""
+    wrote, its size and (small files) sha256: what `--overwrite` may replace (a directory holding anything else, or
+    a listed file changed since, is refused); written last."""
     from . import __version__
 
-    files = [n for n in _tree(Path(directory)) if n != MARKER]
+    files = {n: _fingerprint(Path(directory) / n) for n in _tree(Path(directory)) if n != MARKER and not n.endswith("/")}
     (Path(directory) / MARKER).write_text(json.dumps({"written_by": f"qzo2 {__version__}", "command": command,
                                                        **info, "files": files}, indent=2) + "\n")
 
@@ -130,8 +157,8 @@ def guard_output(out, inputs: Iterable = (), kind: str = "checkpoint", replace: 
                               f"directory")
         if foreign:
             more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-            raise OutputError(f"output {out} holds {foreign[0]}{more}, which qzo2 did not write there, so it is not "
-                              f"replaced; move that out or choose another output directory")
+            raise OutputError(f"output {out} holds {foreign[0]}{more}, which qzo2 did not write there (or not as it is "
+                              f"now), so it is not replaced; move that out or choose another output directory")
     return path
 
 

@@ -145,6 +145,12 @@ def test_overwrite_refuses_a_look_alike_holding_files_qzo2_did_not_write(tiny, t
     # what qzo2 wrote itself is still replaced
     assert main(["quantize", str(src), "-o", str(tmp_path / "q2"), "-q", "--group-size", "32"]) == 0
     assert main(["quantize", str(src), "-o", str(tmp_path / "q2"), "-q", "--group-size", "32", "--overwrite"]) == 0
+    card = tmp_path / "q2" / "config.json"  # a listed file edited in place is not the file qzo2 wrote
+    card.write_text(card.read_text().replace("{", '{"my_note": "edited",', 1))
+    before = tree(tmp_path / "q2")
+    one_error(capsys, ["quantize", str(src), "-o", str(tmp_path / "q2"), "-q", "--group-size", "32", "--overwrite"],
+              "config.json (changed since qzo2 wrote it)")
+    assert tree(tmp_path / "q2") == before
     trainer.train(small(tmp_path, q, data, tmp_path / "r2", report_to="jsonl"))
     trainer.train(small(tmp_path, q, data, tmp_path / "r2", overwrite=True, steps=3))
 
