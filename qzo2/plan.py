@@ -106,7 +106,7 @@ def plan(model: str, methods=None, batch: int = 1, seq: int = 512, gpu_memory: s
     group_size = auto_group_size(config) if group_size is None else group_size
     max_pos = int(getattr(config, "max_position_embeddings", 0) or 0) or 1 << 17
     if seq > max_pos:
-        raise ValueError(f"seq {seq} exceeds the model's {max_pos} positions")
+        raise ValueError(f"seq {seq} exceeds the model's {max_pos} positions; give --seq {max_pos} or less")
     limit = parse_size(gpu_memory) / GB - reserve_gb
     rows = []
     for method, modes in method_modes(methods, quantized=True if quantized_dir else None).items():
