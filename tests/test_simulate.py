@@ -212,6 +212,7 @@ def test_largest_matches_a_brute_force_search():
     (["plan", "tiny", "--reserve", "nan"], "--reserve"),
     (["plan", "tiny", "--reserve=-100"], "--reserve"),
     (["plan", "tiny", "--method", ""], "--method is empty"),
+    (["plan", "tiny", "--seq", "1000000"], "or less"),
     (["quantize", "x", "-o", "y", "--seqlen", "0"], "--seqlen"),
     (["quantize", "x", "-o", "y", "--nsamples=-5"], "--nsamples"),
     (["quantize", "x", "-o", "y", "--max-shard-size", "0.5"], "no unit"),
