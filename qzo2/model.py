@@ -67,9 +67,12 @@ def is_quantized_dir(path: Path) -> bool:
     if not (path.is_dir() and cfg.exists()):
         return False
     try:
-        return "quantization_config" in json.loads(cfg.read_text())
+        data = json.loads(cfg.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {cfg}: {str(e).splitlines()[0]}; restore it from the model's source") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{cfg} is not a JSON object of model settings; restore it from the model's source")
+    return "quantization_config" in data
 
 
 def load_model(src: str | None, dtype: torch.dtype = torch.float32, backend: str = "auto"):

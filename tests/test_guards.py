@@ -269,6 +269,8 @@ def test_bad_model_files_and_settings_found_by_the_review_are_one_line(tiny, tmp
     (bad / "config.json").write_text("{oops")
     for argv in (["eval", str(bad)], ["plan", str(bad)]):
         assert str(bad / "config.json") in one_error(capsys, argv, "cannot read")
+    (bad / "config.json").write_text("[1, 2]")
+    one_error(capsys, ["eval", str(bad)], "is not a JSON object")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     one_error(capsys, ["quantize", str(src), "-o", str(tmp_path / "g"), "--method", "gptq", "--calib", str(empty)],
