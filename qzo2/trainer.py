@@ -185,6 +185,10 @@ def _train(cfg: TrainConfig, world: distributed.World, memory: dict | None = Non
     distributed.barrier()  # every rank has looked at output_dir before rank 0 changes it
     data = D.read_data(cfg, memory)  # data errors before the model (minutes at 7B)
     model, tokenizer, method = load_for_training(cfg)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and cfg.max_length > positions:  # learned positions fail; rotary ones run past what was trained
+        raise TrainingError(f"max_length {cfg.max_length} is longer than the model's {positions} positions; give "
+                            f"max_length={positions} or less")
     check_finite(method.targets, cfg.model)  # an edited or diverged base: every step would be skipped
     where = placement(model)
     task = D.build_task(cfg, tokenizer, data)

@@ -263,7 +263,7 @@ def test_file_outputs_never_replace_an_input_or_a_file_they_did_not_write(tiny, 
 
 
 def test_bad_model_files_and_settings_found_by_the_review_are_one_line(tiny, tmp_path, capsys):
-    q, src, _ = tiny
+    q, src, data = tiny
     bad = tmp_path / "bad"
     shutil.copytree(q, bad)
     (bad / "config.json").write_text("{oops")
@@ -277,6 +277,9 @@ def test_bad_model_files_and_settings_found_by_the_review_are_one_line(tiny, tmp
               "is empty")
     assert not (tmp_path / "g").exists()
     one_error(capsys, ["eval", str(q), "--seqlen", "100000"], "positions")
+    cfg = small(tmp_path, q, data, tmp_path / "long", max_length=100000)
+    one_error(capsys, train_args(cfg), "max_length=")
+    assert not (tmp_path / "long").exists()
     mis = tmp_path / "mis"  # weights that config.json does not describe
     shutil.copytree(src, mis)
     c = json.loads((mis / "config.json").read_text())
