@@ -590,54 +590,55 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
     if simulate:
         return _run_simulated(shape, modes, batch, seq, bits, group_size, dtype or "bf16", depth, compare, output,
                               seed, echo)
-    world = distributed.init(device)
-    if compare and "forward" in modes:  # every rank in the same order
-        modes = ["forward"] + [m for m in modes if m != "forward"]
-    if not world.main:
-        echo, output, compare = (lambda line: None), None, False  # rank 0 alone prints and writes
-    dev = resolve_device(device)
-    if dtype is None:
-        dtype = "bf16" if dev.type == "cuda" else "fp32"
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    if any(m in bench_modes() and bench_modes()[m][1].quantized for m in modes):
-        from quant.checkpoint import auto_group_size
+    with distributed.group(device) as world:  # under torchrun: joined here, left together at the end
+        if compare and "forward" in modes:  # every rank in the same order
+            modes = ["forward"] + [m for m in modes if m != "forward"]
+        if not world.main:
+            echo, output, compare = (lambda line: None), None, False  # rank 0 alone prints and writes
+        dev = resolve_device(device)
+        if dtype is None:
+            dtype = "bf16" if dev.type == "cuda" else "fp32"
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        if any(m in bench_modes() and bench_modes()[m][1].quantized for m in modes):
+            from quant.checkpoint import auto_group_size
 
-        config = make_config(shape)
-        group_size = auto_group_size(config) if group_size is None else group_size
-        _check_quantizable(config, bits, group_size)
-    if compare and "forward" in modes:
-        modes = ["forward"] + [m for m in modes if m != "forward"]
-    out = _bench_output(output, shape)
+            config = make_config(shape)
+            group_size = auto_group_size(config) if group_size is None else group_size
+            _check_quantizable(config, bits, group_size)
+        if compare and "forward" in modes:
+            modes = ["forward"] + [m for m in modes if m != "forward"]
+        out = _bench_output(output, shape)
 
-    records, floor_ms = [], None
-    for mode in modes:
-        try:
-            rec = bench_mode(mode, shape, batch, seq, steps, warmup, dev, DTYPES[dtype], bits, group_size, depth,
-                             seed, profile)
-        except torch.OutOfMemoryError as e:
-            rec = dict.fromkeys(RECORD_FIELDS)
-            rec.update(shape=shape, mode=mode, device=str(dev), dtype=str(DTYPES[dtype]).replace("torch.", ""),
-                       batch=batch, seq=seq, steps=steps, warmup=warmup,
-                       error="out of memory: " + (str(e).splitlines() or [""])[0][:200])
-            del e
-        _free(dev)
-        if mode == "forward" and not rec["error"]:
-            floor_ms = rec["step_ms"]
-        if floor_ms and not rec["error"] and mode != "forward":
-            rec["ratio_to_forward"] = rec["step_ms"] / floor_ms
-        records.append(rec)
-        line = json.dumps(rec)
-        echo(line)
-        if out is not None:
-            append_line(out, line)
-    if compare:
-        echo(format_table(records))
-    for r in records if profile else ():
-        if r.get("profile"):
-            echo(f"\n{r['mode']}: one step's ops by self CPU time (torch.profiler)\n| op | self ms | calls |\n|---|---|---|")
-            echo("\n".join(f"| {e['op']} | {e['self_ms']} | {e['calls']} |" for e in r["profile"]))
-    return records
+        records, floor_ms = [], None
+        for mode in modes:
+            try:
+                rec = bench_mode(mode, shape, batch, seq, steps, warmup, dev, DTYPES[dtype], bits, group_size, depth,
+                                 seed, profile)
+            except torch.OutOfMemoryError as e:
+                rec = dict.fromkeys(RECORD_FIELDS)
+                rec.update(shape=shape, mode=mode, device=str(dev), dtype=str(DTYPES[dtype]).replace("torch.", ""),
+                           batch=batch, seq=seq, steps=steps, warmup=warmup,
+                           error="out of memory: " + (str(e).splitlines() or [""])[0][:200])
+                del e
+            _free(dev)
+            if mode == "forward" and not rec["error"]:
+                floor_ms = rec["step_ms"]
+            if floor_ms and not rec["error"] and mode != "forward":
+                rec["ratio_to_forward"] = rec["step_ms"] / floor_ms
+            records.append(rec)
+            line = json.dumps(rec)
+            echo(line)
+            if out is not None:
+                append_line(out, line)
+        if compare:
+            echo(format_table(records))
+        for r in records if profile else ():
+            if r.get("profile"):
+                echo(f"\n{r['mode']}: one step's ops by self CPU time (torch.profiler)\n"
+                     "| op | self ms | calls |\n|---|---|---|")
+                echo("\n".join(f"| {e['op']} | {e['self_ms']} | {e['calls']} |" for e in r["profile"]))
+        return records
 
 
 SIMULATED_FIELDS = ("simulated", "simulated_peak_gb", "resident_gb", "breakdown_gb", "pinned_host_gb", "host_peak_gb",

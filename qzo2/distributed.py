@@ -19,6 +19,7 @@ What crosses ranks per step:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -99,6 +100,22 @@ def init(device: str, timeout_s: float = 1800.0) -> World:
                                              timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     _WORLD = w
     return w
+
+
+@contextlib.contextmanager
+def group(device: str):
+    """init for a block (bench): a process group this block joined is left at its end, after a barrier when the
+    block succeeded, so that no rank tears down its connections while a peer still uses them (gloo aborts the
+    process then: a rare SIGABRT at exit under torchrun, seen in CI)."""
+    owns = not initialized()
+    w = init(device)
+    try:
+        yield w
+        if owns:
+            barrier()
+    finally:
+        if owns:
+            shutdown()
 
 
 def shutdown() -> None:
