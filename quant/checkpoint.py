@@ -492,15 +492,11 @@ def quantize_source(
         raise CheckpointError("no Linear layer left to quantize (check --skip)")
     if check is not None:
         check(modules)
-    names = set(source.names)
-    missing = [f"{m}.weight" for m in modules if f"{m}.weight" not in names]
-    if missing:
-        raise CheckpointError(f"source has no tensor {missing[0]} (is it the model its config describes?)")
-    described = set(skeleton.state_dict())
+    names, described = set(source.names), set(skeleton.state_dict())  # every Linear to quantize among the latter
+    extra = sorted(n for n in names - described if not n.endswith("inv_freq"))
     if getattr(source.config, "tie_word_embeddings", False):
         described.discard("lm_head.weight")  # the embedding's alias: a checkpoint may or may not store it
     missing = sorted(described - names)
-    extra = sorted(n for n in names - set(skeleton.state_dict()) if not n.endswith("inv_freq"))
     for what, found in (("has no tensor", missing), ("has tensors config.json does not describe:", extra)):
         if found:  # a checkpoint written from it would load nowhere, or silently drop weights
             more = f" and {len(found) - 1} more" if len(found) > 1 else ""

@@ -193,8 +193,8 @@ class ScaledLinearFunction(torch.autograd.Function):
       ∂L/∂x = ∂L/∂y · W
       ∂L/∂s[g, n] = Σ_{k in group g} ∂L/∂W[n, k] · (q − z)[n, k],   ∂L/∂W = (∂L/∂y)ᵀ x
     Plain autograd through `dequant` would instead keep a dequantized copy of every layer alive until backward (2-4
-    bytes per weight). Backward holds one layer's dense (q − z), W and ∂L/∂W at a time: in fp32, or on CUDA with half
-    activations q − z and W in the half dtype (`_half_gemms`); ∂L/∂W is fp32 either way."""
+    bytes per weight). Backward holds one layer's dense (q − z), W and ∂L/∂W at a time: in fp32, or on CUDA with
+    half activations q − z and W in the half dtype (`_half_gemms`); ∂L/∂W is fp32 either way."""
 
     @staticmethod
     def forward(ctx, x, scales, layer):

@@ -80,6 +80,12 @@ def check_shape(shape: str) -> None:
                      f"config.json")
 
 
+def _model_dir(shape: str) -> Path:
+    """The model directory a non-named shape names (given as the directory or as its config.json)."""
+    path = Path(shape)
+    return path.parent if path.name == "config.json" else path
+
+
 def make_config(shape: str, dtype: torch.dtype = torch.bfloat16):
     """The HF config of a named shape, or of a model directory's config.json (no weights are read; never remote
     code)."""
@@ -92,8 +98,7 @@ def make_config(shape: str, dtype: torch.dtype = torch.bfloat16):
     else:
         from quant.checkpoint import load_config
 
-        path = Path(shape)
-        config = load_config(path.parent if path.name == "config.json" else path)  # a bad file: one line naming it
+        config = load_config(_model_dir(shape))  # a bad file: one line naming it
     config.dtype = dtype
     return config
 
@@ -626,11 +631,7 @@ def run_bench(shape: str = "tiny", modes="qzo", batch: int = 1, seq: int = 512, 
                 floor_ms = rec["step_ms"]
             if floor_ms and not rec["error"] and mode != "forward":
                 rec["ratio_to_forward"] = rec["step_ms"] / floor_ms
-            records.append(rec)
-            line = json.dumps(rec)
-            echo(line)
-            if out is not None:
-                append_line(out, line)
+            records.append(_emit(rec, echo, out))
         if compare:
             echo(format_table(records))
         for r in records if profile else ():
@@ -668,6 +669,15 @@ def simulated_record(mode: str, shape: str, batch: int, seq: int, bits: int = 4,
     return rec
 
 
+def _emit(rec: dict, echo, out: Path | None) -> dict:
+    """One record as a JSON line: echoed, and appended to `out` (the -o file) when there is one."""
+    line = json.dumps(rec)
+    echo(line)
+    if out is not None:
+        append_line(out, line)
+    return rec
+
+
 def _bench_output(output, shape) -> Path | None:
     """-o FILE.jsonl: records are appended, only to a new file or an earlier bench output (never through a symlink,
     never into the model directory measured)."""
@@ -675,9 +685,7 @@ def _bench_output(output, shape) -> Path | None:
         return None
     from .outputs import guard_file
 
-    inputs = []
-    if shape not in SHAPES and os.path.exists(shape):  # the model directory, also when given as its config.json
-        inputs = [Path(shape).parent if Path(shape).name == "config.json" else shape]
+    inputs = [_model_dir(shape)] if shape not in SHAPES and os.path.exists(shape) else []
     out = guard_file(output, inputs, own_keys=("shape", "mode"), what="-o")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
@@ -689,12 +697,8 @@ def _run_simulated(shape, modes, batch, seq, bits, group_size, dtype, depth, com
     out = _bench_output(output, shape)
     records = []
     for mode in modes:
-        rec = simulated_record(mode, shape, batch, seq, bits, group_size, dtype, depth, seed)
-        records.append(rec)
-        line = json.dumps(rec)
-        echo(line)
-        if out is not None:
-            append_line(out, line)
+        records.append(_emit(simulated_record(mode, shape, batch, seq, bits, group_size, dtype, depth, seed), echo,
+                             out))
     if compare:
         echo(format_simulated(records))
     return records

@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true",
                    help="validate the recipe and overrides, print the resolved config as YAML and exit")
 
-    x = sub.add_parser("export", help="write a run as a servable checkpoint: GPTQ with trained scales, GGUF, or merged HF",
+    x = sub.add_parser("export", help="write a run as a servable checkpoint: GPTQ with trained scales, GGUF, or "
+                                      "merged HF",
                        description="Export a training run (or a quantized model) as a checkpoint to serve.",
                        epilog=EPILOG_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
     x.add_argument("run", help="run directory of `qzo2 train` (or a quantized model directory, for --format hf or "
@@ -177,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activations (default: a run's training dtype, else fp32)")
     e.add_argument("--device", default=None, help="auto, cpu or cuda (default: a run's device setting, else auto)")
     e.add_argument("--batch-size", type=positive_int, default=None,
-                   help="examples (perplexity: windows) per forward (default: a run's eval_batch_size, else 16; perplexity 4)")
+                   help="examples (perplexity: windows) per forward (default: a run's eval_batch_size, else 16; "
+                        "perplexity 4)")
     e.add_argument("--max-length", type=positive_int, default=None,
                    help="task prompt tokens (default: a run's max_length, else 256)")
     e.add_argument("--template", choices=["review", "sst2", "goodbad"], default=None,

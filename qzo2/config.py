@@ -29,12 +29,11 @@ def parse_size(text: str) -> int:
                 break
         else:
             n = float(t)
-            if 0 < n < 1 << 20:
-                raise ValueError(f"{text!r} has no unit, so it would be {n:g} bytes; give a unit such as GB or MB")
-    except ValueError as e:
-        if "no unit" in str(e):
-            raise
+            u = None
+    except ValueError:
         raise ValueError(f"{text!r} is not a size like 8GiB or 500MB") from None
+    if u is None and 0 < n < 1 << 20:
+        raise ValueError(f"{text!r} has no unit, so it would be {n:g} bytes; give a unit such as GB or MB")
     if not 1 <= n < float("inf"):
         raise ValueError(f"{text!r} is not a positive size")
     return int(n)
@@ -142,7 +141,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "micro-batches per step (batch_size is the whole step's), for the "
                                              "methods that can accumulate", range="[1, inf)")
     max_skips: int = _f(10, "stop with an error after this many consecutive non-finite steps", range="[1, inf)")
-    seed: int = _f(0, "seed of the data order, the perturbations and the sentiment splits", range="[-9223372036854775808, 18446744073709551616)")  # torch.manual_seed's
+    seed: int = _f(0, "seed of the data order, the perturbations and the sentiment splits",
+                   range="[-9223372036854775808, 18446744073709551616)")  # what torch.manual_seed takes
     # evaluation, logging, checkpoints
     eval_every: int = _f(100, "dev evaluation every N steps (0: only at the end)", range="[0, inf)")
     eval_batch_size: int = _f(16, "examples per evaluation forward", range="[1, inf)")

@@ -23,10 +23,10 @@ def check_windows(seqlen, nseq, batch_size=1) -> None:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, seqlen: int = 256, nseq: int = 8, batch_size: int = 4,
-               used: dict | None = None) -> float:
-    """exp(mean next-token NLL) over the first nseq non-overlapping windows of seqlen tokens (fewer when the text is
-    shorter: `used["windows"]` says how many)."""
+def perplexity(model, tokenizer, text: str, seqlen: int = 256, nseq: int = 8,
+               batch_size: int = 4) -> tuple[float, int]:
+    """(exp(mean next-token NLL), windows) over the first nseq non-overlapping windows of seqlen tokens (fewer when
+    the text is shorter: the second value says how many)."""
     check_windows(seqlen, nseq, batch_size)
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions and seqlen > positions:
@@ -37,8 +37,6 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 256, nseq: int = 8, ba
     if n == 0:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     windows = ids[: n * seqlen].view(n, seqlen)
-    if used is not None:
-        used["windows"] = n
     total, count = 0.0, 0
     device = model.get_input_embeddings().weight.device
     for batch in windows.split(batch_size):
@@ -47,7 +45,7 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 256, nseq: int = 8, ba
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         total += float(nll)
         count += batch[:, 1:].numel()
-    return math.exp(total / count)
+    return math.exp(total / count), n
 
 
 @torch.no_grad()
@@ -193,10 +191,8 @@ def evaluate_model(model=None, tokenizer=None, *, cfg=None, checkpoint: str = "b
                 if not out.text.is_file():
                     raise ValueError(f"text file {out.text} does not exist")
                 text = D.read_utf8(out.text, "text file")
-            used = {}
-            out.perplexity = perplexity(model, tokenizer, text, seqlen=seqlen, nseq=nseq, batch_size=batch_size or 4,
-                                        used=used)
-            out.windows = used["windows"]
+            out.perplexity, out.windows = perplexity(model, tokenizer, text, seqlen=seqlen, nseq=nseq,
+                                                     batch_size=batch_size or 4)
     finally:
         model.train(was_training)
     return out

@@ -115,9 +115,24 @@ def write_marker(directory: Path, command: str, **info) -> None:
     a listed file changed since, is refused); written last."""
     from . import __version__
 
-    files = {n: _fingerprint(Path(directory) / n) for n in _tree(Path(directory)) if n != MARKER and not n.endswith("/")}
+    files = {n: _fingerprint(Path(directory) / n) for n in _tree(Path(directory))
+             if n != MARKER and not n.endswith("/")}
     (Path(directory) / MARKER).write_text(json.dumps({"written_by": f"qzo2 {__version__}", "command": command,
                                                        **info, "files": files}, indent=2) + "\n")
+
+
+def _relations(path: Path, inputs: Iterable):
+    """(input, 'is' | 'contains' | 'is inside') for each input that resolved `path` is, holds, or lies inside."""
+    for src in inputs:
+        if src in (None, ""):
+            continue
+        s = _resolved(src)
+        if s == path:
+            yield src, "is"
+        elif path in s.parents:
+            yield src, "contains"
+        elif s in path.parents:
+            yield src, "is inside"
 
 
 def guard_output(out, inputs: Iterable = (), kind: str = "checkpoint", replace: bool = False) -> Path:
@@ -132,15 +147,11 @@ def guard_output(out, inputs: Iterable = (), kind: str = "checkpoint", replace: 
         if path == p or path in p.parents:
             raise OutputError(f"output {out} is {'' if path == p else 'a parent of '}{what}; give a new directory "
                               f"such as runs/NAME")
-    for src in inputs:
-        if src in (None, ""):
-            continue
-        s = _resolved(src)
-        if (s == path or path in s.parents) and (replace or kind != "run"):  # a run may be resumed beside its data
-            raise OutputError(f"output {out} {'is' if s == path else 'contains'} the input {src}; choose another "
-                              f"output directory")
-        if s in path.parents:  # written into a model or run it reads: a stray directory there, or worse
+    for src, relation in _relations(path, inputs):
+        if relation == "is inside":  # written into a model or run it reads: a stray directory there, or worse
             raise OutputError(f"output {out} is inside the input {src}; choose an output directory outside it")
+        if replace or kind != "run":  # is or contains it (a run may be resumed beside its data)
+            raise OutputError(f"output {out} {relation} the input {src}; choose another output directory")
     if path.exists() and not path.is_dir():
         raise OutputError(f"output {out} is a file, not a directory; choose another output")
     if replace and path.is_dir() and any(path.iterdir()):
@@ -166,20 +177,15 @@ def guard_file(out, inputs: Iterable = (), own_keys: Iterable[str] = (), what: s
                own_head: str | None = None) -> Path:
     """Check that file `out` may be written: not a directory, not an input (nor inside an input directory), and
     if it exists, this command's own earlier output (its first line a JSON object with every key of `own_keys`,
-    or with `own_head` its first line starting with that text), never another file. Returns the path to write (its directory resolved; a symlink planted at the file itself is
-    refused, never followed)."""
+    or with `own_head` its first line starting with that text), never another file. Returns the path to write (its
+    directory resolved; a symlink planted at the file itself is refused, never followed)."""
     given = Path(os.path.expanduser(str(out)))
     path = given.parent.resolve() / given.name  # where the OS will write (the last component itself not followed)
     if path.is_dir():
         raise OutputError(f"{what} {out} is a directory; give a file name such as {Path(out) / 'out.jsonl'}")
-    real = _resolved(path)
-    for src in inputs:
-        if src in (None, ""):
-            continue
-        s = _resolved(src)
-        if s == real or s in real.parents:
-            raise OutputError(f"{what} {out} {'is' if s == real else 'is inside'} the input {src}; choose another "
-                              f"file")
+    for src, relation in _relations(_resolved(path), inputs):
+        if relation != "contains":  # a file contains nothing
+            raise OutputError(f"{what} {out} {relation} the input {src}; choose another file")
     if os.path.lexists(path):
         if path.is_symlink() or not path.is_file():
             raise OutputError(f"{what} {out} exists and is not a regular file; choose another file")
